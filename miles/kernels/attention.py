@@ -1,0 +1,56 @@
+"""Reference attention kernels (pure torch; run anywhere, used as the ground truth).
+
+Fast CUDA kernels and batch-invariant variants live beside this file and keep the same
+signatures, so the model code never changes when the kernel does.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+
+def varlen_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal self-attention over packed sequences.
+
+    Shapes: ``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA);
+    ``cu_seqlens`` int ``[B + 1]``. Tokens attend only within their own sequence. Returns
+    ``[T, Hq, D]``.
+    """
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            out[start:end] = _causal_block(q[start:end], k[start:end], v[start:end], scale, causal_offset=0)
+    return out
+
+
+def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of ``Tq`` new tokens over ``Tk >= Tq`` keys whose last ``Tq`` are the new ones.
+
+    The cached-decode case: ``q`` ``[Tq, Hq, D]``, ``k``/``v`` ``[Tk, Hkv, D]`` for one sequence;
+    query ``i`` sees keys ``[0, Tk - Tq + i]``.
+    """
+    return _causal_block(q, k, v, scale, causal_offset=k.shape[0] - q.shape[0])
+
+
+def _causal_block(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int
+) -> torch.Tensor:
+    tq, hq, _ = q.shape
+    tk, hkv, _ = k.shape
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if causal_offset == 0 and tq == tk:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        rows = torch.arange(tq, device=q.device)[:, None] + causal_offset
+        mask = torch.arange(tk, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)

@@ -1,0 +1,66 @@
+"""The attention-backend interface between the shared models and whoever runs them.
+
+A model never owns a KV cache or knows how its tokens are laid out. Each forward receives an
+``AttentionContext`` that does. The trainer passes a :class:`VarlenContext` (packed sequences,
+no cache); the engine passes a context over its paged KV cache that stores the new keys and
+values and attends over each request's cached prefix. Both implement one method, ``attend``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from miles.kernels.attention import varlen_causal_attention
+
+
+@runtime_checkable
+class AttentionContext(Protocol):
+    """Lays out the ``T`` tokens of one forward and computes attention for each layer.
+
+    ``attend`` is called once per layer, in layer order, with the rotated queries and keys of the
+    forward's tokens: ``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]``. It returns ``[T, Hq, D]``.
+    A cache-backed context stores ``k``/``v`` before attending.
+    """
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor: ...
+
+
+class VarlenContext:
+    """Packed variable-length sequences with no cache: the trainer's path.
+
+    ``cu_seqlens`` int ``[B + 1]`` gives the sequence boundaries within the ``T`` packed tokens.
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor) -> None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0:
+            raise ValueError(
+                f"cu_seqlens must be 1-D, start at 0 and have >= 2 entries, got {cu_seqlens.tolist()}"
+            )
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+        self.cu_seqlens = cu_seqlens
+
+    @classmethod
+    def single(cls, length: int, device: torch.device | str = "cpu") -> VarlenContext:
+        return cls(torch.tensor([0, length], dtype=torch.int32, device=device))
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        if int(self.cu_seqlens[-1]) != q.shape[0]:
+            raise ValueError(
+                f"cu_seqlens covers {int(self.cu_seqlens[-1])} tokens but the forward has {q.shape[0]}"
+            )
+        return varlen_causal_attention(q, k, v, self.cu_seqlens, scale)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Positions ``[T]`` restarting at 0 for every packed sequence."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    total = int(lengths.sum())
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return torch.arange(total, device=cu_seqlens.device) - starts

@@ -1,0 +1,331 @@
+"""Shared records passed between subsystems (DESIGN.md §2).
+
+One spelling per concept: ``*_ids`` for token ids, ``logprobs`` for natural-log probabilities,
+``response_len`` for the number of generated tokens. Subsystems pass these records, never loose
+dicts of tensors.
+
+This module must stay importable without torch (``miles --help`` is instant): tensors appear
+only in annotations, which are strings here.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling parameters (SGLang's `sampling_params` object, same field names)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request; field names and meanings follow SGLang's ``sampling_params``.
+
+    ``temperature == 0`` means greedy. ``top_k == -1`` disables top-k. ``sampling_seed`` makes the
+    request's output depend only on the seed and the token position, never on what else shares
+    the batch. Log-probabilities returned for sampled tokens are under the distribution actually
+    sampled from (after temperature, top-k, top-p and min-p).
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        # Accept lists (JSON) and a single stop string, as SGLang does; store tuples (hashable).
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        checks: list[tuple[str, bool, str]] = [
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "an integer >= 0"),
+            ("min_new_tokens", _is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "an integer >= 0"),
+            ("temperature", _is_num(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "-1 or an integer >= 1"),
+            ("min_p", _is_num(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            (
+                "repetition_penalty",
+                _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+                "a number > 0",
+            ),
+            (
+                "frequency_penalty",
+                _is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                "a number in [-2, 2]",
+            ),
+            (
+                "presence_penalty",
+                _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                "a number in [-2, 2]",
+            ),
+            ("n", _is_int(self.n) and self.n >= 1, "an integer >= 1"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            (
+                "stop_token_ids",
+                all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+                "a list of token ids >= 0",
+            ),
+            (
+                "sampling_seed",
+                self.sampling_seed is None or _is_int(self.sampling_seed),
+                "an integer or null",
+            ),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"sampling_params.{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"sampling_params.min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
+        """Build from a JSON object; unknown fields raise ``ValueError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown sampling_params field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**{k: v for k, v in data.items() if v is not None or k == "sampling_seed"})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["stop"] = list(self.stop)
+        out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight versions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class WeightVersion:
+    """The version of the policy weights an engine serves; every response reports it.
+
+    ``step`` counts weight updates pushed by the trainer (0 = the weights loaded at start).
+    On the wire (SGLang's ``weight_version``) it is the decimal string of ``step``.
+    """
+
+    step: int = 0
+
+    def __str__(self) -> str:
+        return str(self.step)
+
+    def next(self) -> WeightVersion:
+        return WeightVersion(self.step + 1)
+
+    @classmethod
+    def parse(cls, text: str | int) -> WeightVersion:
+        try:
+            step = int(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"weight_version must be a non-negative integer, got {text!r}") from None
+        if step < 0:
+            raise ValueError(f"weight_version must be a non-negative integer, got {text!r}")
+        return cls(step)
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and groups
+# --------------------------------------------------------------------------------------------
+
+
+class SampleStatus(str, enum.Enum):
+    """Terminal state of a sample. Only ``completed`` and ``truncated`` samples are trained on."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"  # stopped on EOS, a stop token or a stop string
+    TRUNCATED = "truncated"  # hit max_new_tokens / the context limit
+    ABORTED = "aborted"  # aborted by the engine or the user (e.g. partial rollout)
+    FAILED = "failed"  # generation or reward raised; ``Sample.error`` says why
+
+    @property
+    def trainable(self) -> bool:
+        return self in (SampleStatus.COMPLETED, SampleStatus.TRUNCATED)
+
+
+@dataclass
+class Sample:
+    """One prompt and one response: the unit of data between rollout and training.
+
+    Deliberately mutable: it is filled in stages (generate, then reward, then advantages), and
+    slime-style custom hooks mutate and return it.
+
+    Shapes (``R = response_len``):
+      - ``prompt_ids``: prompt token ids (chat template applied), length P.
+      - ``response_ids``: generated token ids, length R (tool/env tokens included, masked out).
+      - ``rollout_logprobs``: log-prob of each response token under the sampling distribution of
+        the engine, length R (0.0 where the policy did not produce the token).
+      - ``loss_mask``: 1 where the policy produced the token and it is trained on, 0 otherwise;
+        length R. ``None`` means all ones.
+      - ``routed_experts``: int32 array ``[P + R - 1, num_moe_layers, top_k]`` of the experts the
+        engine chose per token (rollout routing replay), or ``None``.
+      - ``weight_versions``: the engine weight version(s) the response was generated under; more
+        than one when a partial rollout spanned a weight update.
+    """
+
+    prompt: str | list[dict[str, Any]] = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    response: str = ""
+    response_ids: list[int] = field(default_factory=list)
+    rollout_logprobs: list[float] | None = None
+    loss_mask: list[int] | None = None
+    label: Any = None
+    reward: float | None = None
+    status: SampleStatus = SampleStatus.PENDING
+    weight_versions: list[str] = field(default_factory=list)
+    routed_experts: np.ndarray | None = None
+    index: int = 0  # position of the sample within the rollout
+    group_index: int = 0  # index of the prompt (group) it belongs to
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def response_len(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    def effective_loss_mask(self) -> list[int]:
+        return [1] * self.response_len if self.loss_mask is None else list(self.loss_mask)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if the per-token fields disagree in length."""
+        r = self.response_len
+        if self.rollout_logprobs is not None and len(self.rollout_logprobs) != r:
+            raise ValueError(
+                f"sample {self.index}: rollout_logprobs has {len(self.rollout_logprobs)} entries, response_ids has {r}"
+            )
+        if self.loss_mask is not None and len(self.loss_mask) != r:
+            raise ValueError(
+                f"sample {self.index}: loss_mask has {len(self.loss_mask)} entries, response_ids has {r}"
+            )
+
+
+@dataclass(frozen=True)
+class Group:
+    """The ``n`` samples generated for one prompt (the unit GRPO normalises over)."""
+
+    index: int
+    samples: tuple[Sample, ...]
+
+    def __post_init__(self) -> None:
+        if not self.samples:
+            raise ValueError(f"group {self.index} has no samples")
+
+    @property
+    def rewards(self) -> list[float | None]:
+        return [s.reward for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+# --------------------------------------------------------------------------------------------
+# Trainer input
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Packed tensors for the trainer: B sequences concatenated into T tokens, no padding.
+
+    Token-aligned tensors have shape ``[T]``; entry ``t`` refers to *predicting token t* from the
+    tokens before it, so the first token of every sequence carries no loss (mask 0).
+
+      - ``input_ids`` int64 ``[T]``; ``positions`` int64 ``[T]`` (restart at 0 per sequence).
+      - ``cu_seqlens`` int32 ``[B + 1]``: sequence ``i`` is ``[cu_seqlens[i], cu_seqlens[i+1])``.
+      - ``loss_mask`` float32 ``[T]``: 1 on response tokens the policy produced.
+      - ``rollout_logprobs`` float32 ``[T]``: the engine's log-prob of each token (0 elsewhere).
+      - ``advantages`` float32 ``[T]`` and ``returns`` (PPO) float32 ``[T]``.
+      - ``rewards`` float32 ``[B]``; ``response_lens`` int64 ``[B]``.
+      - ``sample_indices``: the ``Sample.index`` of each sequence, for logging and dumps.
+      - ``routed_experts``: int32 ``[T, num_moe_layers, top_k]`` for routing replay, or None.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    loss_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    response_lens: torch.Tensor
+    sample_indices: tuple[int, ...]
+    returns: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
+    weight_versions: tuple[str, ...] = ()
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.cu_seqlens.numel()) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first tensor whose shape disagrees with the packing."""
+        t, b = self.num_tokens, self.num_sequences
+        for name in ("positions", "loss_mask", "rollout_logprobs", "advantages"):
+            n = int(getattr(self, name).numel())
+            if n != t:
+                raise ValueError(f"TrainBatch.{name} has {n} entries, input_ids has {t}")
+        for name in ("rewards", "response_lens"):
+            n = int(getattr(self, name).numel())
+            if n != b:
+                raise ValueError(f"TrainBatch.{name} has {n} entries for {b} sequences")
+        if len(self.sample_indices) != b:
+            raise ValueError(
+                f"TrainBatch.sample_indices has {len(self.sample_indices)} entries for {b} sequences"
+            )
+        if int(self.cu_seqlens[-1]) != t:
+            raise ValueError(f"TrainBatch.cu_seqlens ends at {int(self.cu_seqlens[-1])}, input_ids has {t}")

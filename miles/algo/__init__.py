@@ -29,17 +29,15 @@ from miles.algo.logprobs import (
 )
 from miles.algo.losses import (
     KL_ESTIMATORS,
-    LOSS_REDUCTIONS,
     POLICY_LOSSES,
     entropy_loss,
     kl_estimate,
     kl_loss,
-    loss_normalizer,
     policy_loss_for_estimator,
-    reduce_loss,
     sft_loss,
     value_loss,
 )
+from miles.algo.reductions import LOSS_REDUCTIONS, loss_normalizer, reduce_loss
 from miles.algo.registry import Registry, UnknownNameError
 
 __all__ = [

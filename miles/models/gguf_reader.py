@@ -7,6 +7,7 @@ here so the tensors equal those of the original Hugging Face checkpoint layout.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,9 +55,17 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
 def _reader(path: Path) -> Any:
+    stat = path.stat()
+    return _cached_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> Any:
+    # Parsing the metadata (the tokenizer vocabulary) takes seconds; config and tensors share one
+    # parse. The reader memory-maps the file, so keeping it costs address space, not RAM.
     import gguf
 
-    return gguf.GGUFReader(str(path))
+    return gguf.GGUFReader(path)
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from miles.algo import (
+    entropy_from_logits,
+    logprobs_and_entropy_from_hidden,
+    logprobs_from_hidden,
+    logprobs_from_logits,
+)
+
+T, H, V = 37, 16, 50
+
+
+def _inputs(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=gen, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=gen, dtype=dtype) * 0.5).requires_grad_(True)
+    target = torch.randint(0, V, (T,), generator=gen)
+    return hidden, weight, target
+
+
+def test_logprobs_from_logits_matches_log_softmax():
+    logits = torch.randn(5, 7, V)
+    target = torch.randint(0, V, (5, 7))
+    for temp in (1.0, 0.6):
+        expected = torch.log_softmax(logits / temp, dim=-1).gather(-1, target[..., None]).squeeze(-1)
+        torch.testing.assert_close(logprobs_from_logits(logits, target, temperature=temp), expected)
+
+
+def test_entropy_from_logits():
+    logits = torch.randn(9, V, dtype=torch.float64)
+    for temp in (1.0, 1.7):
+        logp = torch.log_softmax(logits / temp, dim=-1)
+        expected = -(logp.exp() * logp).sum(-1)
+        torch.testing.assert_close(entropy_from_logits(logits, temperature=temp), expected)
+    # bf16 logits are scored in fp32
+    assert entropy_from_logits(logits.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "chunk_size,vocab_chunk_size,temperature",
+    [(8, None, 1.0), (5, 7, 0.7), (64, 13, 1.3), (1, 50, 1.0), (37, 1, 0.9)],
+)
+def test_chunked_equals_naive_in_value_and_gradient(chunk_size, vocab_chunk_size, temperature):
+    hidden, weight, target = _inputs()
+    gen = torch.Generator().manual_seed(1)
+    g_lp, g_ent = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
+
+    logits = hidden @ weight.t()
+    lp_ref = logprobs_from_logits(logits, target, temperature)
+    ent_ref = entropy_from_logits(logits, temperature)
+    grads_ref = torch.autograd.grad((lp_ref * g_lp).sum() + (ent_ref * g_ent).sum(), (hidden, weight))
+
+    lp, ent = logprobs_and_entropy_from_hidden(
+        hidden,
+        weight,
+        target,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
+    torch.testing.assert_close(lp, lp_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (hidden, weight))
+    for got, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_only_gradient_and_partial_requires_grad():
+    hidden, weight, target = _inputs(seed=2)
+    lp_ref = logprobs_from_logits(hidden @ weight.t(), target)
+    g_ref = torch.autograd.grad(lp_ref.sum(), (hidden, weight))
+    lp = logprobs_from_hidden(hidden, weight, target, chunk_size=6, vocab_chunk_size=11)
+    g = torch.autograd.grad(lp.sum(), (hidden, weight))
+    for got, ref in zip(g, g_ref):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # frozen LM head: only the hidden states get a gradient
+    frozen = weight.detach()
+    lp = logprobs_from_hidden(hidden, frozen, target, chunk_size=6)
+    (gh,) = torch.autograd.grad(lp.sum(), hidden)
+    torch.testing.assert_close(gh, g_ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 9, (6,), generator=gen)
+
+    def f(h, w):
+        return logprobs_and_entropy_from_hidden(
+            h, w, target, temperature=0.8, chunk_size=4, vocab_chunk_size=4
+        )
+
+    assert torch.autograd.gradcheck(f, (hidden, weight))
+
+
+def test_bf16_close_to_fp32():
+    hidden, weight, target = _inputs()
+    lp32 = logprobs_from_hidden(hidden, weight, target, chunk_size=8)
+    lp16 = logprobs_from_hidden(hidden.bfloat16(), weight.bfloat16(), target, chunk_size=8)
+    assert lp16.dtype == torch.float32
+    torch.testing.assert_close(lp16, lp32, atol=0.1, rtol=0.05)
+    lp16.sum().backward()
+
+
+def test_input_validation():
+    hidden, weight, target = _inputs()
+    with pytest.raises(ValueError, match="target_ids must lie"):
+        logprobs_from_hidden(hidden, weight, torch.full((T,), V))
+    with pytest.raises(ValueError, match="expected hidden"):
+        logprobs_from_hidden(hidden, weight[:, :5], target)
+    with pytest.raises(ValueError, match=r"shape \[T\]"):
+        logprobs_from_hidden(hidden, weight, target[:3])
+    empty = logprobs_from_hidden(hidden[:0], weight, target[:0])
+    assert empty.shape == (0,)

@@ -121,6 +121,46 @@ def generate_ids(
     return outputs
 
 
+class TextGenerator:
+    """A checkpoint and its tokenizer loaded once, generating text for prompts (chat turns reuse it)."""
+
+    def __init__(self, model_path: str, dtype: str = "float32") -> None:
+        from miles.models.loading import load_model, load_tokenizer
+
+        self.model = load_model(model_path, dtype=dtype)
+        self.tokenizer = load_tokenizer(model_path)
+        eos = self.tokenizer.eos_token_id
+        self.stop_token_ids = tuple(self.model.spec.eos_token_ids) + ((eos,) if eos is not None else ())
+
+    def generate(
+        self,
+        prompts: list[str | list[dict]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        seed: int | None = None,
+        apply_chat_template: bool = False,
+    ) -> list[str]:
+        """Decoded continuations; a prompt given as chat messages always uses the chat template."""
+        ids = [encode_prompt(self.tokenizer, p, apply_chat_template) for p in prompts]
+        stops = self.stop_token_ids
+        out = generate_ids(
+            self.model,
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop_token_ids=stops,
+        )
+        return [
+            self.tokenizer.decode([t for t in o if t not in stops], skip_special_tokens=True) for o in out
+        ]
+
+
 def generate_texts(
     model_path: str,
     prompts: list[str | list[dict]],
@@ -133,27 +173,16 @@ def generate_texts(
     apply_chat_template: bool = False,
     dtype: str = "float32",
 ) -> list[str]:
-    """Load a checkpoint and its tokenizer, generate for each prompt, return the decoded texts.
-
-    A prompt given as a list of chat messages always goes through the chat template.
-    """
-    from miles.models.loading import load_model, load_tokenizer
-
-    model = load_model(model_path, dtype=dtype)
-    tok = load_tokenizer(model_path)
-    ids = [encode_prompt(tok, p, apply_chat_template) for p in prompts]
-    stops = tuple(model.spec.eos_token_ids) + ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    out = generate_ids(
-        model,
-        ids,
-        max_new_tokens,
+    """One-shot: load ``model_path`` and generate for ``prompts`` (see ``TextGenerator``)."""
+    return TextGenerator(model_path, dtype).generate(
+        prompts,
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
         seed=seed,
-        stop_token_ids=stops,
+        apply_chat_template=apply_chat_template,
     )
-    return [tok.decode([t for t in o if t not in stops], skip_special_tokens=True) for o in out]
 
 
 def encode_prompt(tokenizer: object, prompt: str | list[dict], apply_chat_template: bool) -> list[int]:

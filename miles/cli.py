@@ -1,0 +1,320 @@
+"""The ``miles`` command, and the only argv parsing in the project.
+
+Each subcommand is a :class:`Subcommand` in :data:`COMMANDS`: a help line, a function that
+adds its arguments, and a function that runs it. Adding one (``serve``, ``bench``, ``plot``)
+is adding those two functions and a registry entry. Heavy modules (torch, transformers, the
+model code, the RL loop, yaml) are imported inside the handlers, and only the chosen
+subcommand's arguments are built, so ``miles --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from miles import __version__
+from miles.utils.dataclass_flags import ConfigError, Parser, unknown_argument_error
+from miles.utils.suggest import closest, did_you_mean
+
+Prompt = str | list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``miles <name>``: its help line, its arguments, and its handler (returns the exit code)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    from miles.config import add_train_arguments
+
+    add_train_arguments(parser)
+    parser.usage = "miles train [--config FILE.yaml] [--dry-run] [FLAG ...]"
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from miles.config import config_from_namespace, config_to_yaml
+
+    config = config_from_namespace(args)
+    if args.dry_run:
+        print(config_to_yaml(config), end="")
+        return 0
+    try:
+        from miles.orchestrate.loop import run_train
+    except ImportError as e:
+        # Only a missing loop means "not in this build"; a missing dependency inside it is a real error.
+        if not (e.name or "").startswith("miles.orchestrate"):
+            raise
+        print("miles train: the RL loop is not available in this build", file=sys.stderr)
+        return 2
+    result = run_train(config)
+    return result if isinstance(result, int) else 0
+
+
+# --------------------------------------------------------------------------- generate, chat, convert
+
+
+def _model_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
+    parser.add_argument("--hf-checkpoint", required=True, metavar="PATH", help="HF directory or .gguf file")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="(default: %(default)s)")
+    parser.add_argument(
+        "--temperature", type=float, default=temperature, help="0 = greedy (default: %(default)s)"
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=-1, help="-1 = off (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32")
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k == 0 or args.top_k < -1:
+        raise ConfigError(f"--top-k must be -1 (off) or >= 1, got {args.top_k}")
+
+
+def _sampling_kwargs(args: argparse.Namespace, *, apply_chat_template: bool) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "apply_chat_template": apply_chat_template,
+        "dtype": args.dtype,
+    }
+
+
+def _is_prompt(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value
+    )
+
+
+def read_prompts(path: str, key: str) -> tuple[list[dict[str, Any]], list[Prompt]]:
+    """The records of a prompts .jsonl file and the prompt of each (a string or chat messages).
+
+    Blank lines are skipped. A bad line raises :class:`ConfigError` naming the file and line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--input {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"--input {path}: {e.strerror}") from None
+    records: list[dict[str, Any]] = []
+    prompts: list[Prompt] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        if key not in record:
+            match = closest(key, list(record))
+            hint = f" (did you mean --input-key {match}?)" if match else ""
+            raise ConfigError(
+                f"{path}:{lineno}: no key '{key}' in {list(record)}; choose one with --input-key{hint}"
+            )
+        if not _is_prompt(record[key]):
+            raise ConfigError(
+                f"{path}:{lineno}: '{key}' must be a string or a list of chat messages "
+                '({"role": ..., "content": ...}), got ' + type(record[key]).__name__
+            )
+        records.append(record)
+        prompts.append(record[key])
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts in the file")
+    return records, prompts
+
+
+def write_outputs(path: str, records: list[dict[str, Any]], texts: list[str]) -> None:
+    """Write each input record with its generated ``output`` as one JSON line."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for record, text in zip(records, texts, strict=True):
+            fh.write(json.dumps({**record, "output": text}, ensure_ascii=False) + "\n")
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, metavar="FILE.jsonl", help="one JSON object per line")
+    parser.add_argument("--input-key", default="prompt", help="key of the prompt: text or chat messages")
+    parser.add_argument("--output", required=True, metavar="FILE.jsonl", help="input records + 'output'")
+    parser.add_argument(
+        "--apply-chat-template", action="store_true", help="wrap text prompts in the chat template"
+    )
+    _model_arguments(parser, max_new_tokens=128, temperature=0.0)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    _check_sampling(args)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ConfigError(f"--output {args.output} would overwrite --input")
+    records, prompts = read_prompts(args.input, args.input_key)
+    from miles.models.generation import generate_texts
+    from miles.models.loading import CheckpointError
+
+    try:
+        texts = generate_texts(
+            args.hf_checkpoint,
+            prompts,
+            **_sampling_kwargs(args, apply_chat_template=args.apply_chat_template),
+        )
+    except CheckpointError as e:
+        raise ConfigError(f"--hf-checkpoint: {e}") from None
+    write_outputs(args.output, records, texts)
+    print(f"wrote {len(texts)} outputs to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--message", help="answer this one message and exit (default: read stdin)")
+    parser.add_argument("--system", help="system prompt")
+    _model_arguments(parser, max_new_tokens=256, temperature=0.7)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    _check_sampling(args)
+    from miles.models.generation import TextGenerator
+    from miles.models.loading import CheckpointError
+
+    try:
+        generator = TextGenerator(args.hf_checkpoint, args.dtype)  # loaded once for every turn
+    except CheckpointError as e:
+        raise ConfigError(f"--hf-checkpoint: {e}") from None
+    kwargs = _sampling_kwargs(args, apply_chat_template=True)
+    kwargs.pop("dtype")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, Any]] = list(start)
+
+    def reply(message: str) -> str:
+        history.append({"role": "user", "content": message})
+        [text] = generator.generate([list(history)], **kwargs)
+        history.append({"role": "assistant", "content": text})
+        return text
+
+    if args.message is not None:
+        print(reply(args.message))
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("miles chat: type a message; /reset forgets the conversation, Ctrl-D or /exit quits.")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.strip()
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            history[:] = start
+        elif message:
+            print(reply(message), flush=True)
+    return 0
+
+
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hf-checkpoint", required=True, metavar="SRC", help="a .gguf file or an HF directory"
+    )
+    parser.add_argument("--to-hf", required=True, metavar="OUT", help="output HF directory (new or empty)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    out = Path(args.to_hf)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--to-hf {out} exists and is not an empty directory")
+    from miles.models.loading import CheckpointError, convert_to_hf
+
+    try:
+        convert_to_hf(args.hf_checkpoint, str(out), args.dtype)
+    except CheckpointError as e:
+        raise ConfigError(f"--hf-checkpoint: {e}") from None
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- registry and main
+
+COMMANDS: dict[str, Subcommand] = {
+    "train": Subcommand(
+        "RL training: rollout -> reward -> train -> push weights", _train_arguments, _run_train
+    ),
+    "generate": Subcommand(
+        "generate completions for a .jsonl file of prompts", _generate_arguments, _run_generate
+    ),
+    "chat": Subcommand("chat with a model (one message, or a REPL on stdin)", _chat_arguments, _run_chat),
+    "convert": Subcommand(
+        "convert a .gguf or HF checkpoint to an HF directory", _convert_arguments, _run_convert
+    ),
+}
+
+
+def build_parser(
+    command: str | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``miles`` parser and its subparsers; only ``command``'s arguments are added."""
+    parser = Parser(
+        prog="miles", description="Miles: RL post-training for LLMs, MoE first.", allow_abbrev=False
+    )
+    parser.add_argument("--version", action="version", version=f"miles {__version__}")
+    subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    subs: dict[str, argparse.ArgumentParser] = {}
+    for name, cmd in COMMANDS.items():
+        subs[name] = subparsers.add_parser(
+            name, help=cmd.help, description=cmd.help, allow_abbrev=False, prog=f"miles {name}"
+        )
+        if name == command:
+            cmd.add_arguments(subs[name])
+    return parser, subs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``miles`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code.
+
+    Usage and configuration errors print ``miles: error: ...`` and return 2.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    try:
+        if command is not None and command not in COMMANDS:
+            raise ConfigError(
+                f"unknown command '{command}'{did_you_mean(command, COMMANDS)} (commands: {', '.join(COMMANDS)})"
+            )
+        parser, subs = build_parser(command)
+        args, extras = parser.parse_known_args(args_list)
+        if extras:
+            raise unknown_argument_error(extras, subs[args.command] if args.command else parser)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return COMMANDS[args.command].run(args)
+    except ConfigError as e:
+        print(f"miles: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help and --version exit through argparse
+        return e.code if isinstance(e.code, int) else 0

@@ -1,0 +1,140 @@
+"""One generation request inside the engine, and the record the engine hands back for it.
+
+Lifecycle: ``WAITING`` (queued, no KV blocks) -> ``RUNNING`` (holds blocks for all its known
+tokens; prefill may span several steps) -> ``FINISHED``. Preemption moves a running request back
+to ``WAITING`` and drops its blocks; it is recomputed from scratch (its generated tokens become
+part of the prompt that is prefilled again, so nothing sampled is lost).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+from miles.types import SamplingParams, WeightVersion
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class FinishReason:
+    """Why a request stopped, shaped like SGLang's ``meta_info.finish_reason``.
+
+    ``type`` is ``stop`` (EOS, a stop token id or a stop string; ``matched`` is that id or
+    string), ``length`` (``max_new_tokens``, the context length or the KV capacity; ``matched``
+    is ``None``) or ``abort`` (``message`` says why).
+    """
+
+    type: Literal["stop", "length", "abort"]
+    matched: int | str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"type": self.type}
+        if self.type == "stop":
+            out["matched"] = self.matched
+        elif self.type == "length":
+            out["length"] = self.matched
+        else:
+            out["message"] = self.message
+        return out
+
+
+@dataclass
+class Request:
+    """Mutable engine-side state of one request.
+
+    ``block_table[i]`` is the KV block holding tokens ``[i * block_size, (i + 1) * block_size)``
+    of ``all_token_ids``; ``block_hashes[i]`` is the chained prefix hash of full block ``i``
+    (registered blocks only). ``num_computed_tokens`` tokens have their K/V in the cache; the
+    rest of ``all_token_ids`` is fed to the model in the next steps.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling_params: SamplingParams
+    weight_version: WeightVersion = field(default_factory=WeightVersion)
+    return_prompt_logprobs: bool = False
+    top_logprobs_num: int = 0
+    arrival_index: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # logprob of prompt token i + 1 given prompt tokens <= i (raw model distribution).
+    prompt_logprobs: list[float] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)
+    num_ready_blocks: int = 0  # leading blocks of block_table whose K/V are computed
+    num_computed_tokens: int = 0
+    cached_tokens: int = 0
+    num_preemptions: int = 0
+    text: str | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens not yet fed to the model (1 for a request in decode)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What the engine reports for a request after a step (or at the end).
+
+    ``output_logprobs[i]`` is the log-probability of ``output_ids[i]`` under the distribution it
+    was sampled from (see ``miles.engine.sampler``). ``prompt_logprobs`` (when asked for) has
+    ``prompt_tokens - 1`` entries: token ``i + 1`` given the tokens up to ``i``. ``text`` is the
+    decoded output (stop string trimmed unless ``no_stop_trim``) when the engine has a tokenizer.
+    """
+
+    request_id: str
+    output_ids: tuple[int, ...]
+    output_logprobs: tuple[float, ...]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    weight_version: WeightVersion
+    text: str | None = None
+    prompt_logprobs: tuple[float, ...] | None = None
+    output_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @classmethod
+    def of(cls, req: Request) -> RequestOutput:
+        return cls(
+            request_id=req.request_id,
+            output_ids=tuple(req.output_ids),
+            output_logprobs=tuple(req.output_logprobs),
+            finish_reason=req.finish_reason,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+            weight_version=req.weight_version,
+            text=req.text,
+            prompt_logprobs=tuple(req.prompt_logprobs) if req.return_prompt_logprobs else None,
+            output_top_logprobs=(
+                tuple(tuple(t) for t in req.output_top_logprobs) if req.top_logprobs_num > 0 else None
+            ),
+        )

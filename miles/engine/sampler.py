@@ -1,0 +1,139 @@
+"""Token sampling with SGLang's sampling parameters, returning each token's log-probability.
+
+Per row (request), in this order:
+
+1. penalties on the fp32 logits: ``repetition_penalty`` over prompt and output tokens (positive
+   logits divided by it, negative ones multiplied), ``frequency_penalty`` times each token's
+   count in the output, ``presence_penalty`` for every token present in the output;
+2. ``min_new_tokens``: until reached, EOS (unless ``ignore_eos``) and ``stop_token_ids`` get
+   ``-inf``;
+3. greedy (``temperature == 0``): the argmax; its logprob is ``log_softmax`` of the logits after
+   steps 1-2;
+4. otherwise the logits are divided by ``temperature`` and the kept set is the intersection of
+   top-k, top-p (smallest prefix of the sorted probabilities whose mass before a token is <= p)
+   and min-p (probability >= ``min_p`` x the largest), all computed on the temperature-scaled
+   distribution, as SGLang does. The token is drawn from the renormalised kept set and its
+   logprob is ``log_softmax`` over that set: the distribution actually sampled from.
+
+Seeding: a request with ``sampling_seed`` draws its noise from a generator seeded with a mix of
+(seed, index of the token in the output), so its tokens depend on nothing else (not the batch,
+not preemption). Sampling is ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary
+entry, which draws exactly from ``probs``. Rows are processed independently, so a row's result
+never depends on the other rows of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from miles.engine.request import Request
+
+_MASK64 = (1 << 64) - 1
+
+
+def seed_for(seed: int, index: int) -> int:
+    """A 63-bit generator seed mixed from ``(seed, index)`` (splitmix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    # Per row: the ``top_logprobs_num`` most likely (token, logprob) of the sampled-from
+    # distribution, best first (empty when not asked for).
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+class Sampler:
+    """Samples one token per row of a ``[B, V]`` logits tensor for the matching requests.
+
+    ``generator`` drives unseeded requests (their draws depend on the engine's history).
+    """
+
+    def __init__(self, eos_token_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> None:
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.generator = generator
+
+    def process(self, logits: torch.Tensor, req: Request) -> tuple[torch.Tensor, bool]:
+        """Log-probabilities ``[V]`` of the distribution to sample from, and whether it is greedy.
+
+        Masked tokens have ``-inf``. For greedy rows this is the log-softmax of the penalised
+        logits (the argmax is taken from it).
+        """
+        p = req.sampling_params
+        x = logits.float().clone()
+        vocab = x.shape[-1]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(req.all_token_ids, dtype=torch.long, device=x.device).unique()
+            vals = x[seen]
+            x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and req.output_ids:
+            out = torch.tensor(req.output_ids, dtype=torch.long, device=x.device)
+            counts = torch.bincount(out, minlength=vocab)[:vocab].to(x.dtype)
+            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+        if len(req.output_ids) < p.min_new_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+            banned = [t for t in banned if 0 <= t < vocab]
+            if banned:
+                x[torch.tensor(banned, dtype=torch.long, device=x.device)] = float("-inf")
+        if p.greedy:
+            return torch.log_softmax(x, dim=-1), True
+        x = x / p.temperature
+        probs = torch.softmax(x, dim=-1)
+        sorted_probs, order = torch.sort(probs, descending=True)
+        drop = torch.zeros_like(sorted_probs, dtype=torch.bool)
+        if p.top_k != -1 and p.top_k < vocab:
+            drop[p.top_k :] = True
+        if p.top_p < 1.0:
+            drop |= (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) > p.top_p
+        if p.min_p > 0.0:
+            drop |= sorted_probs < sorted_probs[0] * p.min_p
+        drop[0] = False  # the most likely token always stays
+        if bool(drop.any()):
+            mask = torch.zeros_like(drop).scatter(0, order, drop)
+            x = x.masked_fill(mask, float("-inf"))
+        return torch.log_softmax(x, dim=-1), False
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[Request],
+        top_logprobs_nums: Sequence[int] | None = None,
+    ) -> SamplerOutput:
+        """One token per row. ``logits`` fp32 ``[B, V]``, row ``i`` for ``requests[i]``.
+
+        ``requests[i].output_ids`` must hold the tokens generated so far (penalties and the seed
+        index use them).
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits must be [{len(requests)}, V], got {tuple(logits.shape)}")
+        out = SamplerOutput([], [], [])
+        for i, req in enumerate(requests):
+            logp, greedy = self.process(logits[i], req)
+            if greedy:
+                token = int(torch.argmax(logp))
+            else:
+                token = int(torch.argmax(logp.exp() / self._exponential(logp, req)))
+            out.token_ids.append(token)
+            out.logprobs.append(float(logp[token]))
+            k = top_logprobs_nums[i] if top_logprobs_nums is not None else 0
+            if k > 0:
+                vals, ids = torch.topk(logp, min(k, logp.shape[-1]))
+                out.top_logprobs.append(list(zip(ids.tolist(), vals.tolist())))
+            else:
+                out.top_logprobs.append([])
+        return out
+
+    def _exponential(self, like: torch.Tensor, req: Request) -> torch.Tensor:
+        seed = req.sampling_params.sampling_seed
+        gen = self.generator
+        if seed is not None:
+            gen = torch.Generator(device=like.device).manual_seed(seed_for(seed, len(req.output_ids)))
+        return torch.empty_like(like).exponential_(generator=gen)

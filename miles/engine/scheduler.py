@@ -1,0 +1,144 @@
+"""Continuous batching: which requests feed which tokens in the next forward.
+
+Two queues. ``waiting`` (FIFO; preempted requests go back to its front) holds requests without
+KV blocks; ``running`` (admission order) holds requests with blocks for all their known tokens.
+
+Each step is either a *prefill* step or a *decode* step:
+
+- prefill: first the running requests whose prompt is only partly computed (chunked prefill),
+  then newly admitted waiting requests, each taking up to the remaining per-step token budget
+  ``max_num_batched_tokens`` (a prompt may be split across steps). Admission stops at the first
+  request that does not fit (no blocks, or ``max_running_requests`` reached) to keep FIFO order,
+  or whose shared prefix is still being computed by another request (it joins next step and
+  reuses those blocks);
+- decode, when there is nothing to prefill: one token for every running request. A request that
+  needs a new block and finds none preempts the most recently admitted running request (by
+  recompute: its blocks are freed and it returns to the front of ``waiting``); when it is the
+  only one left and the cache is still full it cannot grow and is reported ``out_of_capacity``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from miles.engine.kv_cache import AllocStatus, BlockAllocator
+from miles.engine.model_runner import ScheduledRequest
+from miles.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    batch: list[ScheduledRequest]
+    is_prefill: bool
+    preempted: list[Request] = field(default_factory=list)
+    # Running alone with a full cache: the engine finishes these with reason ``length``.
+    out_of_capacity: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.batch)
+
+
+class Scheduler:
+    def __init__(
+        self, allocator: BlockAllocator, max_running_requests: int, max_num_batched_tokens: int
+    ) -> None:
+        if max_running_requests < 1 or max_num_batched_tokens < 1:
+            raise ValueError(
+                "max_running_requests and max_num_batched_tokens must be >= 1, got "
+                f"{max_running_requests} and {max_num_batched_tokens}"
+            )
+        self.allocator = allocator
+        self.max_running_requests = max_running_requests
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick the next step's batch (empty when there is nothing to do)."""
+        prefill = self._schedule_prefill()
+        if prefill:
+            return SchedulerOutput(prefill, is_prefill=True)
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> list[ScheduledRequest]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledRequest] = []
+        for req in self.running:
+            if budget == 0:
+                return batch
+            if req.num_remaining > 1:
+                n = min(req.num_remaining, budget)
+                batch.append(ScheduledRequest(req, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+            req = self.waiting[0]
+            if self.allocator.allocate(req) != AllocStatus.OK:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            n = min(req.num_remaining, budget)
+            batch.append(ScheduledRequest(req, n))
+            budget -= n
+        return batch
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        out = SchedulerOutput([], is_prefill=False)
+        pending = deque(self.running)
+        self.running = []
+        while pending:
+            req = pending.popleft()
+            while not self.allocator.append_slot(req):
+                if not pending:
+                    break
+                victim = pending.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+            else:
+                self.running.append(req)
+                out.batch.append(ScheduledRequest(req, 1))
+                continue
+            if self.running:
+                self._preempt(req)
+                out.preempted.append(req)
+            else:
+                self.allocator.free(req)
+                out.out_of_capacity.append(req)
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.allocator.free(req)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Remove ``req`` from the queues, return its blocks and mark it finished."""
+        if req.status == RequestStatus.RUNNING and req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if req.block_table:
+            self.allocator.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    def abort(self, request_id: str | None = None) -> list[Request]:
+        """Finish one request (or all with ``None``) with reason ``abort``; returns them."""
+        targets = [
+            r for r in [*self.running, *self.waiting] if request_id is None or r.request_id == request_id
+        ]
+        for req in targets:
+            self.finish(req, FinishReason("abort", message="aborted by the client"))
+        return targets

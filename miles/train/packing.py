@@ -1,0 +1,189 @@
+"""Split a packed :class:`~miles.types.TrainBatch` into data-parallel shards and micro-batches.
+
+Every split is a list of *sequence index lists* (whole sequences, never cut), turned into new
+packed batches by :func:`select_sequences`. Three splitters:
+
+- :func:`fixed_size_bins`: ``micro_batch_size`` consecutive sequences per micro-batch
+  (``--micro-batch-size``);
+- :func:`token_budget_bins`: first-fit-decreasing bins of at most ``max_tokens`` tokens
+  (``--use-dynamic-batch-size --max-tokens-per-gpu``); a sequence longer than the budget gets a
+  bin of its own;
+- :func:`balanced_partition`: sequences spread over ``dp_size`` data-parallel ranks so that each
+  rank gets a similar number of tokens (longest-processing-time greedy).
+
+Within a bin the sequences keep their original relative order, so the packed tensors of a
+micro-batch are a reordering of whole rows of the original batch and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from miles.types import TrainBatch
+
+
+def sequence_lengths(batch: TrainBatch) -> list[int]:
+    """Number of tokens of each sequence, ``[B]`` as a Python list."""
+    return (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+
+
+def fixed_size_bins(num_sequences: int, micro_batch_size: int) -> list[list[int]]:
+    """Consecutive groups of ``micro_batch_size`` sequences (the last one may be smaller)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    return [
+        list(range(s, min(s + micro_batch_size, num_sequences)))
+        for s in range(0, num_sequences, micro_batch_size)
+    ]
+
+
+def token_budget_bins(lengths: Sequence[int], max_tokens: int, min_bins: int = 1) -> list[list[int]]:
+    """First-fit-decreasing bins of sequence indices holding at most ``max_tokens`` tokens each.
+
+    A sequence longer than ``max_tokens`` gets a bin of its own (the budget is then exceeded by
+    that bin only). ``min_bins`` forces at least that many bins (data-parallel ranks must run the
+    same number of micro-batches): the fullest splittable bin is halved until there are enough;
+    when no bin holds two sequences any more, the missing bins stay empty. Indices inside a bin
+    are sorted.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= max_tokens:
+                bins[b].append(i)
+                loads[b] += lengths[i]
+                break
+        else:
+            bins.append([i])
+            loads.append(lengths[i])
+    while len(bins) < min_bins:
+        splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
+        if not splittable:
+            bins.extend([] for _ in range(min_bins - len(bins)))
+            break
+        b = max(splittable, key=lambda k: loads[k])
+        halves = balanced_partition([lengths[i] for i in bins[b]], 2)
+        members = bins[b]
+        bins[b] = [members[j] for j in halves[0]]
+        bins.append([members[j] for j in halves[1]])
+        loads[b] = sum(lengths[i] for i in bins[b])
+        loads.append(sum(lengths[i] for i in bins[-1]))
+    return [sorted(b) for b in bins]
+
+
+def balanced_partition(lengths: Sequence[int], num_parts: int) -> list[list[int]]:
+    """Spread sequence indices over ``num_parts`` parts with similar token totals.
+
+    Longest-processing-time greedy: longest sequence first, each to the currently lightest part
+    (ties to the part with fewer sequences, then the lowest index), which is within 4/3 of the optimal maximum load. Every index
+    appears exactly once; with at least ``num_parts`` sequences no part is empty. Indices inside a
+    part are sorted.
+    """
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+    heap = [(0, 0, p) for p in range(num_parts)]  # (tokens, sequences, part)
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        tokens, count, p = heapq.heappop(heap)
+        parts[p].append(i)
+        heapq.heappush(heap, (tokens + lengths[i], count + 1, p))
+    return [sorted(p) for p in parts]
+
+
+def select_tokens(values: Tensor, cu_seqlens: Tensor, seq_indices: Sequence[int]) -> Tensor:
+    """The token rows ``[T']`` (or ``[T', ...]``) of the chosen sequences of a packed tensor, concatenated."""
+    bounds = cu_seqlens.tolist()
+    pieces = [values[bounds[i] : bounds[i + 1]] for i in seq_indices]
+    if not pieces:
+        return values[:0]
+    return torch.cat(pieces)
+
+
+def select_sequences(batch: TrainBatch, seq_indices: Sequence[int]) -> TrainBatch:
+    """A new packed :class:`TrainBatch` holding the chosen sequences, in the given order.
+
+    Token tensors are gathered with :func:`select_tokens`, per-sequence tensors indexed, and
+    ``cu_seqlens`` (int32) rebuilt from the chosen lengths. ``weight_versions`` (a per-batch
+    record, not per-sequence) is kept as is.
+    """
+    idx = list(seq_indices)
+    lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
+    chosen = lengths[idx] if idx else lengths[:0]
+    cu = torch.zeros(len(idx) + 1, dtype=torch.int32, device=batch.cu_seqlens.device)
+    cu[1:] = torch.cumsum(chosen, 0)
+    seq_index = torch.tensor(idx, dtype=torch.long, device=batch.rewards.device)
+
+    def tok(x: Tensor | None) -> Tensor | None:
+        return None if x is None else select_tokens(x, batch.cu_seqlens, idx)
+
+    return TrainBatch(
+        input_ids=select_tokens(batch.input_ids, batch.cu_seqlens, idx),
+        positions=select_tokens(batch.positions, batch.cu_seqlens, idx),
+        cu_seqlens=cu,
+        loss_mask=select_tokens(batch.loss_mask, batch.cu_seqlens, idx),
+        rollout_logprobs=select_tokens(batch.rollout_logprobs, batch.cu_seqlens, idx),
+        advantages=select_tokens(batch.advantages, batch.cu_seqlens, idx),
+        rewards=batch.rewards[seq_index],
+        response_lens=batch.response_lens[seq_index.to(batch.response_lens.device)],
+        sample_indices=tuple(batch.sample_indices[i] for i in idx),
+        returns=tok(batch.returns),
+        routed_experts=tok(batch.routed_experts),
+        weight_versions=batch.weight_versions,
+    )
+
+
+def shard_for_rank(batch: TrainBatch, rank: int, dp_size: int) -> TrainBatch:
+    """This data-parallel rank's share of a global batch (token-balanced, :func:`balanced_partition`).
+
+    Every rank calls it with the same global batch; together the shards hold every sequence once.
+    """
+    if not 0 <= rank < dp_size:
+        raise ValueError(f"rank must be in [0, {dp_size}), got {rank}")
+    return select_sequences(batch, balanced_partition(sequence_lengths(batch), dp_size)[rank])
+
+
+def micro_batch_bins(
+    batch: TrainBatch,
+    *,
+    micro_batch_size: int | None = None,
+    max_tokens: int | None = None,
+    min_bins: int = 1,
+) -> list[list[int]]:
+    """Sequence index lists of the micro-batches: token budget if ``max_tokens`` is set, else fixed size.
+
+    ``min_bins`` (token-budget mode only) pads the split as :func:`token_budget_bins` does; the
+    trainer also pads fixed-size splits, with empty bins, to the data-parallel maximum.
+    """
+    if max_tokens is not None:
+        return token_budget_bins(sequence_lengths(batch), max_tokens, min_bins)
+    if micro_batch_size is None:
+        raise ValueError("set either micro_batch_size or max_tokens")
+    return fixed_size_bins(batch.num_sequences, micro_batch_size)
+
+
+def split_micro_batches(
+    batch: TrainBatch, *, micro_batch_size: int | None = None, max_tokens: int | None = None
+) -> list[TrainBatch]:
+    """The micro-batches of ``batch`` as packed batches (see :func:`micro_batch_bins`)."""
+    bins = micro_batch_bins(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
+    return [select_sequences(batch, b) for b in bins if b]
+
+
+def batch_to(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    """``batch`` with every tensor moved to ``device``."""
+    moved: dict[str, Any] = {
+        f.name: v.to(device, non_blocking=True)
+        for f in dataclasses.fields(batch)
+        if isinstance(v := getattr(batch, f.name), Tensor)
+    }
+    return dataclasses.replace(batch, **moved)

@@ -1,0 +1,88 @@
+"""FSDP2 over two gloo processes equals one process on the same global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from miles.train.packing import shard_for_rank
+from miles.train.parallelize import parallelize
+from miles.train.trainer import Trainer, TrainerConfig
+from tests.train.test_trainer import make_batch, make_model
+
+WORLD = 2
+LENGTHS = (7, 12, 5, 9, 11, 6, 14)  # odd count and uneven lengths: the ranks' shards differ
+CONFIG: dict[str, Any] = dict(
+    lr=1e-2,
+    clip_grad=0.5,  # active: the clipped norm must be the global one
+    use_kl_loss=True,
+    kl_loss_coef=0.1,
+    entropy_coef=0.01,
+    correction="tis",
+)
+# Token budget: the ranks' first-fit splits differ in count (2 vs 3), so one rank re-splits.
+# One sequence per micro-batch: 3 vs 4 sequences, so one rank runs an empty padding micro-batch.
+SPLITS = {"budget": dict(max_tokens_per_gpu=16), "fixed": dict(micro_batch_size=1)}
+
+
+def _inputs() -> tuple[Any, torch.Tensor, torch.Tensor]:
+    batch = make_batch(LENGTHS)
+    old = make_batch(LENGTHS, seed=1).rollout_logprobs * 0.5
+    ref = make_batch(LENGTHS, seed=2).rollout_logprobs
+    return batch, old, ref
+
+
+def _slice_tokens(x: torch.Tensor, batch: Any, rank: int) -> torch.Tensor:
+    # The same balanced split as shard_for_rank, applied to a loose [T] tensor.
+    from miles.train.packing import balanced_partition, select_tokens, sequence_lengths
+
+    idx = balanced_partition(sequence_lengths(batch), WORLD)[rank]
+    return select_tokens(x, batch.cu_seqlens, idx)
+
+
+def _worker(rank: int, init_file: str, out_dir: str, case: str, checkpointing: bool, split: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = parallelize(make_model(case), activation_checkpointing=checkpointing)
+        trainer = Trainer(model, TrainerConfig(**CONFIG, **SPLITS[split]))
+        batch, old, ref = _inputs()
+        local = shard_for_rank(batch, rank, WORLD)
+        metrics = trainer.train_step(local, _slice_tokens(old, batch, rank), _slice_tokens(ref, batch, rank))
+        params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        if rank == 0:
+            torch.save({"params": params, "metrics": metrics, "tied": tied}, Path(out_dir) / "result.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("case", "checkpointing", "split"),
+    [("llama", False, "budget"), ("llama", False, "fixed"), ("qwen3_moe", True, "budget")],
+)
+def test_fsdp2_two_ranks_equals_single_process(
+    tmp_path: Path, case: str, checkpointing: bool, split: str
+) -> None:
+    args = (str(tmp_path / "init"), str(tmp_path), case, checkpointing, split)
+    mp.spawn(_worker, args=args, nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "result.pt")
+
+    torch.manual_seed(0)
+    model = make_model(case)
+    trainer = Trainer(model, TrainerConfig(**CONFIG, **SPLITS[split]))
+    batch, old, ref = _inputs()
+    want_metrics = trainer.train_step(batch, old, ref)
+
+    # The tie survives fully_shard (llama is tied, qwen3_moe is not).
+    assert got["tied"] == (model.lm_head.weight is model.model.embed_tokens.weight) == (case == "llama")
+    assert got["metrics"].keys() == want_metrics.keys()
+    for k, v in want_metrics.items():
+        assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["params"][n], p.detach(), rtol=0, atol=1e-6, msg=n)

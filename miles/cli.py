@@ -97,8 +97,17 @@ def _sampling_kwargs(args: argparse.Namespace, *, apply_chat_template: bool) -> 
         "top_k": args.top_k,
         "seed": args.seed,
         "apply_chat_template": apply_chat_template,
-        "dtype": args.dtype,
     }
+
+
+def _load_generator(args: argparse.Namespace) -> Any:
+    from miles.models.generation import TextGenerator
+    from miles.models.loading import CheckpointError
+
+    try:
+        return TextGenerator(args.hf_checkpoint, args.dtype)
+    except CheckpointError as e:
+        raise ConfigError(f"--hf-checkpoint: {e}") from None
 
 
 def _is_prompt(value: Any) -> bool:
@@ -172,17 +181,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ConfigError(f"--output {args.output} would overwrite --input")
     records, prompts = read_prompts(args.input, args.input_key)
-    from miles.models.generation import generate_texts
-    from miles.models.loading import CheckpointError
-
-    try:
-        texts = generate_texts(
-            args.hf_checkpoint,
-            prompts,
-            **_sampling_kwargs(args, apply_chat_template=args.apply_chat_template),
-        )
-    except CheckpointError as e:
-        raise ConfigError(f"--hf-checkpoint: {e}") from None
+    generator = _load_generator(args)
+    texts = generator.generate(
+        prompts, **_sampling_kwargs(args, apply_chat_template=args.apply_chat_template)
+    )
     write_outputs(args.output, records, texts)
     print(f"wrote {len(texts)} outputs to {args.output}", file=sys.stderr)
     return 0
@@ -196,15 +198,8 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     _check_sampling(args)
-    from miles.models.generation import TextGenerator
-    from miles.models.loading import CheckpointError
-
-    try:
-        generator = TextGenerator(args.hf_checkpoint, args.dtype)  # loaded once for every turn
-    except CheckpointError as e:
-        raise ConfigError(f"--hf-checkpoint: {e}") from None
+    generator = _load_generator(args)  # loaded once for every turn
     kwargs = _sampling_kwargs(args, apply_chat_template=True)
-    kwargs.pop("dtype")
     start = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = list(start)
 

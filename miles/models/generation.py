@@ -3,7 +3,7 @@
 ``ContiguousKVContext`` is the simplest ``AttentionContext`` with a cache: each sequence keeps
 its keys and values in growing per-layer tensors. It exercises the same model interface as the
 engine's paged cache and is the ground truth that cached decoding equals a full recompute.
-``generate_ids`` / ``generate_texts`` drive it for ``miles generate`` and ``miles chat`` until the
+``generate_ids`` / ``TextGenerator`` drive it for ``miles generate`` and ``miles chat`` until the
 engine takes over; they are deliberately plain (batch by batch, one token per step).
 """
 
@@ -159,30 +159,6 @@ class TextGenerator:
         return [
             self.tokenizer.decode([t for t in o if t not in stops], skip_special_tokens=True) for o in out
         ]
-
-
-def generate_texts(
-    model_path: str,
-    prompts: list[str | list[dict]],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = -1,
-    seed: int | None = None,
-    apply_chat_template: bool = False,
-    dtype: str = "float32",
-) -> list[str]:
-    """One-shot: load ``model_path`` and generate for ``prompts`` (see ``TextGenerator``)."""
-    return TextGenerator(model_path, dtype).generate(
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        apply_chat_template=apply_chat_template,
-    )
 
 
 def encode_prompt(tokenizer: object, prompt: str | list[dict], apply_chat_template: bool) -> list[int]:

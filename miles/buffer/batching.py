@@ -1,0 +1,108 @@
+"""Groups of samples -> one packed ``TrainBatch``, with advantages by the chosen estimator.
+
+Token alignment (see ``TrainBatch``): sequence ``i`` is ``prompt_ids + response_ids``; entry ``t``
+of the token-aligned tensors describes predicting token ``t``. Response token ``j`` sits at
+``t = P + j``, so its rollout log-prob and loss-mask entry land there; prompt positions carry 0.
+
+Samples that cannot be trained on (failed, aborted, or without a reward) keep their place in the
+group — the estimators need whole groups — but get a zero loss mask, and their reward is replaced
+by the mean of the group's valid rewards so they do not move the group's baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from miles.algo.advantages import AdvantageParams, compute_advantages
+from miles.types import Group, Sample, TrainBatch
+
+
+class BatchingError(ValueError):
+    """Groups that cannot form a batch (uneven sizes, inconsistent per-token fields)."""
+
+
+def is_trainable(sample: Sample) -> bool:
+    return sample.status.trainable and sample.reward is not None and sample.error is None
+
+
+def effective_rewards(group: Group) -> list[float]:
+    """Rewards with untrainable samples replaced by the mean of the group's valid rewards (0 if none)."""
+    valid = [float(s.reward) for s in group.samples if is_trainable(s) and s.reward is not None]
+    fill = sum(valid) / len(valid) if valid else 0.0
+    return [float(s.reward) if is_trainable(s) and s.reward is not None else fill for s in group.samples]
+
+
+def build_train_batch(groups: Sequence[Group]) -> TrainBatch:
+    """Pack every sample of ``groups`` (in order) into a ``TrainBatch`` with zero advantages.
+
+    All groups must have the same size (the estimators normalise over fixed-size groups).
+    """
+    if not groups:
+        raise BatchingError("no groups to batch")
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1:
+        raise BatchingError(f"groups must all have the same size, got sizes {sorted(sizes)}")
+    ids: list[int] = []
+    mask: list[float] = []
+    logprobs: list[float] = []
+    cu = [0]
+    rewards: list[float] = []
+    response_lens: list[int] = []
+    indices: list[int] = []
+    versions: list[str] = []
+    for group in groups:
+        rewards += effective_rewards(group)
+        for s in group.samples:
+            s.check()
+            if not s.prompt_ids:
+                raise BatchingError(f"sample {s.index} has no prompt_ids")
+            trainable = is_trainable(s)
+            p, r = len(s.prompt_ids), s.response_len
+            ids += s.prompt_ids + s.response_ids
+            mask += [0.0] * p + ([float(m) for m in s.effective_loss_mask()] if trainable else [0.0] * r)
+            lp = s.rollout_logprobs if s.rollout_logprobs is not None else [0.0] * r
+            logprobs += [0.0] * p + [float(x) for x in lp]
+            cu.append(cu[-1] + p + r)
+            response_lens.append(r)
+            indices.append(s.index)
+            versions.append(s.weight_versions[-1] if s.weight_versions else "")
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    lengths = cu_t[1:] - cu_t[:-1]
+    positions = torch.arange(cu[-1]) - torch.repeat_interleave(cu_t[:-1].long(), lengths.long())
+    total = cu[-1]
+    batch = TrainBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        positions=positions,
+        cu_seqlens=cu_t,
+        loss_mask=torch.tensor(mask, dtype=torch.float32),
+        rollout_logprobs=torch.tensor(logprobs, dtype=torch.float32),
+        advantages=torch.zeros(total, dtype=torch.float32),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        response_lens=torch.tensor(response_lens, dtype=torch.long),
+        sample_indices=tuple(indices),
+        weight_versions=tuple(versions),
+    )
+    batch.check()
+    return batch
+
+
+def with_advantages(
+    batch: TrainBatch,
+    estimator: str,
+    params: AdvantageParams,
+    *,
+    kl: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+) -> TrainBatch:
+    """Return ``batch`` with ``advantages`` (and ``returns``) from the estimator registered as ``estimator``.
+
+    ``kl`` (per-token KL to the reference, ``[T]``) feeds the ``--kl-coef`` reward penalty;
+    ``values`` (``[T]``) the GAE estimator of PPO.
+    """
+    out = compute_advantages(
+        estimator, batch.rewards, batch.cu_seqlens, batch.loss_mask, params, kl=kl, values=values
+    )
+    return replace(batch, advantages=out.advantages.float(), returns=out.returns.float())

@@ -156,19 +156,20 @@ class AlgoConfig(_Section):
     kl_coef: float = _f(0.0, "KL penalty folded into the reward", ge=0)
     entropy_coef: float = _f(0.0, "entropy bonus coefficient", ge=0)
     use_rollout_logprobs: bool = _f(False, "engine log-probs are the old policy (no recompute)")
-    use_tis: bool = _f(False, "truncated importance sampling, pi_old / pi_rollout per token")
+    use_tis: bool = _f(
+        False, "truncated importance sampling, pi_old / pi_rollout per token (MIS includes it)"
+    )
     tis_clip: float = _f(2.0, "TIS upper truncation", gt=0)
     tis_clip_low: float = _f(0.0, "TIS lower truncation", ge=0)
     use_mis: bool = _f(False, "masked importance sampling: drop out-of-bounds tokens/sequences")
     mis_token_lower_bound: float | None = _f(None, "MIS token mask: lower ratio bound", gt=0)
     mis_token_upper_bound: float | None = _f(None, "MIS token mask: upper ratio bound", gt=0)
-    mis_seq_level: Literal["none", "sequence", "geometric"] = _f(
-        "geometric", "MIS sequence mask on the product or the geometric mean of the ratios"
+    mis_seq_level: Literal["none", "geometric"] = _f(
+        "geometric", "MIS sequence mask on the geometric mean of the token ratios (length-independent)"
     )
     mis_seq_lower_bound: float = _f(0.99, "MIS sequence mask: lower bound", gt=0)
     mis_seq_upper_bound: float = _f(1.001, "MIS sequence mask: upper bound", gt=0)
     mis_veto_threshold: float | None = _f(None, "drop a sequence with a token ratio below this", gt=0, lt=1)
-    mis_batch_normalize: bool = _f(False, "divide the IS weights by their batch mean")
 
 
 @dataclass(frozen=True)

@@ -438,3 +438,38 @@ def test_docs_name_only_real_flags() -> None:
     misspelled_on_purpose = {"--rollout-temp", "--rollout-batchsize"}  # examples of errors
     assert flags - known - slime_flags_mentioned - misspelled_on_purpose == set()
     assert all(s.flag in doc for s in SPECS.values() if s.cli)
+
+
+# --------------------------------------------------------------------------- review fixes
+
+REVIEW_BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rollout-batch-size", "4",
+               "--num-rollout", "5", "--n-samples-per-prompt", "2"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--use-tis", "--tis-clip", "0.5"], "--tis-clip (0.5) must be >= 1"),
+        (["--use-tis", "--tis-clip-low", "1.5", "--tis-clip", "3"], "--tis-clip-low (1.5) must be <= 1"),
+        (["--use-mis", "--mis-token-lower-bound", "1.2", "--mis-token-upper-bound", "2"],
+         "--mis-token-lower-bound (1.2) must be <= 1 <= --mis-token-upper-bound (2.0)"),
+        (["--use-mis", "--mis-seq-lower-bound", "1.01", "--mis-seq-upper-bound", "1.05"],
+         "--mis-seq-lower-bound (1.01) must be <= 1 <= --mis-seq-upper-bound (1.05)"),
+        (["--true-on-policy-mode", "--rollout-top-p", "0.9"], "--true-on-policy-mode needs the full tempered"),
+        (["--true-on-policy-mode", "--rollout-top-k", "5"], "--true-on-policy-mode needs the full tempered"),
+    ],
+)  # fmt: skip
+def test_review_validation_holes(extra, message):
+    with pytest.raises(ConfigError) as info:
+        parse_train_args([*REVIEW_BASE, *extra])
+    assert message in str(info.value)
+
+
+def test_rpp_baseline_needs_groups_and_decay_iters_default_to_the_run():
+    with pytest.raises(ConfigError, match="every advantage is 0"):
+        parse_train_args([*REVIEW_BASE[:-1], "1", "--advantage-estimator", "reinforce_plus_plus_baseline"])
+    cfg = parse_train_args([*REVIEW_BASE, "--lr-decay-style", "cosine", "--global-batch-size", "4"])
+    assert cfg.train.lr_decay_iters == 10
+    no_rollouts = [a for a in REVIEW_BASE if a not in ("--num-rollout", "5")]
+    with pytest.raises(ConfigError, match="--lr-decay-style cosine needs --lr-decay-iters, or --num-rollout"):
+        parse_train_args([*no_rollouts, "--num-epoch", "1", "--lr-decay-style", "cosine"])

@@ -15,7 +15,7 @@ from miles.utils.dataclass_flags import ConfigError
 from miles.utils.sglang_options import passthrough_problem
 
 # Estimators whose advantage compares the samples of one prompt: they need groups of 2+.
-GROUP_ESTIMATORS = ("grpo", "gspo", "dr_grpo", "rloo")
+GROUP_ESTIMATORS = ("grpo", "gspo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline")
 
 
 class Values(dict[str, Any]):
@@ -76,6 +76,12 @@ def derive(v: Values, explicit: set[str]) -> None:
             )
         steps = samples // gbs
     v["global_batch_size"], v["num_steps_per_rollout"] = gbs, steps
+    if v.lr_decay_style != "constant" and v.lr_decay_iters is None:
+        if v.num_rollout is None:
+            raise ConfigError(
+                f"--lr-decay-style {v.lr_decay_style} needs --lr-decay-iters, or --num-rollout to decay over the whole run"
+            )
+        v["lr_decay_iters"] = v.num_rollout * steps  # "all": every optimizer step of the run
 
     dp = v.actor_num_nodes * v.actor_num_gpus_per_node
     dp_is = f"--actor-num-nodes {v.actor_num_nodes} × --actor-num-gpus-per-node {v.actor_num_gpus_per_node}"
@@ -187,6 +193,30 @@ def check(v: Values) -> None:
         (
             v.mis_seq_lower_bound >= v.mis_seq_upper_bound,
             f"--mis-seq-lower-bound ({v.mis_seq_lower_bound}) must be < --mis-seq-upper-bound ({v.mis_seq_upper_bound})",
+        ),
+        (
+            v.tis_clip < 1,
+            f"--tis-clip ({v.tis_clip}) must be >= 1: a ratio of 1 (no mismatch) must keep weight 1",
+        ),
+        (
+            v.tis_clip_low > 1,
+            f"--tis-clip-low ({v.tis_clip_low}) must be <= 1: a ratio of 1 must keep weight 1",
+        ),
+        (
+            v.mis_token_lower_bound is not None
+            and (v.mis_token_lower_bound > 1 or (v.mis_token_upper_bound or 1) < 1),
+            f"--mis-token-lower-bound ({v.mis_token_lower_bound}) must be <= 1 <= --mis-token-upper-bound "
+            f"({v.mis_token_upper_bound}): tokens without mismatch must be kept",
+        ),
+        (
+            v.mis_seq_lower_bound > 1 or v.mis_seq_upper_bound < 1,
+            f"--mis-seq-lower-bound ({v.mis_seq_lower_bound}) must be <= 1 <= --mis-seq-upper-bound "
+            f"({v.mis_seq_upper_bound}): sequences without mismatch must be kept",
+        ),
+        (
+            v.true_on_policy_mode and (v.rollout_top_p < 1 or v.rollout_top_k != -1),
+            "--true-on-policy-mode needs the full tempered distribution at sampling time (the trainer scores it): "
+            "drop --rollout-top-p/--rollout-top-k",
         ),
         (
             not v.use_mis and (v.mis_token_lower_bound is not None or v.mis_veto_threshold is not None),

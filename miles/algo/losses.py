@@ -53,8 +53,13 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 @KL_ESTIMATORS.register("low_var_kl")
 def kl_low_var(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """``k3`` clamped to ``[-10, 10]`` (verl's ``low_var_kl``), so one outlier token cannot dominate."""
-    return kl_k3(logp, ref_logp).clamp(-10.0, 10.0)
+    """``k3`` clamped to ``[-10, 10]`` (verl's ``low_var_kl``), so one outlier token cannot dominate.
+
+    The log-ratio is clamped to ``[-20, 20]`` first: ``expm1`` of a larger ratio overflows to inf,
+    and the clamp's zero gradient times inf would be NaN.
+    """
+    d = (ref_logp.float() - logp.float()).clamp(-20.0, 20.0)
+    return (torch.expm1(d) - d).clamp(-10.0, 10.0)
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:

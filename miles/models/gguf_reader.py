@@ -140,6 +140,11 @@ def iter_gguf_tensors(path: Path, cfg: dict[str, Any]) -> Iterator[tuple[str, to
     for t in reader.tensors:
         data = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         tensor = torch.from_numpy(data.reshape(tuple(reversed([int(x) for x in t.shape]))).copy())
+        if t.name == "rope_freqs.weight":
+            raise UnsupportedModelError(
+                f"{path}: per-dimension rope frequency factors (rope_freqs, Llama 3.1-style scaling in GGUF) "
+                "are not supported; load the Hugging Face checkpoint instead"
+            )
         if t.name in _TOP_LEVEL:
             yield _TOP_LEVEL[t.name], tensor
             continue

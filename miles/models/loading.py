@@ -241,13 +241,20 @@ def save_hf(
     """Write ``config.json`` + safetensors (sharded above ``max_shard_bytes``) that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Written to a temporary
     directory first and renamed, so a crash never leaves a half-written checkpoint at ``out_dir``.
+    An existing ``out_dir`` is replaced only if it is empty or an HF checkpoint (has config.json).
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise CheckpointError(
+            f"refusing to replace {out}: it exists and is not a Hugging Face checkpoint directory"
+        )
     torch_dtype = resolve_dtype(dtype, model.spec) if dtype is not None else model.dtype
     dtype_name = next(k for k, v in _DTYPES.items() if v == torch_dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling temporary directory: the final rename stays on one filesystem, hence atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         cfg = dict(model.spec.hf_config)
         cfg.pop("_name_or_path", None)
@@ -270,7 +277,6 @@ def save_hf(
             load_tokenizer(tokenizer_source).save_pretrained(str(tmp))
         if out.exists():
             shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

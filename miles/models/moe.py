@@ -92,7 +92,10 @@ class SparseMoeBlock(nn.Module):
     ) -> torch.Tensor:
         """Per-expert loop over the tokens routed to it: the ground truth for faster kernels."""
         out = torch.zeros_like(x)
-        for e in torch.unique(topk_ids).tolist():
+        # With autograd on, every expert runs (on zero tokens if none were routed to it) so each has
+        # a gradient, zero or not: data-parallel ranks must reduce the same set of gradients.
+        experts = range(self.num_experts) if torch.is_grad_enabled() else torch.unique(topk_ids).tolist()
+        for e in experts:
             token_idx, slot = torch.where(topk_ids == e)
             y = self.experts[e](x[token_idx]) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y.to(out.dtype))

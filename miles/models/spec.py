@@ -116,6 +116,11 @@ class ModelSpec:
             raise UnsupportedModelError(f"hidden_act={get('hidden_act')!r} is not supported (only 'silu')")
         if get("use_sliding_window", False):
             raise UnsupportedModelError("use_sliding_window=true is not supported (sliding-window attention)")
+        window = get("sliding_window")
+        if family == "llama" and window is not None and window < int(get("max_position_embeddings", 4096)):
+            raise UnsupportedModelError(
+                f"sliding_window={window} (shorter than max_position_embeddings) is not supported"
+            )
         if get("mlp_bias", False):
             raise UnsupportedModelError("mlp_bias=true is not supported")
         heads = int(need("num_attention_heads"))

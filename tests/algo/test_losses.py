@@ -287,3 +287,15 @@ def test_sft_loss():
     loss, m = sft_loss(logp, MASK, CU)
     assert loss.item() == pytest.approx(3.0) and m["sft_loss"].item() == pytest.approx(3.0)
     assert sft_loss(logp, MASK, CU, reduction="seq_mean")[0].item() == pytest.approx((1.5 + 3.5 + 5.0) / 3)
+
+
+def test_low_var_kl_has_a_finite_gradient_for_huge_ratios():
+    """Regression: expm1 overflowed to inf and the clamp turned the gradient into NaN."""
+    from miles.algo.losses import kl_estimate
+
+    logp = torch.tensor([-95.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-0.5, -1.0])
+    value = kl_estimate(logp, ref, "low_var_kl")
+    value.sum().backward()
+    assert torch.isfinite(value).all() and value[0] == 10.0
+    assert torch.isfinite(logp.grad).all()

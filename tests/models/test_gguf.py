@@ -114,3 +114,19 @@ def test_unsupported_gguf_architecture(tmp_path):
         UnsupportedModelError, match="GGUF architecture 'gpt2' is not supported; supported: llama"
     ):
         load_model(tmp_path / "m.gguf")
+
+
+def test_gguf_rope_freqs_is_named(tiny_checkpoints, tmp_path):
+    model = load_model(tiny_checkpoints["llama"][1])
+    target = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(target), "llama")
+    w.add_block_count(model.spec.num_hidden_layers)
+    w.add_embedding_length(model.spec.hidden_size)
+    w.add_head_count(model.spec.num_attention_heads)
+    w.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="rope_freqs"):
+        load_model(target)

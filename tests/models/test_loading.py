@@ -76,12 +76,22 @@ def test_save_is_atomic_and_replaces(tiny_checkpoints, tmp_path):
     _, path = tiny_checkpoints["llama"]
     model = load_model(path)
     target = tmp_path / "out"
-    target.mkdir()
+    save_hf(model, target)
     (target / "stale.txt").write_text("old")
-    save_hf(model, target, dtype="bfloat16")
+    save_hf(model, target, dtype="bfloat16")  # an existing checkpoint is replaced whole
     assert not (target / "stale.txt").exists()
     assert json.loads((target / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(
+        CheckpointError, match="refusing to replace .*notes: it exists and is not a Hugging Face"
+    ):
+        save_hf(model, other)
+    assert (other / "keep.txt").read_text() == "mine"
+    nested = save_hf(model, tmp_path / "a" / "b" / "ckpt")  # missing parents are created
+    assert (nested / "config.json").is_file()
 
 
 def test_missing_checkpoint(tmp_path):
@@ -129,6 +139,7 @@ def test_unsupported_architecture_lists_supported(tiny_checkpoints, tmp_path):
     "patch, message",
     [
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"sliding_window": 64}, "sliding_window=64 .* is not supported"),
         ({"use_sliding_window": True}, "sliding-window"),
         (
             {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}},

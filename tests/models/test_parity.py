@@ -123,3 +123,15 @@ def test_router_gets_gradient_under_replay(tiny_checkpoints):
     model.forward_packed(ids, _cu(10), FixedReplay()).sum().backward()
     gate = model.model.layers[0].mlp.gate.weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_every_expert_gets_a_gradient_even_without_tokens(tiny_checkpoints):
+    """Regression: experts no token was routed to had grad None, so data-parallel ranks reduced
+    different gradient sets (gloo size mismatch; silent mix-ups on NCCL)."""
+    _, path = tiny_checkpoints["qwen3_moe"]
+    model = load_model(path).train()
+    ids = torch.tensor([3])  # one token: top-2 of 4 experts leaves two experts unused
+    model.forward_packed(ids, _cu(1)).sum().backward()
+    for layer in model.model.layers:
+        for expert in layer.mlp.experts:
+            assert all(p.grad is not None for p in expert.parameters())

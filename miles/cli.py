@@ -253,6 +253,76 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hf-checkpoint", required=True, metavar="PATH", help="HF directory or .gguf file")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)"
+    )
+    parser.add_argument("--port", type=int, default=30000, help="(default: %(default)s)")
+    parser.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health"
+    )
+    parser.add_argument(
+        "--allow-remote-admin",
+        action="store_true",
+        help="without --api-key, allow weight/memory/pause endpoints from non-loopback clients",
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="model id in the OpenAI API (default: the path)"
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32")
+    parser.add_argument(
+        "--sglang-max-total-tokens", type=int, default=8192, help="KV-cache capacity in tokens"
+    )
+    parser.add_argument("--sglang-page-size", type=int, default=16, help="tokens per KV-cache block")
+    parser.add_argument(
+        "--sglang-max-running-requests", type=int, default=256, help="max requests decoded together"
+    )
+    parser.add_argument("--sglang-max-prefill-tokens", type=int, default=4096, help="max tokens in one step")
+    parser.add_argument("--sglang-context-length", type=int, default=None, help="default: the model's")
+    parser.add_argument("--sglang-disable-radix-cache", action="store_true", help="no prefix reuse")
+    parser.add_argument("--sglang-random-seed", type=int, default=None, help="seed of unseeded requests")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    for flag in ("port", "sglang_max_total_tokens", "sglang_page_size", "sglang_max_running_requests"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.sglang_max_prefill_tokens < 1:
+        raise ConfigError(f"--sglang-max-prefill-tokens must be >= 1, got {args.sglang_max_prefill_tokens}")
+    if args.api_key is not None and not args.api_key:
+        raise ConfigError("--api-key must not be empty")
+    from miles.engine.server import ServerConfig, serve
+    from miles.models.loading import CheckpointError
+
+    config = ServerConfig(
+        model_path=args.hf_checkpoint,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        allow_remote_admin=args.allow_remote_admin,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        max_total_tokens=args.sglang_max_total_tokens,
+        page_size=args.sglang_page_size,
+        max_running_requests=args.sglang_max_running_requests,
+        max_prefill_tokens=args.sglang_max_prefill_tokens,
+        context_length=args.sglang_context_length,
+        disable_radix_cache=args.sglang_disable_radix_cache,
+        random_seed=args.sglang_random_seed,
+        log_level=args.log_level,
+    )
+    try:
+        serve(config)
+    except CheckpointError as e:
+        raise ConfigError(f"--hf-checkpoint: {e}") from None
+    return 0
+
+
 # --------------------------------------------------------------------------- registry and main
 
 COMMANDS: dict[str, Subcommand] = {
@@ -261,6 +331,9 @@ COMMANDS: dict[str, Subcommand] = {
     ),
     "generate": Subcommand(
         "generate completions for a .jsonl file of prompts", _generate_arguments, _run_generate
+    ),
+    "serve": Subcommand(
+        "serve a model over HTTP: SGLang's native API and the OpenAI API", _serve_arguments, _run_serve
     ),
     "chat": Subcommand("chat with a model (one message, or a REPL on stdin)", _chat_arguments, _run_chat),
     "convert": Subcommand(

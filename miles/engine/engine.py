@@ -3,14 +3,19 @@
 Drive it with ``add_request`` + ``step`` (continuous batching; each step runs one forward and
 reports the requests that got a token or finished) or with ``generate`` (loops ``step`` until
 every given prompt is done). Not thread-safe: one caller drives it.
+
+RL hooks (all synchronous, from the driving thread): weight updates (in-process tensors, whole or
+in buckets; a checkpoint on disk; a torch.distributed broadcast from the trainer), each bumping
+``weight_version`` and flushing the prefix cache; ``pause_generation``/``continue_generation``;
+``release_memory_occupation``/``resume_memory_occupation`` by tag (``weights``, ``kv_cache``).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -19,6 +24,16 @@ from miles.engine.model_runner import ModelRunner, ScheduledRequest
 from miles.engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from miles.engine.sampler import Sampler
 from miles.engine.scheduler import Scheduler
+from miles.engine.weights import (
+    UpdateGroup,
+    WeightUpdateError,
+    WeightUpdater,
+    broadcast_receive,
+    init_custom_process_group,
+    offload_parameters,
+    read_checkpoint_tensors,
+    restore_parameters,
+)
 from miles.models.transformer import CausalLM
 from miles.types import SamplingParams, WeightVersion
 
@@ -35,6 +50,13 @@ class EngineStats:
     num_preemptions: int
 
 
+MEMORY_TAGS = ("weights", "kv_cache")
+
+
+class EngineStateError(RuntimeError):
+    """The engine cannot do this now (busy, memory released, ...); the message says why."""
+
+
 class Engine:
     """Continuous-batching generation for one ``CausalLM``.
 
@@ -42,7 +64,8 @@ class Engine:
     ``eos_token_ids`` default to the model config's plus the tokenizer's EOS. ``context_length``
     (default: the model's ``max_position_embeddings``) bounds prompt plus output. A tokenizer
     (anything with ``decode(ids) -> str``) is needed for stop strings and ``text`` in outputs.
-    ``seed`` seeds the generator of unseeded requests.
+    ``seed`` seeds the generator of unseeded requests. ``weight_version`` (default ``"0"``) is
+    the version of the weights given; every output reports the version it was generated under.
     """
 
     def __init__(
@@ -59,6 +82,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         kv_dtype: torch.dtype | None = None,
         seed: int | None = None,
+        weight_version: str | int | None = None,
     ) -> None:
         spec = model.spec
         self.model = model.eval()
@@ -72,13 +96,14 @@ class Engine:
                 eos.append(tok_eos)
             eos_token_ids = eos
         self.eos_token_ids = tuple(eos_token_ids)
+        self.kv_cache_dtype = kv_dtype or model.dtype
         self.kv_cache = KVCache(
             spec.num_hidden_layers,
             num_blocks,
             block_size,
             spec.num_key_value_heads,
             spec.head_dim,
-            dtype=kv_dtype or model.dtype,
+            dtype=self.kv_cache_dtype,
             device=model.device,
         )
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
@@ -90,7 +115,12 @@ class Engine:
         else:
             generator.seed()
         self.sampler = Sampler(self.eos_token_ids, generator)
-        self.weight_version = WeightVersion()
+        self._version = WeightVersion() if weight_version is None else WeightVersion.parse(weight_version)
+        self._weights = WeightUpdater(model)
+        self._groups: dict[str, UpdateGroup] = {}
+        self._paused = False
+        self._released: dict[str, Any] = {}  # tag -> what is needed to resume it
+        self.last_memory_release: dict[str, int] = {}  # tag -> bytes freed (CUDA only)
         self._requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._counter = itertools.count()
@@ -111,6 +141,7 @@ class Engine:
         ``return_prompt_logprobs`` computes the whole prompt (no prefix reuse for it) and reports
         the log-probability of each prompt token after the first, under the raw model.
         """
+        self._check_resident("generate")
         params = sampling_params or SamplingParams()
         index = next(self._counter)
         rid = str(index) if request_id is None else str(request_id)
@@ -145,7 +176,7 @@ class Engine:
             request_id=rid,
             prompt_ids=ids,
             sampling_params=params,
-            weight_version=self.weight_version,
+            weight_version=self._version,
             return_prompt_logprobs=return_prompt_logprobs,
             top_logprobs_num=top_logprobs_num,
             arrival_index=index,
@@ -181,6 +212,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; return outputs of requests that got a token or finished."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._paused or not self.has_unfinished():
+            return outputs  # paused: no forward; in-place paused requests keep their state
+        self._check_resident("step")
         sched = self.scheduler.schedule()
         for req in sched.out_of_capacity:
             self._finish(req, FinishReason("length", matched=len(req.output_ids)))
@@ -196,7 +230,7 @@ class Engine:
             if item.completes_prompt:
                 sampling.append((i, item))
             req.num_computed_tokens += item.num_tokens
-            req.weight_version = self.weight_version
+            req.weight_version = self._version
             self.allocator.mark_computed(req)
         if sampling:
             rows = torch.tensor([i for i, _ in sampling], device=result.last_logits.device)
@@ -222,6 +256,8 @@ class Engine:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling_params")
+        if self._paused:
+            raise EngineStateError("generation is paused: call continue_generation() first")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}
@@ -255,6 +291,203 @@ class Engine:
             total_cached_tokens=a.total_cached_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+    # ---- weight updates ----------------------------------------------------------------------
+
+    @property
+    def weight_version(self) -> str:
+        """The version of the weights in use (SGLang's ``weight_version``, a decimal string)."""
+        return str(self._version)
+
+    def get_weight_version(self) -> str:
+        return self.weight_version
+
+    def update_weights_from_tensors(
+        self,
+        named_tensors: Iterable[Any],
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+    ) -> None:
+        """Set parameters from ``(HF name, tensor)`` pairs (or a sequence of buckets of pairs).
+
+        All-or-nothing: an unknown name, a wrong shape or a non-floating dtype raises
+        ``WeightUpdateError`` naming the tensor, and no parameter changes. Floating tensors are cast
+        to the model's dtype. A subset of the parameters may be given. ``weight_version`` defaults
+        to the current one plus one.
+        """
+        self._check_updatable()
+        if self._weights.in_session:
+            raise WeightUpdateError("a bucketed weight update is in progress: commit or abort it first")
+        self._weights.apply(named_tensors)
+        self._after_update(weight_version, flush_cache)
+
+    def begin_weight_update(self) -> None:
+        """Start a bucketed update: ``update_weights_bucket`` stages, ``commit`` applies all."""
+        self._check_updatable()
+        self._weights.begin()
+
+    def update_weights_bucket(self, named_tensors: Iterable[Any]) -> None:
+        """Validate and stage one bucket (a copy: the caller may reuse its buffers).
+
+        A bad bucket raises ``WeightUpdateError``, stages nothing, and makes ``commit`` refuse:
+        the caller then calls ``abort_weight_update``.
+        """
+        self._weights.stage(named_tensors)
+
+    def commit_weight_update(self, weight_version: str | None = None, flush_cache: bool = True) -> None:
+        """Apply every staged bucket at once, then flush the prefix cache and set the version."""
+        self._check_updatable()
+        self._weights.commit()
+        self._after_update(weight_version, flush_cache)
+
+    def abort_weight_update(self) -> None:
+        """Drop the staged buckets; the weights stay as they were."""
+        self._weights.abort()
+
+    def update_weights_from_disk(
+        self, model_path: str, weight_version: str | None = None, flush_cache: bool = True
+    ) -> None:
+        """Load every parameter from an HF directory (or GGUF) and apply it atomically.
+
+        The checkpoint must hold the whole model (missing or unexpected tensors are refused).
+        """
+        self._check_updatable()
+        tensors = read_checkpoint_tensors(self.model, model_path)
+        self._weights.apply(tensors)
+        self._after_update(weight_version, flush_cache)
+
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "gloo",
+    ) -> None:
+        """Join the trainer's broadcast group as rank ``rank_offset`` (the trainer is rank 0)."""
+        if group_name in self._groups:
+            raise ValueError(f"weights update group {group_name!r} already exists")
+        self._groups[group_name] = init_custom_process_group(
+            master_address, master_port, rank_offset, world_size, group_name, backend
+        )
+
+    def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        group_name: str,
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+    ) -> None:
+        """Receive each tensor by broadcast from rank 0 of ``group_name``, then apply atomically.
+
+        Every tensor is received before validation, so a refused update never leaves the trainer
+        blocked in a broadcast nobody joins.
+        """
+        group = self._groups.get(group_name)
+        if group is None:
+            raise ValueError(f"no weights update group {group_name!r}: call init_weights_update_group first")
+        self._check_updatable()
+        received = broadcast_receive(group, names, dtypes, shapes)
+        self._weights.apply(received)
+        self._after_update(weight_version, flush_cache)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        """Forget the group (unknown names are ignored, as SGLang callers expect)."""
+        group = self._groups.pop(group_name, None)
+        if group is not None and hasattr(group.backend, "shutdown"):
+            group.backend.shutdown()
+
+    def _check_updatable(self) -> None:
+        if "weights" in self._released:
+            raise EngineStateError("weights are released: resume_memory_occupation(['weights']) first")
+
+    def _after_update(self, weight_version: str | None, flush_cache: bool) -> None:
+        if flush_cache:
+            # K/V computed under the old weights must not serve new requests. Running (paused
+            # in place) requests keep their own blocks; only the prefix map is dropped.
+            self.allocator.reset_prefix_cache()
+        self._version = (
+            self._version.next() if weight_version is None else WeightVersion.parse(weight_version)
+        )
+
+    # ---- pause and memory ----------------------------------------------------------------------
+
+    @property
+    def is_paused(self) -> bool:
+        return self._paused
+
+    def pause_generation(self, mode: Literal["abort", "in_place"] = "abort") -> None:
+        """Stop scheduling. ``abort`` ends every request (reason ``abort``, partial outputs kept,
+        reported by the next ``step``); ``in_place`` keeps them and their KV for
+        ``continue_generation``. While paused ``step`` runs no forward."""
+        if mode not in ("abort", "in_place"):
+            raise ValueError(f"pause mode must be 'abort' or 'in_place', got {mode!r}")
+        self._paused = True
+        if mode == "abort":
+            self.abort()
+
+    def continue_generation(self) -> None:
+        self._paused = False
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = MEMORY_TAGS) -> None:
+        """Free GPU memory by tag when idle: ``kv_cache`` drops the K/V tensors (prefix cache
+        flushed), ``weights`` moves the parameters to (pinned) CPU memory. Already released
+        tags are skipped. Raises ``EngineStateError`` while requests are running or waiting."""
+        tags = self._check_tags(tags)
+        if self.has_unfinished():
+            raise EngineStateError(
+                f"cannot release memory with {len(self.scheduler.running)} running and "
+                f"{len(self.scheduler.waiting)} waiting requests: abort them or let them finish"
+            )
+        cuda = self.model.device.type == "cuda"
+        for tag in tags:
+            if tag in self._released:
+                continue
+            before = torch.cuda.memory_allocated() if cuda else 0
+            if tag == "kv_cache":
+                self.allocator.reset_prefix_cache()
+                self._released[tag] = [t.shape for t in self.kv_cache.k]
+                self.kv_cache.k, self.kv_cache.v = [], []
+            else:
+                self._released[tag] = offload_parameters(self.model)
+            if cuda:
+                torch.cuda.empty_cache()
+                self.last_memory_release[tag] = before - torch.cuda.memory_allocated()
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = MEMORY_TAGS) -> None:
+        """Bring back what ``release_memory_occupation`` freed (weights bitwise identical)."""
+        for tag in self._check_tags(tags):
+            saved = self._released.pop(tag, None)
+            if saved is None:
+                continue
+            if tag == "kv_cache":
+                dt, dev = self.kv_cache_dtype, self.model.device
+                self.kv_cache.k = [torch.zeros(shape, dtype=dt, device=dev) for shape in saved]
+                self.kv_cache.v = [torch.zeros(shape, dtype=dt, device=dev) for shape in saved]
+            else:
+                restore_parameters(self.model, saved)
+
+    @property
+    def released_tags(self) -> tuple[str, ...]:
+        return tuple(self._released)
+
+    @staticmethod
+    def _check_tags(tags: Sequence[str] | None) -> tuple[str, ...]:
+        tags = MEMORY_TAGS if tags is None else tuple(tags)
+        bad = [t for t in tags if t not in MEMORY_TAGS]
+        if bad:
+            raise ValueError(f"unknown memory tags {bad}: use {list(MEMORY_TAGS)}")
+        return tags
+
+    def _check_resident(self, what: str) -> None:
+        if self._released:
+            raise EngineStateError(
+                f"cannot {what}: memory is released ({', '.join(self._released)}); "
+                "call resume_memory_occupation() first"
+            )
 
     # ---- internals ---------------------------------------------------------------------------
 

@@ -1,0 +1,288 @@
+"""Trainer throughput: tokens/s and MFU of a Miles training step vs a plain transformers step.
+
+Both sides train the same random-weight model (same config, same initial weights, same tokens,
+AdamW) for a few warm-up steps, then a few timed steps:
+
+- Miles: ``Trainer.train_step`` with the SFT loss, packed sequences, micro-batches of
+  ``--tokens-per-micro-batch`` tokens (``max_tokens_per_gpu``), chunked LM head;
+- baseline: ``transformers.AutoModelForCausalLM`` with the same config, the same sequences as
+  ``[n, seq_len]`` batches (equal lengths: no padding waste), ``labels=`` loss, ``backward``,
+  ``torch.optim.AdamW`` step.
+
+MFU = 6 x (active) parameters x tokens / step time / peak, where the peak is measured in the
+same run with a large ``torch.matmul`` in the training dtype. Prints a table and writes
+``benchmarks/results/train_throughput-<device-slug>-<date>.json`` (DESIGN.md §11).
+
+    python benchmarks/train_throughput.py --model tiny --tokens-per-micro-batch 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-0.6b-shape": dict(
+        architectures=["Qwen3ForCausalLM"],
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-moe-small": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        moe_intermediate_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    ),
+}
+COMMON = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0)
+
+
+def _device_string(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
+
+
+def _git_sha() -> str:
+    try:
+        run = dict(cwd=REPO, capture_output=True, text=True)
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, **run).stdout.strip()  # type: ignore[call-overload]
+        dirty = subprocess.run(["git", "status", "--porcelain"], **run).stdout.strip()  # type: ignore[call-overload]
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
+    """Measured FLOP/s of an ``n x n`` matmul in ``dtype`` (best of ``repeats``)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def active_params(model: torch.nn.Module, cfg: dict[str, Any]) -> int:
+    """Parameters one token goes through: MoE experts count top_k / num_experts."""
+    total = 0
+    frac = cfg.get("num_experts_per_tok", 1) / cfg.get("num_experts", 1)
+    for name, p in model.named_parameters():
+        total += int(p.numel() * (frac if ".experts." in name else 1))
+    return total
+
+
+def _timed(step: Any, warmup: int, steps: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--tokens-per-micro-batch", type=int, default=1024)
+    ap.add_argument("--micro-batches", type=int, default=2, help="micro-batches per optimizer step")
+    ap.add_argument("--seq-len", type=int, default=256, help="length of each packed sequence")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--peak-matmul-n", type=int, default=None)
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    import transformers
+
+    from miles.models import ModelSpec
+    from miles.models.loading import build_model, save_hf
+    from miles.train.trainer import Trainer, TrainerConfig
+    from miles.types import TrainBatch
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.tokens_per_micro_batch % args.seq_len:
+        ap.error("--tokens-per-micro-batch must be a multiple of --seq-len")
+    hf_cfg = {**COMMON, **MODELS[args.model]}
+    torch.manual_seed(0)
+
+    # Same tokens for both: micro-batches of n_seq sequences of seq_len tokens.
+    n_seq = args.tokens_per_micro_batch // args.seq_len
+    total_seqs = n_seq * args.micro_batches
+    tokens = total_seqs * args.seq_len
+    ids = torch.randint(0, hf_cfg["vocab_size"], (total_seqs, args.seq_len))
+    cu = torch.arange(0, tokens + 1, args.seq_len, dtype=torch.int32)
+    positions = torch.arange(args.seq_len).repeat(total_seqs)
+    mask = (positions > 0).float()
+    batch = TrainBatch(
+        input_ids=ids.flatten(),
+        positions=positions,
+        cu_seqlens=cu,
+        loss_mask=mask,
+        rollout_logprobs=torch.zeros(tokens),
+        advantages=torch.zeros(tokens),
+        rewards=torch.zeros(total_seqs),
+        response_lens=torch.full((total_seqs,), args.seq_len - 1),
+        sample_indices=tuple(range(total_seqs)),
+    )
+
+    spec = ModelSpec.from_hf_config(hf_cfg)
+    model = build_model(spec, dtype=dtype, device=device)
+    # The baseline starts from the same weights through an HF export (transformers renames MoE
+    # experts on load, so a plain load_state_dict would not do).
+    hf_dir = Path(tempfile.mkdtemp(prefix="miles-bench-"))
+    save_hf(model, hf_dir / "model", dtype=dtype)
+    n_active = active_params(model, hf_cfg)
+    cfg = TrainerConfig(lr=1e-5, loss_type="sft_loss", max_tokens_per_gpu=args.tokens_per_micro_batch)
+    trainer = Trainer(model, cfg, device)
+
+    def miles_step() -> None:
+        trainer.train_step(batch)
+
+    miles_s = _timed(miles_step, args.warmup, args.steps, device)
+    trainer.model = trainer.optimizer = None  # type: ignore[assignment]  # free before the baseline
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir / "model", dtype=dtype, attn_implementation="sdpa"
+    )
+    shutil.rmtree(hf_dir)
+    hf.to(device).train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=device.type == "cuda" or None)
+    chunks = ids.to(device).split(n_seq)
+
+    def hf_step() -> None:
+        for chunk in chunks:
+            # Sum over micro-batches of mean losses / count: the mean over the step's tokens.
+            (hf(input_ids=chunk, labels=chunk).loss / len(chunks)).backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    base_s = _timed(hf_step, args.warmup, args.steps, device)
+
+    n = args.peak_matmul_n or (8192 if device.type == "cuda" else 2048)
+    peak = matmul_peak_flops(device, dtype, n)
+    flops = 6 * n_active * tokens
+    miles = {"tokens_per_s": tokens / miles_s, "step_time_s": miles_s, "mfu": flops / miles_s / peak}
+    base = {
+        "name": "transformers AutoModelForCausalLM + AdamW",
+        "tokens_per_s": tokens / base_s,
+        "step_time_s": base_s,
+        "mfu": flops / base_s / peak,
+    }
+    device_name = _device_string(device)
+    today = datetime.date.today().isoformat()
+    result = {
+        "benchmark": "train_throughput",
+        "device": device_name,
+        "date": today,
+        "versions": {
+            "miles": _git_sha(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "config": {
+            "model": args.model,
+            "hf_config": hf_cfg,
+            "dtype": str(dtype).removeprefix("torch."),
+            "tokens_per_micro_batch": args.tokens_per_micro_batch,
+            "micro_batches": args.micro_batches,
+            "seq_len": args.seq_len,
+            "tokens_per_step": tokens,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "active_params": n_active,
+            "peak_matmul_n": n,
+            "peak_flops_measured": peak,
+        },
+        "miles": miles,
+        "baseline": base,
+        "ratio": miles["tokens_per_s"] / base["tokens_per_s"],
+        "headline_metric": "tokens_per_s",
+    }
+    print(
+        f"\n{args.model}, {tokens} tokens/step, {dtype}, {device_name}; matmul peak {peak / 1e12:.3f} TFLOP/s"
+    )
+    print(f"{'':<14}{'tokens/s':>12}{'step s':>10}{'MFU':>8}")
+    for name, r in (("miles", miles), ("transformers", base)):
+        print(f"{name:<14}{r['tokens_per_s']:>12.1f}{r['step_time_s']:>10.3f}{r['mfu']:>8.1%}")
+    print(f"ratio (miles / transformers tokens/s): {result['ratio']:.3f}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:60]
+    path = out_dir / f"train_throughput-{slug}-{today}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

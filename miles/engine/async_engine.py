@@ -1,0 +1,324 @@
+"""``AsyncEngine``: one thread owns an ``Engine`` and drives it; asyncio code talks to it.
+
+Threading contract. ``Engine`` is not thread-safe, so exactly one thread (the *engine thread*,
+started by ``start()``) ever touches it. Everything else reaches it through a command queue:
+
+- ``submit(specs)`` / ``generate(specs)`` add requests; their outputs come back on an
+  ``asyncio.Queue`` owned by the caller's event loop (handed over with ``call_soon_threadsafe``);
+- ``abort(ids)`` aborts requests (their final ``abort`` outputs still reach their streams);
+- ``call(fn)`` runs ``fn(engine)`` on the engine thread *between two steps* and returns its
+  result (or raises its exception) in the caller's loop; the RL hooks (weight updates, pause,
+  memory release) and ``stats()`` go through it, so they never race a forward.
+
+Lifecycle: ``start()`` -> use -> ``close()``. ``close()`` aborts what is in flight, delivers the
+final outputs and joins the thread. A stream that its consumer leaves early (client disconnect:
+the task is cancelled, or the generator is closed) aborts its unfinished requests, which frees
+their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from miles.engine.engine import Engine, EngineStats
+from miles.engine.request import RequestOutput
+from miles.types import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_STOP = object()
+_THROUGHPUT_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request for ``Engine.add_request`` (same argument names)."""
+
+    prompt_ids: Sequence[int]
+    sampling_params: SamplingParams
+    request_id: str
+    return_prompt_logprobs: bool = False
+    top_logprobs_num: int = 0
+
+
+class _Sink:
+    """Where the outputs of one submission go: an asyncio queue of ``(index, output | error)``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, index_of: dict[str, int]) -> None:
+        self.loop = loop
+        # None is the acknowledgement that every request was added.
+        self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+        self.index_of = index_of
+        self.unfinished = set(index_of)
+        self.seen: dict[str, int] = {}  # completion tokens reported so far (engine thread only)
+
+    def put(self, index: int, item: RequestOutput | BaseException | None) -> None:
+        # RuntimeError: the consumer's loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+
+
+class RequestStream:
+    """The outputs of one ``AsyncEngine.submit``: iterate for ``(index in specs, output)`` after
+    every step that advanced one of them (outputs are cumulative) until all are finished.
+
+    Leaving the iteration early (break, cancellation on client disconnect) or ``close()``
+    aborts the unfinished requests, which frees their KV blocks.
+    """
+
+    def __init__(self, owner: AsyncEngine, sink: _Sink) -> None:
+        self._owner = owner
+        self._sink = sink
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._sink.index_of)
+
+    @property
+    def finished(self) -> bool:
+        return not self._sink.unfinished
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        sink = self._sink
+        try:
+            while sink.unfinished:
+                index, item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    continue
+                if item.finished:
+                    sink.unfinished.discard(item.request_id)
+                yield index, item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort what is unfinished (idempotent; safe from any coroutine of the owning loop)."""
+        pending, self._sink.unfinished = list(self._sink.unfinished), set()
+        self._owner._post_abort(pending)
+
+
+class AsyncEngine:
+    """Asyncio front of an ``Engine`` driven by its own thread (see the module docstring)."""
+
+    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.5) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sinks: dict[str, _Sink] = {}  # request id -> sink; engine thread only
+        self._idle_poll_s = idle_poll_s
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        # Counters read by /metrics; written by the engine thread only (ints are atomic enough).
+        self.generated_tokens_total = 0
+        self.prompt_tokens_total = 0
+        self.requests_total = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> AsyncEngine:
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._thread = threading.Thread(target=self._run, name="miles-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Abort everything in flight, deliver the final outputs and stop the engine thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._commands.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    def new_request_id(self) -> str:
+        return f"miles-{time.time_ns():x}-{next(self._ids)}"
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def submit(self, specs: Sequence[RequestSpec]) -> RequestStream:
+        """Add ``specs`` together (all or none) and return the stream of their outputs.
+
+        An input the engine rejects raises its ``ValueError`` here, with nothing left queued.
+        """
+        self._check_open()
+        ids = [s.request_id for s in specs]
+        if not ids:
+            raise ValueError("no requests to submit")
+        if len(set(ids)) != len(ids):
+            raise ValueError("rid: request ids must be unique within a request")
+        sink = _Sink(asyncio.get_running_loop(), {rid: i for i, rid in enumerate(ids)})
+        self._commands.put(lambda: self._add(list(specs), sink))
+        stream = RequestStream(self, sink)
+        try:
+            _, ack = await sink.queue.get()
+        except BaseException:
+            stream.close()  # cancelled while being added: do not leave orphans running
+            raise
+        if isinstance(ack, BaseException):
+            raise ack
+        return stream
+
+    async def generate(self, specs: Sequence[RequestSpec]) -> list[RequestOutput]:
+        """The final output of every spec, in order."""
+        stream = await self.submit(specs)
+        final: dict[int, RequestOutput] = {}
+        async for index, out in stream:
+            if out.finished:
+                final[index] = out
+        return [final[i] for i in range(len(specs))]
+
+    def _post_abort(self, request_ids: Sequence[str]) -> None:
+        if not self._closed:
+            for rid in request_ids:
+                self._commands.put(lambda rid=rid: self.engine.abort(rid))
+
+    async def abort(self, request_id: str | None = None) -> list[str]:
+        """Abort one request (``None``: all); returns the ids aborted."""
+        return await self.call(lambda e: e.abort(request_id))
+
+    # ---- control -----------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between two steps; return or raise its result."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():  # the caller gave up (cancelled)
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def command() -> None:
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:  # handed to the caller; the engine thread goes on
+                result, error = None, e
+            loop.call_soon_threadsafe(settle, result, error)
+
+        self._commands.put(command)
+        return await future
+
+    async def stats(self) -> EngineStats:
+        return await self.call(lambda e: e.stats())
+
+    def token_throughput(self) -> float:
+        """Generated tokens per second over the last few seconds."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= _THROUGHPUT_WINDOW_S]
+        return sum(n for _, n in recent) / _THROUGHPUT_WINDOW_S if recent else 0.0
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed or self._thread is None:
+            raise RuntimeError("the engine is not running (AsyncEngine not started or closed)")
+
+    def _add(self, specs: list[RequestSpec], sink: _Sink) -> None:
+        added: list[str] = []
+        try:
+            for spec in specs:
+                self.engine.add_request(
+                    spec.prompt_ids,
+                    spec.sampling_params,
+                    spec.request_id,
+                    return_prompt_logprobs=spec.return_prompt_logprobs,
+                    top_logprobs_num=spec.top_logprobs_num,
+                )
+                added.append(spec.request_id)
+                self._sinks[spec.request_id] = sink
+        except Exception as e:
+            for rid in added:  # all or nothing: withdraw the ones already queued
+                self.engine.abort(rid)
+                self._sinks.pop(rid, None)
+            sink.put(-1, e)
+            return
+        sink.put(-1, None)
+        self.requests_total += len(specs)
+        self.prompt_tokens_total += sum(len(s.prompt_ids) for s in specs)
+
+    def _paused(self) -> bool:
+        return bool(getattr(self.engine, "is_paused", False))
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            busy = self.engine.has_unfinished() and not self._paused()
+            commands: list[Any] = []
+            if not busy:  # idle: sleep until a command comes (the timeout re-checks pause state)
+                with contextlib.suppress(queue.Empty):
+                    commands.append(self._commands.get(timeout=self._idle_poll_s))
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for command in commands:
+                if command is _STOP:
+                    stopping = True
+                    continue
+                try:
+                    command()
+                except Exception:  # a command's own errors are reported by it; this is a bug
+                    logger.exception("engine command failed")
+            if stopping:
+                self.engine.abort()
+            if commands or (self.engine.has_unfinished() and not self._paused()):
+                self._step()
+        self._fail_all(RuntimeError("the engine was shut down"))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            # A failed forward must not kill the server: fail and drop what was in flight.
+            logger.exception("engine step failed; aborting the requests in flight")
+            self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+            try:
+                self.engine.abort()
+                self.engine.step()
+            except Exception:
+                logger.exception("could not abort after a failed step")
+            return
+        new_tokens = 0
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+            if sink is not None:
+                new_tokens += out.completion_tokens - sink.seen.get(out.request_id, 0)
+                sink.seen[out.request_id] = out.completion_tokens
+                sink.put(sink.index_of[out.request_id], out)
+        if new_tokens:
+            self.generated_tokens_total += new_tokens
+            now = time.monotonic()
+            self._recent.append((now, new_tokens))
+            while self._recent and now - self._recent[0][0] > _THROUGHPUT_WINDOW_S:
+                self._recent.popleft()
+
+    def _fail_all(self, error: BaseException) -> None:
+        sinks, self._sinks = self._sinks, {}
+        for rid, sink in sinks.items():
+            sink.put(sink.index_of[rid], error)

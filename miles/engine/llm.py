@@ -1,0 +1,233 @@
+"""``LLM``: offline generation over the engine core, shaped like SGLang's ``Engine.generate``.
+
+    llm = miles.LLM("smollm2-135m-instruct")
+    outs = llm.generate(["The capital of France is"], {"max_new_tokens": 16, "temperature": 0})
+    outs[0]["text"], outs[0]["output_ids"], outs[0]["meta_info"]["finish_reason"]
+
+Each result is a dict: ``text``, ``output_ids`` and ``meta_info`` (``id``, ``finish_reason``,
+``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``weight_version``, and
+``output_token_logprobs`` = ``[[logprob, token_id, text or None], ...]`` with
+``return_logprob=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from typing import Any
+
+import torch
+
+from miles.engine.engine import Engine, EngineStats
+from miles.engine.request import RequestOutput
+from miles.models.loading import load_model, load_tokenizer
+from miles.models.transformer import CausalLM
+from miles.types import SamplingParams
+
+# KV budget on CPU, where no allocator tells how much is free.
+CPU_KV_CACHE_BYTES = 1 << 30
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+    s = model.spec
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * s.num_hidden_layers * block_size * s.num_key_value_heads * s.head_dim * elem
+
+
+def derive_num_blocks(
+    model: CausalLM,
+    block_size: int,
+    max_running_requests: int,
+    context_length: int,
+    mem_fraction_static: float,
+    dtype: torch.dtype,
+) -> int:
+    """Blocks that fit the memory budget, capped at what the running requests could ever use.
+
+    CUDA: ``mem_fraction_static`` of the device's memory minus what is allocated now (weights).
+    CPU: ``CPU_KV_CACHE_BYTES``.
+    """
+    per_block = kv_bytes_per_block(model, block_size, dtype)
+    if model.device.type == "cuda":
+        _, total = torch.cuda.mem_get_info(model.device)
+        budget = int(total * mem_fraction_static) - torch.cuda.memory_allocated(model.device)
+    else:
+        budget = CPU_KV_CACHE_BYTES
+    cap = -(-max_running_requests * context_length // block_size)
+    num = min(budget // per_block, cap)
+    if num < 1:
+        raise ValueError(
+            f"no memory left for the KV cache (budget {budget} bytes, {per_block} per block): "
+            "raise mem_fraction_static or give num_blocks"
+        )
+    return int(num)
+
+
+class LLM:
+    """A checkpoint loaded into an ``Engine`` (plus its tokenizer) for offline generation.
+
+    ``model_path``: an HF directory, a GGUF file or the ``smollm2-135m-instruct`` alias.
+    ``device`` defaults to CUDA when available. ``num_blocks`` defaults to what the memory budget
+    allows (see ``derive_num_blocks``). ``skip_tokenizer_init`` serves token ids only (no text).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        device: str | torch.device | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        max_running_requests: int = 256,
+        max_num_batched_tokens: int = 4096,
+        mem_fraction_static: float = 0.85,
+        context_length: int | None = None,
+        seed: int | None = None,
+        skip_tokenizer_init: bool = False,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model_path = model_path
+        model = load_model(model_path, dtype=dtype, device=device)
+        self.tokenizer: Any = None if skip_tokenizer_init else load_tokenizer(model_path)
+        ctx = context_length or model.spec.max_position_embeddings
+        if num_blocks is None:
+            num_blocks = derive_num_blocks(
+                model, block_size, max_running_requests, ctx, mem_fraction_static, model.dtype
+            )
+        self.engine = Engine(
+            model,
+            self.tokenizer,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_running_requests=max_running_requests,
+            max_num_batched_tokens=max_num_batched_tokens,
+            context_length=ctx,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+        )
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | Sequence[Any],
+        sampling_params: SamplingParams | Mapping[str, Any] | Sequence[Any] | None = None,
+        *,
+        apply_chat_template: bool = False,
+        return_logprob: bool = False,
+        return_text_in_logprobs: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Generate for each prompt; results come in prompt order.
+
+        ``prompts``: a string, a list of strings, a list of token-id lists, one chat (a list of
+        ``{"role", "content"}`` dicts) or a list of chats. Chats always use the chat template;
+        strings use it with ``apply_chat_template``. ``sampling_params``: one for all (a
+        ``SamplingParams`` or a dict with SGLang's field names) or one per prompt.
+        """
+        ids = [self._encode(p, apply_chat_template) for p in _as_prompt_list(prompts)]
+        params = _as_params(sampling_params, len(ids))
+        outs = self.engine.generate(ids, params)
+        return [self._result(o, p, return_logprob, return_text_in_logprobs) for o, p in zip(outs, params)]
+
+    def _encode(self, prompt: Any, apply_chat_template: bool) -> list[int]:
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError("this LLM has no tokenizer (skip_tokenizer_init): give token ids")
+        from miles.models.generation import encode_prompt
+
+        return encode_prompt(self.tokenizer, prompt, apply_chat_template)
+
+    def _result(
+        self, out: RequestOutput, params: SamplingParams, return_logprob: bool, text_in_logprobs: bool
+    ) -> dict[str, Any]:
+        reason = out.finish_reason
+        text: str | None = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(list(out.output_ids), skip_special_tokens=params.skip_special_tokens)
+            if reason is not None and isinstance(reason.matched, str) and not params.no_stop_trim:
+                cut = text.find(reason.matched)
+                text = text[:cut] if cut >= 0 else text
+        meta: dict[str, Any] = {
+            "id": out.request_id,
+            "finish_reason": reason.to_dict() if reason is not None else None,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "cached_tokens": out.cached_tokens,
+            "weight_version": str(out.weight_version),
+        }
+        if return_logprob:
+            decode = self.tokenizer.decode if (text_in_logprobs and self.tokenizer is not None) else None
+            meta["output_token_logprobs"] = [
+                [lp, tok, decode([tok]) if decode else None]
+                for lp, tok in zip(out.output_logprobs, out.output_ids)
+            ]
+        return {"text": text, "output_ids": list(out.output_ids), "meta_info": meta}
+
+    # ---- passthroughs to the engine ----------------------------------------------------------
+
+    @property
+    def weight_version(self) -> str:
+        return self.engine.weight_version
+
+    def get_weight_version(self) -> str:
+        return self.engine.weight_version
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
+        self.engine.update_weights_from_disk(model_path, weight_version)
+
+    def update_weights_from_tensors(
+        self, named_tensors: Any, weight_version: str | None = None, flush_cache: bool = True
+    ) -> None:
+        self.engine.update_weights_from_tensors(named_tensors, weight_version, flush_cache)
+
+    def flush_cache(self) -> bool:
+        return self.engine.flush_cache()
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        self.engine.release_memory_occupation(tags)
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        self.engine.resume_memory_occupation(tags)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+
+def _as_prompt_list(prompts: str | Sequence[Any]) -> list[Any]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if not items:
+        return []
+    if all(isinstance(m, Mapping) for m in items):
+        return [items]  # one chat
+    if all(isinstance(t, int) for t in items):
+        raise ValueError("give token ids as a list of lists (one list per prompt)")
+    return items
+
+
+def _as_params(
+    params: SamplingParams | Mapping[str, Any] | Sequence[Any] | None, n: int
+) -> list[SamplingParams]:
+    if params is None or isinstance(params, (SamplingParams, Mapping)):
+        return [_one_params(params)] * n
+    out = [_one_params(p) for p in params]
+    if len(out) != n:
+        raise ValueError(f"{n} prompts but {len(out)} sampling_params")
+    return out
+
+
+def _one_params(params: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    unknown = sorted(set(params) - _SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown sampling_params {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
+    return SamplingParams(**params)

@@ -1,0 +1,296 @@
+"""SGLang's native ``/generate`` protocol, without HTTP: parse a request, build the response.
+
+Shared by the HTTP server and ``LocalEngineClient`` so both give the same dicts. Field names
+and shapes follow SGLang (DESIGN.md §5, reference/miles_slime.md §4.1):
+
+request  ``text`` | ``input_ids`` (one prompt or a list), ``sampling_params`` (dict, or one per
+         prompt), ``return_logprob``, ``logprob_start_len`` (-1: no prompt logprobs),
+         ``top_logprobs_num``, ``return_text_in_logprobs``, ``stream``, ``rid``;
+response ``{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
+         "completion_tokens", "cached_tokens", "weight_version", "e2e_latency",
+         "output_token_logprobs": [[logprob, token_id, text|None], ...],
+         "input_token_logprobs", "output_top_logprobs"}}`` (a list for a batch or ``n > 1``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from miles.engine.async_engine import RequestSpec
+from miles.engine.request import RequestOutput
+from miles.types import SamplingParams
+
+if TYPE_CHECKING:
+    from miles.engine.async_engine import AsyncEngine
+
+GENERATE_FIELDS = frozenset(
+    {
+        "text",
+        "input_ids",
+        "sampling_params",
+        "return_logprob",
+        "logprob_start_len",
+        "top_logprobs_num",
+        "return_text_in_logprobs",
+        "stream",
+        "rid",
+        # accepted and ignored: they do not change the answer (sglang-router sends them)
+        "model",
+        "log_metrics",
+        "no_logs",
+    }
+)
+# SGLang fields the built-in engine does not implement: refused, by name, when they ask for
+# something (a falsy value, as sglang-router sends by default, asks for nothing and passes).
+UNSUPPORTED_FIELDS = frozenset(
+    {
+        "background",
+        "return_bytes",
+        "return_entropy",
+        "image_data",
+        "audio_data",
+        "video_data",
+        "input_embeds",
+        "lora_path",
+        "return_routed_experts",
+        "return_hidden_states",
+        "return_indexer_topk",
+        "token_ids_logprob",
+        "custom_logit_processor",
+        "session_params",
+        "bootstrap_host",
+        "bootstrap_port",
+        "bootstrap_room",
+    }
+)
+
+
+class BadRequest(ValueError):
+    """Invalid client input; ``field`` names the offending request field (HTTP 400)."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field and not message.startswith(field) else message)
+        self.field = field
+
+
+def check_fields(
+    payload: Mapping[str, Any], known: frozenset[str], unsupported: frozenset[str] = frozenset()
+) -> None:
+    """Raise ``BadRequest`` for a field the endpoint does not know (or does not implement)."""
+    bad = sorted(k for k in set(payload) & unsupported if payload[k] not in (None, False, [], {}, ""))
+    if bad:
+        raise BadRequest(bad[0], f"{', '.join(bad)} not supported by the Miles engine")
+    unknown = sorted(set(payload) - known - unsupported)
+    if unknown:
+        raise BadRequest(
+            unknown[0], f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+
+
+def expect(
+    payload: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any, what: str
+) -> Any:
+    """``payload[name]`` checked against ``kind`` (bools are never ints here)."""
+    value = payload.get(name, default)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise BadRequest(name, f"must be {what}, got {value!r}")
+    return value
+
+
+def sampling_params(data: Any, field: str = "sampling_params") -> SamplingParams:
+    if not isinstance(data, Mapping):
+        raise BadRequest(field, f"must be a JSON object, got {type(data).__name__}")
+    try:
+        return SamplingParams.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(field, str(e)) from None
+
+
+def check_prompt(ids: list[int], field: str, vocab_size: int, context_length: int) -> list[int]:
+    if not ids:
+        raise BadRequest(field, "the prompt is empty")
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise BadRequest(field, f"token ids must be integers, got {t!r} at position {i}")
+        if not 0 <= t < vocab_size:
+            raise BadRequest(
+                field, f"token id {t} at position {i} is outside the vocabulary [0, {vocab_size})"
+            )
+    if len(ids) >= context_length:
+        raise BadRequest(field, f"the prompt has {len(ids)} tokens; the context length is {context_length}")
+    return ids
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A parsed ``/generate`` body: the engine requests plus how to shape their responses."""
+
+    specs: list[RequestSpec]
+    batched: bool  # answer with a list (a list of prompts, or n > 1)
+    stream: bool
+    return_logprob: bool
+    logprob_start_len: int
+    top_logprobs_num: int
+    return_text_in_logprobs: bool
+
+
+def parse_generate(
+    payload: Any, tokenizer: Any, vocab_size: int, context_length: int, new_id: Callable[[], str]
+) -> GenerateRequest:
+    """Validate a ``/generate`` body; ``BadRequest`` names the first bad field."""
+    if not isinstance(payload, Mapping):
+        raise BadRequest(None, f"the body must be a JSON object, got {type(payload).__name__}")
+    check_fields(payload, GENERATE_FIELDS, UNSUPPORTED_FIELDS)
+    has_text, has_ids = payload.get("text") is not None, payload.get("input_ids") is not None
+    if has_text == has_ids:
+        raise BadRequest("text", "give exactly one of text or input_ids")
+    prompts: list[list[int]]
+    if has_text:
+        text = payload["text"]
+        batched = isinstance(text, list)
+        texts = text if batched else [text]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise BadRequest("text", "must be a string or a non-empty list of strings")
+        if tokenizer is None:
+            raise BadRequest("text", "this engine has no tokenizer: send input_ids")
+        prompts = [list(tokenizer.encode(t)) for t in texts]
+        field = "text"
+    else:
+        ids = payload["input_ids"]
+        if not isinstance(ids, list):
+            raise BadRequest("input_ids", "must be a list of token ids or a list of such lists")
+        batched = bool(ids) and isinstance(ids[0], list)
+        prompts = ids if batched else [ids]
+        if batched and not all(isinstance(p, list) for p in prompts):
+            raise BadRequest("input_ids", "a batch must be a list of lists of token ids")
+        field = "input_ids"
+    prompts = [check_prompt(p, field, vocab_size, context_length) for p in prompts]
+
+    raw_params = payload.get("sampling_params") or {}
+    if isinstance(raw_params, list):
+        if len(raw_params) != len(prompts):
+            raise BadRequest("sampling_params", f"{len(raw_params)} given for {len(prompts)} prompts")
+        params = [sampling_params(p) for p in raw_params]
+    else:
+        params = [sampling_params(raw_params)] * len(prompts)
+
+    return_logprob = expect(payload, "return_logprob", bool, False, "true or false")
+    start = expect(payload, "logprob_start_len", int, -1, "an integer >= -1")
+    if start < -1:
+        raise BadRequest("logprob_start_len", f"must be an integer >= -1, got {start}")
+    if return_logprob and start >= 0:
+        for p in prompts:
+            if start >= len(p):
+                raise BadRequest("logprob_start_len", f"{start} is not inside the prompt ({len(p)} tokens)")
+    top = expect(payload, "top_logprobs_num", int, 0, "an integer >= 0")
+    if top < 0:
+        raise BadRequest("top_logprobs_num", f"must be an integer >= 0, got {top}")
+
+    n_total = sum(p.n for p in params)
+    rid = payload.get("rid")
+    if rid is None:
+        rids = [new_id() for _ in prompts]
+    elif isinstance(rid, str) and not batched:
+        rids = [rid]
+    elif isinstance(rid, list) and len(rid) == len(prompts) and all(isinstance(r, str) for r in rid):
+        rids = rid
+    else:
+        raise BadRequest("rid", "must be a string (one prompt) or a list of strings, one per prompt")
+    specs: list[RequestSpec] = []
+    for prompt, sp, r in zip(prompts, params, rids):
+        for j in range(sp.n):
+            specs.append(
+                RequestSpec(
+                    prompt_ids=prompt,
+                    sampling_params=sp,
+                    request_id=r if sp.n == 1 else f"{r}-{j}",
+                    return_prompt_logprobs=return_logprob and start >= 0,
+                    top_logprobs_num=top if return_logprob else 0,
+                )
+            )
+    stream = expect(payload, "stream", bool, False, "true or false")
+    if stream and n_total > 1:
+        raise BadRequest("stream", "only one prompt with n = 1 can be streamed from /generate")
+    return GenerateRequest(
+        specs=specs,
+        batched=batched or n_total > len(prompts),
+        stream=stream,
+        return_logprob=return_logprob,
+        logprob_start_len=start,
+        top_logprobs_num=top,
+        return_text_in_logprobs=expect(payload, "return_text_in_logprobs", bool, False, "true or false"),
+    )
+
+
+def decode_output(tokenizer: Any, out: RequestOutput, params: SamplingParams) -> str | None:
+    """The output text as SGLang gives it: special tokens skipped (by default), stop string cut."""
+    if tokenizer is None:
+        return out.text
+    text: str = tokenizer.decode(list(out.output_ids), skip_special_tokens=params.skip_special_tokens)
+    reason = out.finish_reason
+    stop = reason.matched if reason is not None and reason.type == "stop" else None
+    if isinstance(stop, str) and not params.no_stop_trim and stop in text:
+        text = text[: text.index(stop)]
+    return text
+
+
+def generate_response(
+    out: RequestOutput, spec: RequestSpec, req: GenerateRequest, tokenizer: Any, started: float
+) -> dict[str, Any]:
+    """One SGLang ``/generate`` response dict (cumulative when streamed)."""
+
+    def tok_text(tid: int) -> str | None:
+        if req.return_text_in_logprobs and tokenizer is not None:
+            return str(tokenizer.decode([tid]))
+        return None
+
+    meta: dict[str, Any] = {
+        "id": out.request_id,
+        "finish_reason": out.finish_reason.to_dict() if out.finish_reason is not None else None,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "cached_tokens": out.cached_tokens,
+        "weight_version": str(out.weight_version),
+        "e2e_latency": time.perf_counter() - started,
+    }
+    if req.return_logprob:
+        meta["output_token_logprobs"] = [
+            [lp, tid, tok_text(tid)] for lp, tid in zip(out.output_logprobs, out.output_ids)
+        ]
+        inputs: list[list[Any]] = []
+        if req.logprob_start_len >= 0 and out.prompt_logprobs is not None:
+            ids = spec.prompt_ids
+            for p in range(req.logprob_start_len, len(ids)):
+                lp = None if p == 0 else out.prompt_logprobs[p - 1]
+                inputs.append([lp, ids[p], tok_text(ids[p])])
+        meta["input_token_logprobs"] = inputs
+        if req.top_logprobs_num > 0 and out.output_top_logprobs is not None:
+            meta["output_top_logprobs"] = [
+                [[lp, tid, tok_text(tid)] for tid, lp in pos] for pos in out.output_top_logprobs
+            ]
+    return {
+        "text": decode_output(tokenizer, out, spec.sampling_params),
+        "output_ids": list(out.output_ids),
+        "meta_info": meta,
+    }
+
+
+async def run_generate(engine: AsyncEngine, payload: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    """Serve one non-streaming ``/generate`` body on ``engine`` (what the server and
+    ``LocalEngineClient`` both do). Raises ``BadRequest`` for invalid input."""
+    started = time.perf_counter()
+    core = engine.engine
+    req = parse_generate(payload, core.tokenizer, core.vocab_size, core.context_length, engine.new_request_id)
+    try:
+        outs = await engine.generate(req.specs)
+    except ValueError as e:  # the engine's own checks (e.g. a rid already in use)
+        raise BadRequest(None, str(e)) from None
+    tokenizer = core.tokenizer
+    results = [generate_response(o, s, req, tokenizer, started) for o, s in zip(outs, req.specs)]
+    return results if req.batched else results[0]

@@ -1,0 +1,64 @@
+"""``miles.LLM`` offline generation: prompt forms, result shape, parity with ``generate_ids``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import miles
+from miles.engine.llm import LLM
+from miles.models.generation import encode_prompt, generate_ids
+from miles.models.loading import load_model
+from tests.models.conftest import CASES, make_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    prefix, kwargs = CASES["qwen3"]
+    path = tmp_path_factory.mktemp("llm_qwen3")
+    make_hf_model(prefix, kwargs).save_pretrained(path)
+    return path
+
+
+def test_lazy_export():
+    assert miles.LLM is LLM
+
+
+def test_tiny_generate_ids_and_meta(tiny):
+    llm = LLM(str(tiny), skip_tokenizer_init=True, block_size=4, seed=0)
+    assert llm.engine.allocator.num_blocks == 256 * 256 // 4  # capped by the running requests
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (3, 11, 7)]
+    outs = llm.generate(
+        prompts, {"max_new_tokens": 9, "temperature": 0, "ignore_eos": True}, return_logprob=True
+    )
+    assert [o["output_ids"] for o in outs] == generate_ids(load_model(tiny), prompts, 9)
+    meta = outs[1]["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 9}
+    assert (meta["prompt_tokens"], meta["completion_tokens"], meta["weight_version"]) == (11, 9, "0")
+    lps = meta["output_token_logprobs"]
+    assert [t for _, t, _ in lps] == outs[1]["output_ids"] and all(lp <= 0 and s is None for lp, _, s in lps)
+    assert outs[0]["text"] is None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("hello", {"max_new_tokens": 2})
+    with pytest.raises(ValueError, match="unknown sampling_params"):
+        llm.generate(prompts, {"max_tokens": 2})
+    with pytest.raises(ValueError, match="3 prompts but 1 sampling_params"):
+        llm.generate(prompts, [{"max_new_tokens": 2}])
+
+
+def test_smollm2_greedy_equals_generate_ids(smollm2):
+    llm = LLM(smollm2, num_blocks=64)
+    tok = llm.tokenizer
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    chat = [{"role": "user", "content": "Say hello."}]
+    outs = llm.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    ids = [encode_prompt(tok, p, False) for p in prompts]
+    ref = generate_ids(llm.engine.model, ids, 12)
+    assert [o["output_ids"] for o in outs] == ref
+    assert [o["text"] for o in outs] == [tok.decode(r, skip_special_tokens=True) for r in ref]
+    chat_out = llm.generate(chat, {"max_new_tokens": 8, "temperature": 0})
+    chat_ids = encode_prompt(tok, chat, True)
+    eos = tuple(llm.engine.eos_token_ids)
+    assert chat_out[0]["output_ids"] == generate_ids(llm.engine.model, [chat_ids], 8, stop_token_ids=eos)[0]
+    assert chat_out[0]["meta_info"]["prompt_tokens"] == len(chat_ids)

@@ -1,0 +1,392 @@
+"""``miles serve`` over real HTTP (a subprocess): SGLang native endpoints, OpenAI endpoints with
+the official client, input errors, control hooks, auth, and abort on client disconnect."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from tests.engine.conftest import ThreadServer
+
+GREEDY = {"max_new_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def http(server_url: str):
+    with httpx.Client(base_url=server_url, timeout=60) as client:
+        yield client
+
+
+def _metrics(http: httpx.Client) -> dict[str, float]:
+    out = {}
+    for line in http.get("/metrics").text.splitlines():
+        m = re.match(r"sglang:(\w+)\{[^}]*\} (\S+)", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def _error(r: httpx.Response, field: str | None) -> str:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    if field is not None:
+        assert err["param"] == field and field in err["message"], err
+    return str(err["message"])
+
+
+# ---- /generate -----------------------------------------------------------------------------------
+
+
+def test_generate_text_and_ids_with_logprobs(http):
+    r = http.post(
+        "/generate",
+        json={"text": "The capital of France is", "sampling_params": GREEDY, "return_logprob": True},
+    )
+    a = r.json()
+    meta = a["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 6}
+    assert meta["completion_tokens"] == 6 and len(a["output_ids"]) == 6 and isinstance(a["text"], str)
+    assert [t for _, t, _ in meta["output_token_logprobs"]] == a["output_ids"]
+    assert all(lp <= 0 for lp, _, _ in meta["output_token_logprobs"])
+    assert meta["weight_version"] == "0" and meta["e2e_latency"] > 0 and meta["input_token_logprobs"] == []
+    assert meta["prompt_tokens"] > 1  # the text was tokenized
+    b = http.post(
+        "/generate",
+        json={
+            "input_ids": [5, 6, 7, 8],
+            "sampling_params": GREEDY,
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "top_logprobs_num": 2,
+            "return_text_in_logprobs": True,
+        },
+    ).json()
+    inputs = b["meta_info"]["input_token_logprobs"]
+    assert (
+        [t for _, t, _ in inputs] == [5, 6, 7, 8]
+        and inputs[0][0] is None
+        and all(x[0] < 0 for x in inputs[1:])
+    )
+    assert all(isinstance(x[2], str) for x in b["meta_info"]["output_token_logprobs"])
+    assert len(b["meta_info"]["output_top_logprobs"]) == 6 and all(
+        len(p) == 2 for p in b["meta_info"]["output_top_logprobs"]
+    )
+    # greedy is deterministic, and the second time the prompt's full blocks come from the cache
+    again = http.post(
+        "/generate", json={"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "sampling_params": GREEDY}
+    ).json()
+    again2 = http.post(
+        "/generate", json={"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "sampling_params": GREEDY}
+    ).json()
+    assert again["output_ids"] == again2["output_ids"] and again2["meta_info"]["cached_tokens"] == 8
+
+
+def test_generate_batch_n_and_rid(http):
+    r = http.post(
+        "/generate",
+        json={"text": ["a", "b"], "sampling_params": [dict(GREEDY, n=2), GREEDY], "rid": ["x", "y"]},
+    ).json()
+    assert [o["meta_info"]["id"] for o in r] == ["x-0", "x-1", "y"]
+    assert r[0]["output_ids"] == r[1]["output_ids"]  # greedy: the n samples agree
+    seeded = http.post(
+        "/generate",
+        json={
+            "input_ids": [[3, 4], [3, 4]],
+            "sampling_params": [{"sampling_seed": 7, "max_new_tokens": 5}] * 2,
+        },
+    ).json()
+    assert seeded[0]["output_ids"] == seeded[1]["output_ids"]
+
+
+def test_generate_stream_sse(http):
+    chunks = []
+    with http.stream(
+        "POST", "/generate", json={"input_ids": [1, 2, 3], "sampling_params": GREEDY, "stream": True}
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                chunks.append(line)
+    assert chunks[-1] == "data: [DONE]"
+    bodies = [json.loads(c[len("data: ") :]) for c in chunks[:-1]]
+    assert [len(b["output_ids"]) for b in bodies] == list(range(1, 7))
+    assert all(b["meta_info"]["finish_reason"] is None for b in bodies[:-1])
+    assert bodies[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    full = http.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": GREEDY}).json()
+    assert bodies[-1]["output_ids"] == full["output_ids"] and bodies[-1]["text"] == full["text"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"input_ids": [1], "bogus": 1}, "bogus"),
+        ({"input_ids": [1], "return_routed_experts": True}, "return_routed_experts"),
+        ({"input_ids": [1], "sampling_params": {"temperature": -1}}, "sampling_params"),
+        ({"input_ids": [1], "sampling_params": {"top_p": 0}}, "sampling_params"),
+        ({"input_ids": [1], "sampling_params": {"colour": 1}}, "sampling_params"),
+        ({"input_ids": [1] * 300}, "input_ids"),
+        ({"input_ids": []}, "input_ids"),
+        ({"text": ""}, "text"),
+        ({"input_ids": [1, 10**9]}, "input_ids"),
+        ({"input_ids": [-1]}, "input_ids"),
+        ({"input_ids": ["a"]}, "input_ids"),
+        ({}, "text"),
+        ({"text": "a", "input_ids": [1]}, "text"),
+        ({"input_ids": [1], "return_logprob": "yes"}, "return_logprob"),
+        ({"input_ids": [1], "return_logprob": True, "logprob_start_len": 5}, "logprob_start_len"),
+        ({"input_ids": [[1], [2]], "sampling_params": [{}]}, "sampling_params"),
+        ({"input_ids": [1], "stream": True, "sampling_params": {"n": 2}}, "stream"),
+    ],
+)
+def test_generate_bad_input_is_400_naming_the_field(http, body, field):
+    _error(http.post("/generate", json=body), field)
+
+
+def test_bad_json_and_server_survives(http):
+    r = http.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert "invalid JSON" in _error(r, None)
+    assert "JSON object" in _error(http.post("/generate", json=[1, 2]), None)
+    _error(http.post("/abort_request", json={"rid": "x", "extra": 1}), "extra")
+    r = http.post(
+        "/generate", json={"input_ids": [1], "rid": "dup", "sampling_params": {"max_new_tokens": 1}}
+    )
+    assert r.status_code == 200
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/health_generate").status_code == 200
+
+
+# ---- info and metrics ---------------------------------------------------------------------------
+
+
+def test_info_endpoints(http, tiny_model_dir):
+    info = http.get("/get_model_info").json()
+    assert info["model_path"] == tiny_model_dir and info["is_generation"] is True
+    server = http.get("/get_server_info").json()
+    assert (
+        server["page_size"] == 8
+        and "api_key" not in server
+        and server["internal_states"][0]["num_blocks"] == 512
+    )
+    assert (
+        http.get("/get_weight_version").json()["weight_version"]
+        == http.get("/get_model_info").json()["weight_version"]
+    )
+    assert http.get("/v1/models").json()["data"][0]["id"] == tiny_model_dir
+    before = _metrics(http)
+    http.post("/generate", json={"input_ids": [9, 9], "sampling_params": GREEDY})
+    after = _metrics(http)
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] == 6
+    assert after["num_running_reqs"] == 0 and after["num_queue_reqs"] == 0 and "gen_throughput" in after
+    assert http.get("/flush_cache").json()["success"] is True
+    assert http.post("/flush_cache").status_code == 200
+
+
+# ---- control plane -------------------------------------------------------------------------------
+
+
+def test_pause_in_place_abort_and_continue(http):
+    assert http.post("/pause_generation", json={"mode": "in_place"}).json()["success"] is True
+    result = {}
+    t = threading.Thread(
+        target=lambda: result.update(
+            r=http.post(
+                "/generate", json={"input_ids": [4, 5], "rid": "held", "sampling_params": GREEDY}
+            ).json()
+        )
+    )
+    t.start()
+    deadline = time.monotonic() + 5
+    while (
+        _metrics(http)["num_queue_reqs"] + _metrics(http)["num_running_reqs"] < 1
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert t.is_alive()  # paused: nothing runs
+    assert http.post("/abort_request", json={"rid": "held"}).json()["aborted"] == ["held"]
+    t.join(5)
+    assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert http.post("/continue_generation", json={}).json()["success"] is True
+    _error(http.post("/pause_generation", json={"mode": "sideways"}), "mode")
+    http.post("/continue_generation")
+    assert http.post("/abort_request", json={"abort_all": True}).status_code == 200
+    _error(http.post("/abort_request", json={}), "rid")
+
+
+def _serialize(named: list[tuple[str, torch.Tensor]]) -> str:
+    buf = io.BytesIO()
+    torch.save(named, buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_weight_updates_and_memory(http, tiny_model_dir):
+    prompt = {"input_ids": [7, 8, 9], "sampling_params": GREEDY}
+    base = http.post("/generate", json=prompt).json()["output_ids"]
+    r = http.post(
+        "/update_weights_from_disk", json={"model_path": tiny_model_dir, "weight_version": "5"}
+    ).json()
+    assert r["success"] is True and r["weight_version"] == "5"
+    out = http.post("/generate", json=prompt).json()
+    assert out["output_ids"] == base and out["meta_info"]["weight_version"] == "5"
+    bad = http.post("/update_weights_from_disk", json={"model_path": "/nonexistent"})
+    assert (
+        bad.status_code == 400 and bad.json()["success"] is False and "/nonexistent" in bad.json()["message"]
+    )
+    _error(http.post("/update_weights_from_disk", json={}), "model_path")
+
+    norm = torch.full((64,), 2.0)
+    r = http.post(
+        "/update_weights_from_tensor",
+        json={"serialized_named_tensors": [_serialize([("model.norm.weight", norm)])], "weight_version": "6"},
+    )
+    assert r.json() == {"success": True, "message": "ok", "weight_version": "6"}
+    assert http.get("/get_weight_version").json() == {"weight_version": "6"}
+    r = http.post(
+        "/update_weights_from_tensor",
+        json={"serialized_named_tensors": [_serialize([("no.such.weight", norm)])]},
+    )
+    assert r.status_code == 400 and "no.such.weight" in r.json()["message"]
+    _error(
+        http.post("/update_weights_from_tensor", json={"serialized_named_tensors": ["!!"]}),
+        "serialized_named_tensors",
+    )
+
+    r = http.post(
+        "/update_weights_from_distributed",
+        json={"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "nope"},
+    )
+    assert r.status_code == 400 and "nope" in r.json()["message"]
+    _error(
+        http.post(
+            "/update_weights_from_distributed",
+            json={"names": ["a"], "dtypes": [], "shapes": [], "group_name": "g"},
+        ),
+        "names",
+    )
+    _error(http.post("/init_weights_update_group", json={"master_address": "127.0.0.1"}), "master_port")
+    assert http.post("/destroy_weights_update_group", json={"group_name": "nope"}).json()["success"] is True
+
+    assert (
+        http.post("/release_memory_occupation", json={"tags": ["kv_cache", "weights"]}).json()["success"]
+        is True
+    )
+    assert http.post("/resume_memory_occupation", json={}).json()["success"] is True
+    assert http.post("/release_memory_occupation", json={"tags": ["gpu"]}).status_code == 400
+    http.post("/update_weights_from_disk", json={"model_path": tiny_model_dir, "weight_version": "0"})
+    assert http.post("/generate", json=prompt).json()["output_ids"] == base
+
+
+# ---- client disconnect -----------------------------------------------------------------------------
+
+
+def test_disconnect_aborts_and_frees_blocks(http, server_url):
+    total = _metrics(http)["num_free_blocks"]
+    http.post("/pause_generation", json={"mode": "in_place"})  # requests wait: the abort is the only way out
+    try:
+        body = {"input_ids": list(range(1, 40)), "sampling_params": GREEDY}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server_url}/generate", json=body, timeout=httpx.Timeout(0.5, connect=5))
+        with (
+            pytest.raises(httpx.ReadTimeout),
+            httpx.stream("POST", f"{server_url}/generate", json={**body, "stream": True}, timeout=0.5) as r,
+        ):
+            for _ in r.iter_lines():
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            m = _metrics(http)
+            if m["num_queue_reqs"] + m["num_running_reqs"] == 0:
+                break
+            time.sleep(0.05)
+        assert m["num_queue_reqs"] + m["num_running_reqs"] == 0
+    finally:
+        http.post("/continue_generation")
+    assert _metrics(http)["num_free_blocks"] == total
+
+
+# ---- OpenAI API (the official client) ---------------------------------------------------------------
+
+
+def test_openai_client_completions_chat_and_streaming(server_url, tiny_model_dir):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [tiny_model_dir]
+    c = client.completions.create(
+        model="m", prompt=["Hello", "Bye"], max_tokens=5, temperature=0, n=2, logprobs=2
+    )
+    assert len(c.choices) == 4 and c.usage.completion_tokens == 20 and c.choices[0].text == c.choices[1].text
+    assert len(c.choices[0].logprobs.tokens) == 5 and len(c.choices[0].logprobs.top_logprobs[0]) == 2
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    chat = client.chat.completions.create(
+        model="m", messages=msgs, max_tokens=6, n=3, seed=1, logprobs=True, top_logprobs=1
+    )
+    assert len(chat.choices) == 3 and all(ch.message.role == "assistant" for ch in chat.choices)
+    assert len(chat.choices[0].logprobs.content) == 6 and chat.choices[0].finish_reason == "length"
+    again = client.chat.completions.create(model="m", messages=msgs, max_tokens=6, n=3, seed=1)
+    assert [ch.message.content for ch in again.choices] == [ch.message.content for ch in chat.choices]
+    stream = client.chat.completions.create(model="m", messages=msgs, max_tokens=6, seed=1, stream=True)
+    pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(pieces) == chat.choices[0].message.content
+    text_stream = client.completions.create(
+        model="m",
+        prompt="Hello",
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(text_stream)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 5
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="m", prompt="Hi", temperature=-2)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(
+            model="m", messages=msgs, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
+
+
+# ---- auth and admin ------------------------------------------------------------------------------
+
+
+def test_api_key_and_admin_rules(local_engine, tiny_model_dir):
+    from miles.engine.server import ServerConfig, create_app
+
+    keyed = ThreadServer(create_app(local_engine, ServerConfig(tiny_model_dir, api_key="sekret"))).start()
+    try:
+        assert httpx.get(f"{keyed.url}/health").status_code == 200
+        assert httpx.get(f"{keyed.url}/get_model_info").status_code == 401
+        assert (
+            httpx.post(
+                f"{keyed.url}/generate", json={"input_ids": [1]}, headers={"Authorization": "Bearer nope"}
+            ).status_code
+            == 401
+        )
+        ok = httpx.post(
+            f"{keyed.url}/generate",
+            json={"input_ids": [1], "sampling_params": {"max_new_tokens": 1}},
+            headers={"Authorization": "Bearer sekret"},
+        )
+        assert ok.status_code == 200
+    finally:
+        keyed.stop()
+
+    async def remote_admin() -> tuple[int, int]:
+        app = create_app(local_engine, ServerConfig(tiny_model_dir))
+        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 4567))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            denied = await client.post("/continue_generation", json={})
+            allowed = await client.get("/get_weight_version")
+        return denied.status_code, allowed.status_code
+
+    import asyncio
+
+    assert asyncio.run(remote_admin()) == (403, 200)

@@ -14,8 +14,8 @@ algorithm beyond "SFT or policy loss" and "is a term switched on".
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,15 +30,19 @@ from miles.algo import (
     apply_correction,
     entropy_loss,
     kl_loss,
-    logprobs_and_entropy_from_hidden,
     loss_normalizer,
     sft_loss,
 )
-from miles.models import CausalLM, VarlenContext
+from miles.models import CausalLM
+from miles.train.offload import move_module, move_optimizer_state
 from miles.train.optim import LRSchedule, build_optimizer, build_scheduler, param_groups
-from miles.train.packing import batch_to, micro_batch_bins, select_sequences, select_tokens
+from miles.train.packing import batch_to, select_sequences, select_tokens
 from miles.train.parallelize import apply_activation_checkpointing, is_fsdp
+from miles.train.steps import aligned_bins, clipped_step, packed_logprobs
 from miles.types import TrainBatch
+
+if TYPE_CHECKING:
+    from miles.train.critic import Critic
 
 LOSS_TYPES = ("policy_loss", "sft_loss")
 # Correction metrics that are maxima, not token means: reduced with MAX across ranks.
@@ -86,6 +90,8 @@ class TrainerConfig:
     logprob_chunk_size: int = 1024
     vocab_chunk_size: int | None = None
     seed: int = 1234
+    max_oom_retries: int = 3  # micro-batch splits after torch.OutOfMemoryError, per step
+    num_critic_only_steps: int = 0  # PPO: train only the critic for the first N steps
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -100,6 +106,8 @@ class TrainerConfig:
             raise ValueError(f"max_tokens_per_gpu must be >= 1, got {self.max_tokens_per_gpu}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_oom_retries < 0 or self.num_critic_only_steps < 0:
+            raise ValueError("max_oom_retries and num_critic_only_steps must be >= 0")
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(
@@ -115,6 +123,10 @@ class Trainer:
     (sharded) parameters. Without FSDP but with several ranks, gradients are all-reduced here.
     The constructor seeds torch's RNG with ``config.seed`` and applies activation checkpointing
     when ``config.gradient_checkpointing`` is set.
+
+    ``ref_model``: a frozen reference policy for the KL loss (:meth:`compute_ref_logprobs`);
+    ``ref_offload=True`` keeps it on CPU and moves it to ``device`` only for its forward.
+    ``critic``: a :class:`~miles.train.critic.Critic` trained in :meth:`train_step` (PPO).
     """
 
     def __init__(
@@ -124,6 +136,9 @@ class Trainer:
         device: torch.device | str = "cpu",
         *,
         process_group: dist.ProcessGroup | None = None,
+        ref_model: CausalLM | None = None,
+        ref_offload: bool = False,
+        critic: Critic | None = None,
     ) -> None:
         torch.manual_seed(config.seed)
         self.model, self.config, self.device = model, config, torch.device(device)
@@ -141,81 +156,87 @@ class Trainer:
             device=self.device,
         )
         self.scheduler = build_scheduler(self.optimizer, config.lr_schedule())
+        self.ref_model, self.ref_offload = ref_model, ref_offload
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+            if ref_offload:
+                move_module(ref_model, torch.device("cpu"))
+        if config.num_critic_only_steps and critic is None:
+            raise ValueError("num_critic_only_steps needs a critic")
+        self.critic = critic
+        self.step = 0  # train_step calls completed (skipped and critic-only steps included)
         self.skipped_steps = 0
+        self.oom_retries = 0  # micro-batch splits after an OOM, over the trainer's life
+        self.asleep = False
 
     # ----------------------------------------------------------------------------------------
     # Log-probs
     # ----------------------------------------------------------------------------------------
 
-    def _forward_logprobs(self, mb: TrainBatch, need_entropy_grad: bool) -> tuple[Tensor, Tensor]:
-        """``(logp [T], entropy [T])`` of each token given its prefix; 0 at each sequence's first token.
-
-        Row ``t - 1`` of the hidden states predicts token ``t``. The chunked LM head never
-        materialises ``[T, vocab]`` fp32 logits.
-        """
-        hidden = self.model(mb.input_ids, mb.positions, VarlenContext(mb.cu_seqlens))
-        t = hidden.shape[0]
-        logp = hidden.new_zeros(t, dtype=torch.float32)
-        entropy = torch.zeros_like(logp)
-        if t > 1:
-            lp, ent = logprobs_and_entropy_from_hidden(
-                hidden[:-1],
-                self.model.lm_head.weight,
-                mb.input_ids[1:],
-                temperature=self.config.temperature,
-                chunk_size=self.config.logprob_chunk_size,
-                vocab_chunk_size=self.config.vocab_chunk_size,
-            )
-            if not need_entropy_grad:
-                ent = ent.detach()
-            logp = torch.cat([logp[:1], lp.float()])
-            entropy = torch.cat([entropy[:1], ent.float()])
-        starts = mb.cu_seqlens[:-1].long()
-        is_start = torch.zeros(t, dtype=torch.bool, device=hidden.device)
-        is_start[starts[starts < t]] = True
-        # The "prediction" of a sequence's first token comes from the previous sequence: no meaning.
-        return torch.where(is_start, 0.0, logp), torch.where(is_start, 0.0, entropy)
+    def _forward_logprobs(
+        self, model: CausalLM, mb: TrainBatch, need_entropy_grad: bool
+    ) -> tuple[Tensor, Tensor]:
+        cfg = self.config
+        return packed_logprobs(
+            model,
+            mb,
+            temperature=cfg.temperature,
+            chunk_size=cfg.logprob_chunk_size,
+            vocab_chunk_size=cfg.vocab_chunk_size,
+            need_entropy_grad=need_entropy_grad,
+        )
 
     @torch.no_grad()
-    def compute_logprobs_and_entropy(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
-        """Float32 ``(logp [T], entropy [T])`` of this rank's batch, micro-batched as in training."""
+    def _no_grad_logprobs(self, model: CausalLM, batch: TrainBatch) -> tuple[Tensor, Tensor]:
         batch = batch_to(batch, self.device)
         logp = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
         entropy = torch.zeros_like(logp)
         token_ids = torch.arange(batch.num_tokens, device=self.device)
         for bin_ in self._bins(batch):
             # Empty bins exist only so that every FSDP rank runs the same number of forwards.
-            lp, ent = self._forward_logprobs(select_sequences(batch, bin_ or [0]), need_entropy_grad=False)
+            lp, ent = self._forward_logprobs(model, select_sequences(batch, bin_ or [0]), False)
             if bin_:
                 where = select_tokens(token_ids, batch.cu_seqlens, bin_)
                 logp[where], entropy[where] = lp, ent
-        if self.fsdp:
-            self.model.reshard()  # type: ignore[operator]  # the root stays gathered after a forward
+        if is_fsdp(model):
+            model.reshard()  # type: ignore[operator]  # the root stays gathered after a forward
         return logp, entropy
+
+    def compute_logprobs_and_entropy(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
+        """Float32 ``(logp [T], entropy [T])`` of this rank's batch, micro-batched as in training."""
+        return self._no_grad_logprobs(self.model, batch)
 
     def compute_logprobs(self, batch: TrainBatch) -> Tensor:
         """Float32 log-prob ``[T]`` of each token given its prefix (0 at each sequence's first token)."""
         return self.compute_logprobs_and_entropy(batch)[0]
+
+    def compute_ref_logprobs(self, batch: TrainBatch) -> Tensor:
+        """Float32 log-prob ``[T]`` under the frozen reference model (with ``ref_offload``: moved
+        to the device for this forward only)."""
+        if self.ref_model is None:
+            raise ValueError("compute_ref_logprobs needs a Trainer built with ref_model=")
+        if self.ref_offload:
+            move_module(self.ref_model, self.device)
+        try:
+            return self._no_grad_logprobs(self.ref_model, batch)[0]
+        finally:
+            if self.ref_offload:
+                move_module(self.ref_model, torch.device("cpu"))
 
     # ----------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------
 
     def _bins(self, batch: TrainBatch) -> list[list[int]]:
-        """Micro-batch sequence lists, padded so that every data-parallel rank runs as many."""
-        if batch.num_sequences == 0:
-            raise ValueError("every data-parallel rank needs at least one sequence")
         cfg = self.config
-        size, budget = cfg.micro_batch_size, cfg.max_tokens_per_gpu
-        bins = micro_batch_bins(batch, micro_batch_size=size, max_tokens=budget)
-        if self.dp_size > 1:
-            n = torch.tensor([len(bins)], device=self.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
-            if int(n) > len(bins):
-                if budget is not None:  # re-split finer before resorting to empty micro-batches
-                    bins = micro_batch_bins(batch, max_tokens=budget, min_bins=int(n))
-                bins = bins + [[] for _ in range(int(n) - len(bins))]
-        return bins
+        return aligned_bins(
+            batch,
+            micro_batch_size=cfg.micro_batch_size,
+            max_tokens=cfg.max_tokens_per_gpu,
+            dp_size=self.dp_size,
+            group=self.group,
+            device=self.device,
+        )
 
     def accumulate_gradients(
         self,
@@ -227,7 +248,12 @@ class Trainer:
         of the global-batch loss (all ranks). No optimizer step. Returns metrics reduced over
         ranks, without the ``train/`` prefix.
 
-        ``old_logprobs``/``ref_logprobs``: ``[T]`` float, aligned with ``batch.input_ids``.
+        ``old_logprobs``/``ref_logprobs``: ``[T]`` float, aligned with ``batch.input_ids``. With
+        ``use_kl_loss``, no ``ref_logprobs`` and a ``ref_model``, the reference model scores them.
+
+        A ``torch.OutOfMemoryError`` in a micro-batch splits it in two (by sequences) and retries,
+        at most ``config.max_oom_retries`` times per call (metric ``oom_retries``). The split
+        leaves the result unchanged: every micro-batch is normalised by the global normaliser.
         """
         cfg = self.config
         batch = batch_to(batch, self.device)
@@ -250,8 +276,10 @@ class Trainer:
             )
             tokens["weights"], tokens["pg_mask"], corr_metrics = corr.weights, corr.loss_mask, corr.metrics
         if cfg.use_kl_loss:
+            if ref_logprobs is None and self.ref_model is not None:
+                ref_logprobs = self.compute_ref_logprobs(batch)
             if ref_logprobs is None:
-                raise ValueError("use_kl_loss needs ref_logprobs (the reference model's log-probs)")
+                raise ValueError("use_kl_loss needs ref_logprobs or a Trainer built with ref_model=")
             tokens["ref"] = ref_logprobs.to(self.device, torch.float32)
 
         # One normaliser for every micro-batch of every rank: micro-batch losses add up to the
@@ -262,29 +290,69 @@ class Trainer:
         # FSDP2 averages gradients over ranks; our per-rank losses are already global shares.
         grad_scale = float(self.dp_size) if self.fsdp else 1.0
 
+        plan, retries, i = self._bins(batch), 0, 0
         sums: dict[str, Tensor] = {}
-        for bin_ in self._bins(batch):
+        while i < len(plan):
+            bin_ = plan[i]
             mb = select_sequences(batch, bin_ or [0])
             tok = {k: select_tokens(v, batch.cu_seqlens, bin_ or [0]) for k, v in tokens.items()}
             if not bin_:  # a padding micro-batch: runs the collectives, contributes nothing
                 mb = dataclasses.replace(mb, loss_mask=torch.zeros_like(mb.loss_mask))
                 tok = {k: torch.zeros_like(v) if k == "pg_mask" else v for k, v in tok.items()}
-            loss, metrics = self._micro_batch_loss(mb, tok, normalizer, sft)
-            (loss * (grad_scale if bin_ else 0.0)).backward()
+            halves: list[list[int]] | None = None
+            in_backward = False
+            try:
+                loss, metrics = self._micro_batch_loss(mb, tok, normalizer, sft)
+                in_backward = True
+                (loss * (grad_scale if bin_ else 0.0)).backward()
+            except torch.OutOfMemoryError as e:
+                halves = self._split_after_oom(bin_, mb.num_tokens, retries, e)
+            if halves is not None:  # outside the except block: the traceback's frames are gone
+                del mb, tok
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                plan, retries = plan[:i] + halves + plan[i + 1 :], retries + 1
+                if in_backward:
+                    # Part of this micro-batch's gradient may already be accumulated: start over.
+                    self.model.zero_grad(set_to_none=True)
+                    sums, i = {}, 0
+                continue
             metrics["loss"] = loss.detach()
             if bin_:
                 for k, v in metrics.items():
                     sums[k] = sums[k] + v.float() if k in sums else v.float()
+            i += 1
+        self.oom_retries += retries
+        sums["oom_retries"] = torch.tensor(float(retries), device=self.device)
         if self.dp_size > 1 and not self.fsdp:
             self._all_reduce_grads()
         return self._reduce_metrics(sums, corr_metrics, batch)
+
+    def _split_after_oom(
+        self, bin_: list[int], num_tokens: int, retries: int, err: torch.OutOfMemoryError
+    ) -> list[list[int]]:
+        """The two halves of ``bin_`` to retry, or a clear ``torch.OutOfMemoryError``."""
+        why = None
+        if self.fsdp:
+            # Every FSDP rank must run the same forwards (each gathers parameters); a split on
+            # one rank only would hang the others in their collectives.
+            why = "micro-batch splitting is disabled under FSDP; lower max_tokens_per_gpu"
+        elif len(bin_) < 2:
+            why = "a single sequence cannot be split; lower the response length or max_tokens_per_gpu"
+        elif retries >= self.config.max_oom_retries:
+            why = f"gave up after {retries} micro-batch splits (max_oom_retries)"
+        if why is not None:
+            msg = f"out of memory in a micro-batch of {len(bin_)} sequences / {num_tokens} tokens: {why}"
+            raise torch.OutOfMemoryError(msg) from err
+        mid = len(bin_) // 2
+        return [bin_[:mid], bin_[mid:]]
 
     def _micro_batch_loss(
         self, mb: TrainBatch, tok: dict[str, Tensor], normalizer: Tensor, sft: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         red, norm = cfg.reduction, normalizer
-        logp, entropy = self._forward_logprobs(mb, need_entropy_grad=cfg.entropy_coef != 0)
+        logp, entropy = self._forward_logprobs(self.model, mb, need_entropy_grad=cfg.entropy_coef != 0)
         if sft:
             loss, metrics = sft_loss(logp, mb.loss_mask, mb.cu_seqlens, reduction=red, normalizer=norm)
         else:
@@ -359,25 +427,16 @@ class Trainer:
     def clip_and_step(self, loss: float) -> dict[str, float]:
         """Clip gradients, then step the optimizer and the LR schedule unless ``loss`` or the
         gradient norm is NaN/inf (then the step is skipped). Gradients are zeroed either way."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = (
-            torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=self.device)
+        norm, lr, stepped = clipped_step(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            clip_grad=self.config.clip_grad,
+            loss=loss,
+            device=self.device,
         )
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
-            grad_norm = grad_norm.full_tensor()
-        norm = float(grad_norm)
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        finite = math.isfinite(loss) and math.isfinite(norm)
-        if finite:
-            if self.config.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, self.config.clip_grad, grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": norm, "lr": lr, "skipped_steps": 0.0 if finite else 1.0}
+        self.skipped_steps += 0 if stepped else 1
+        return {"grad_norm": norm, "lr": lr, "skipped_steps": 0.0 if stepped else 1.0}
 
     def train_step(
         self,
@@ -390,10 +449,76 @@ class Trainer:
         Metrics (``train/`` prefix): ``loss``, ``pg_loss``, ``pg_clipfrac``, ``ppo_kl`` (policy
         loss) or ``sft_loss``, ``entropy``, ``kl_loss`` (with ``use_kl_loss``), the correction's
         (``train_rollout_logprob_abs_diff``, ``mismatch_kl``, ``mismatch_k3_kl``, ``tis_*``,
-        ``mis_*``), ``grad_norm``, ``lr`` (the LR this step used) and ``skipped_steps`` (1 when
-        a NaN/inf loss or gradient norm skipped the update).
+        ``mis_*``), ``grad_norm``, ``lr`` (the LR this step used), ``skipped_steps`` (1 when
+        a NaN/inf loss or gradient norm skipped the update) and ``oom_retries``.
+
+        With a critic, it trains first on ``batch.returns`` (``value_loss``, ``value_clipfrac``,
+        ``critic_grad_norm``, ``critic_lr``); during the first ``num_critic_only_steps`` steps
+        the policy is not updated (``critic_only`` is 1).
         """
+        if self.asleep:
+            raise RuntimeError("the trainer is asleep: call wake_up() before train_step()")
+        out: dict[str, float] = {}
+        if self.critic is not None:
+            out.update(self.critic.train_step(batch))
+        if self.step < self.config.num_critic_only_steps:
+            self.step += 1
+            return {f"train/{k}": v for k, v in {**out, "critic_only": 1.0}.items()}
         self.model.train()
         metrics = self.accumulate_gradients(batch, old_logprobs, ref_logprobs)
         metrics.update(self.clip_and_step(metrics["loss"]))
-        return {f"train/{k}": v for k, v in metrics.items()}
+        self.step += 1
+        if self.critic is not None:
+            metrics["critic_only"] = 0.0
+        return {f"train/{k}": v for k, v in {**out, **metrics}.items()}
+
+    # ----------------------------------------------------------------------------------------
+    # Offload (colocated mode: the engine takes the device while the trainer sleeps)
+    # ----------------------------------------------------------------------------------------
+
+    def _offload_targets(self) -> tuple[list[torch.nn.Module], list[torch.optim.Optimizer]]:
+        modules: list[torch.nn.Module] = [self.model]
+        optimizers: list[torch.optim.Optimizer] = [self.optimizer]
+        if self.critic is not None:
+            modules.append(self.critic.model)
+            optimizers.append(self.critic.optimizer)
+        if self.ref_model is not None and not self.ref_offload:  # an offloaded ref is on CPU already
+            modules.append(self.ref_model)
+        return modules, optimizers
+
+    def sleep(self) -> dict[str, float]:
+        """Move parameters, gradients and optimizer state (policy, critic, reference) to CPU
+        memory (pinned when the device is CUDA) and free the device. Idempotent.
+
+        Returns ``{"perf/trainer_sleep_freed_bytes": n}``: the drop of
+        ``torch.cuda.memory_allocated`` (0 on CPU, where the round trip is a no-op).
+        """
+        if self.asleep:
+            return {"perf/trainer_sleep_freed_bytes": 0.0}
+        cuda = self.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.device) if cuda else 0
+        modules, optimizers = self._offload_targets()
+        cpu = torch.device("cpu")
+        for m in modules:
+            move_module(m, cpu, pin_memory=cuda)
+        for o in optimizers:
+            move_optimizer_state(o, cpu, pin_memory=cuda)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        self.asleep = True
+        after = torch.cuda.memory_allocated(self.device) if cuda else 0
+        return {"perf/trainer_sleep_freed_bytes": float(before - after)}
+
+    def wake_up(self) -> None:
+        """Move everything :meth:`sleep` offloaded back to the device. Idempotent."""
+        if not self.asleep:
+            return
+        modules, optimizers = self._offload_targets()
+        for m in modules:
+            move_module(m, self.device)
+        for o in optimizers:
+            move_optimizer_state(o, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.asleep = False

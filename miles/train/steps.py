@@ -1,0 +1,120 @@
+"""Building blocks shared by the policy trainer and the critic.
+
+- :func:`packed_logprobs`: token log-probs and entropies of a packed micro-batch under a model;
+- :func:`first_token_mask`: which rows of a packed batch start a sequence;
+- :func:`aligned_bins`: micro-batch plans with the same number of micro-batches on every
+  data-parallel rank (FSDP gathers parameters in each forward, so counts must agree);
+- :func:`clipped_step`: gradient norm, clipping and the optimizer/LR step, skipped on NaN/inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from miles.algo import logprobs_and_entropy_from_hidden
+from miles.models import CausalLM, VarlenContext
+from miles.train.packing import micro_batch_bins
+from miles.types import TrainBatch
+
+
+def first_token_mask(cu_seqlens: Tensor, num_tokens: int, device: torch.device) -> Tensor:
+    """Bool ``[T]``: True at the first token of each sequence (its "prediction" has no meaning)."""
+    starts = cu_seqlens[:-1].long().to(device)
+    is_start = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    is_start[starts[starts < num_tokens]] = True
+    return is_start
+
+
+def packed_logprobs(
+    model: CausalLM,
+    mb: TrainBatch,
+    *,
+    temperature: float,
+    chunk_size: int,
+    vocab_chunk_size: int | None,
+    need_entropy_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(logp [T], entropy [T])`` float32 of each token given its prefix; 0 at each sequence's
+    first token. Row ``t - 1`` of the hidden states predicts token ``t``; the chunked LM head
+    never materialises ``[T, vocab]`` fp32 logits."""
+    hidden = model(mb.input_ids, mb.positions, VarlenContext(mb.cu_seqlens))
+    t = hidden.shape[0]
+    logp = hidden.new_zeros(t, dtype=torch.float32)
+    entropy = torch.zeros_like(logp)
+    if t > 1:
+        lp, ent = logprobs_and_entropy_from_hidden(
+            hidden[:-1],
+            model.lm_head.weight,
+            mb.input_ids[1:],
+            temperature=temperature,
+            chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+        )
+        if not need_entropy_grad:
+            ent = ent.detach()
+        logp = torch.cat([logp[:1], lp.float()])
+        entropy = torch.cat([entropy[:1], ent.float()])
+    is_start = first_token_mask(mb.cu_seqlens, t, hidden.device)
+    return torch.where(is_start, 0.0, logp), torch.where(is_start, 0.0, entropy)
+
+
+def aligned_bins(
+    batch: TrainBatch,
+    *,
+    micro_batch_size: int,
+    max_tokens: int | None,
+    dp_size: int,
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+) -> list[list[int]]:
+    """Micro-batch sequence lists, padded so that every data-parallel rank runs as many.
+
+    The count is all-reduced (MAX); a rank with fewer re-splits its token-budget bins finer and,
+    as a last resort, appends empty bins (the caller runs them as zero-weight padding).
+    """
+    if batch.num_sequences == 0:
+        raise ValueError("every data-parallel rank needs at least one sequence")
+    bins = micro_batch_bins(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
+    if dp_size > 1:
+        n = torch.tensor([len(bins)], device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+        if int(n) > len(bins):
+            if max_tokens is not None:  # re-split finer before resorting to empty micro-batches
+                bins = micro_batch_bins(batch, max_tokens=max_tokens, min_bins=int(n))
+            bins = bins + [[] for _ in range(int(n) - len(bins))]
+    return bins
+
+
+def clipped_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    clip_grad: float,
+    loss: float,
+    device: torch.device,
+) -> tuple[float, float, bool]:
+    """Clip gradients, then step the optimizer and the LR schedule unless ``loss`` or the gradient
+    norm is NaN/inf. Gradients are zeroed either way. Returns ``(grad_norm, lr used, stepped)``.
+
+    Under FSDP2 the norm is a DTensor; ``full_tensor()`` makes it the norm over all shards.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=device)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    norm = float(grad_norm)
+    lr = float(optimizer.param_groups[0]["lr"])
+    finite = math.isfinite(loss) and math.isfinite(norm)
+    if finite:
+        if clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, lr, finite

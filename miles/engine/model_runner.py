@@ -15,23 +15,25 @@ import torch
 
 from miles.engine.kv_cache import KVCache
 from miles.engine.request import Request
-from miles.kernels.paged_attention import paged_prefix_attention, store_kv
+from miles.kernels.paged_attention import batched_paged_attention, plan_paged_attention, store_kv
 from miles.models.transformer import CausalLM
 
 
 class PagedAttentionContext:
     """``AttentionContext`` over a paged cache for one forward.
 
-    ``slot_mapping`` int64 ``[T]``: the flat cache slot of each new token. ``block_tables[i]``
-    int64: the blocks of sequence ``i``; ``query_lens[i]`` new tokens of sequence ``i`` come in
-    the forward, and it has ``seq_lens[i]`` tokens in the cache once they are stored.
+    ``slot_mapping`` int64 ``[T]``: the flat cache slot of each new token. ``block_tables``
+    int64 ``[B, W]``: row ``i`` starts with the blocks of sequence ``i`` (the rest is padding);
+    ``query_lens[i]`` new tokens of sequence ``i`` come in the forward, and it has
+    ``seq_lens[i]`` tokens in the cache once they are stored. The attention plan (gather
+    indices and masks) is built here, once, and shared by every layer.
     """
 
     def __init__(
         self,
         kv_cache: KVCache,
         slot_mapping: torch.Tensor,
-        block_tables: list[torch.Tensor],
+        block_tables: torch.Tensor,
         query_lens: list[int],
         seq_lens: list[int],
     ) -> None:
@@ -40,15 +42,14 @@ class PagedAttentionContext:
         self.block_tables = block_tables
         self.query_lens = query_lens
         self.seq_lens = seq_lens
+        self.plan = plan_paged_attention(block_tables, query_lens, seq_lens, kv_cache.block_size)
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         store_kv(k_cache, v_cache, k, v, self.slot_mapping)
-        return paged_prefix_attention(
-            q, k_cache, v_cache, self.block_tables, self.query_lens, self.seq_lens, scale
-        )
+        return batched_paged_attention(q, k_cache, v_cache, self.plan, scale)
 
 
 @dataclass
@@ -90,9 +91,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionContext]:
         """Flat ``input_ids``/``positions`` ``[T]`` and the attention context for ``batch``."""
         ids: list[int] = []
-        pos_list: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        tables: list[torch.Tensor] = []
+        starts: list[int] = []
+        tables: list[list[int]] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         bs = self.block_size
@@ -105,16 +105,26 @@ class ModelRunner:
                     f"{req.num_tokens} tokens and {len(req.block_table)} blocks"
                 )
             ids += req.all_token_ids[start:end]
-            table = torch.tensor(req.block_table, dtype=torch.long, device=self.device)
-            pos = torch.arange(start, end, dtype=torch.long, device=self.device)
-            pos_list.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table)
+            starts.append(start)
+            tables.append(req.block_table)
             query_lens.append(n)
             seq_lens.append(end)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        ctx = PagedAttentionContext(self.kv_cache, torch.cat(slots), tables, query_lens, seq_lens)
-        return input_ids, torch.cat(pos_list), ctx
+        if not batch:
+            raise RuntimeError("cannot prepare an empty batch")
+        # A few tensor ops for the whole batch instead of several per request: each small op has
+        # a fixed cost, and on CUDA each per-request ``torch.tensor`` was a host-to-device copy.
+        width = max(len(t) for t in tables)
+        table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        qlen_t = torch.tensor(query_lens, dtype=torch.long)
+        seq_of = torch.repeat_interleave(torch.arange(len(batch)), qlen_t, output_size=len(ids))
+        first = torch.cumsum(qlen_t, 0) - qlen_t  # index of each request's first token
+        pos = torch.tensor(starts, dtype=torch.long)[seq_of] + torch.arange(len(ids)) - first[seq_of]
+        slots = table_t[seq_of, pos // bs] * bs + pos % bs
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+        ctx = PagedAttentionContext(
+            self.kv_cache, slots.to(self.device), table_t.to(self.device), query_lens, seq_lens
+        )
+        return input_ids, pos.to(self.device), ctx
 
     @torch.no_grad()
     def run(self, batch: Sequence[ScheduledRequest]) -> ModelOutput:

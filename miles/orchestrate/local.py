@@ -1,0 +1,144 @@
+"""The embedded placement: trainer and engine in one process, on one device (CPU or one GPU).
+
+Weights go from trainer to engine in memory (HF-named buckets); on a GPU the engine releases its
+memory while the trainer works and the trainer sleeps while the engine generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from miles.algo.corrections import CorrectionParams
+from miles.config import MilesConfig
+from miles.engine.async_engine import AsyncEngine
+from miles.engine.client import LocalEngineClient
+from miles.engine.engine import Engine
+from miles.models.loading import load_model, load_tokenizer
+from miles.rollout.dataset import PromptDataset, load_eval_datasets
+from miles.rollout.manager import RolloutManager
+from miles.train.parallelize import apply_activation_checkpointing
+from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.weight_sync import iter_weight_buckets
+
+
+def trainer_config(config: MilesConfig) -> TrainerConfig:
+    """Map the command-line configuration onto the trainer's own (explicitly: no silent defaults)."""
+    t, a, r = config.train, config.algo, config.rollout
+    correction = "mis" if a.use_mis else "tis" if a.use_tis else "none"
+    params = CorrectionParams(
+        tis_clip=a.tis_clip,
+        tis_clip_low=a.tis_clip_low,
+        mis_low=a.mis_token_lower_bound,
+        mis_high=a.mis_token_upper_bound,
+        mis_seq_low=a.mis_seq_lower_bound if a.mis_seq_level == "geometric" else None,
+        mis_seq_high=a.mis_seq_upper_bound if a.mis_seq_level == "geometric" else None,
+        mis_veto=a.mis_veto_threshold,
+    )
+    return TrainerConfig(
+        lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_style=t.lr_decay_style,
+        lr_decay_steps=t.lr_decay_iters,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        micro_batch_size=t.micro_batch_size,
+        max_tokens_per_gpu=t.max_tokens_per_gpu if t.use_dynamic_batch_size else None,
+        loss_type=t.loss_type,
+        policy_loss="gspo" if a.advantage_estimator == "gspo" else "ppo",
+        reduction="token_mean" if t.calculate_per_token_loss else "seq_mean",
+        eps_clip=a.eps_clip,
+        eps_clip_high=a.eps_clip_high,
+        eps_clip_c=a.eps_clip_c,
+        use_kl_loss=a.use_kl_loss,
+        kl_loss_coef=a.kl_loss_coef,
+        kl_loss_type=a.kl_loss_type,
+        entropy_coef=a.entropy_coef,
+        correction=correction,
+        correction_params=params,
+        use_rollout_logprobs=a.use_rollout_logprobs,
+        temperature=r.rollout_temperature,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        num_critic_only_steps=t.num_critic_only_steps,
+    )
+
+
+@dataclass
+class LocalPlacement:
+    """Every component of one embedded run, built from the configuration."""
+
+    config: MilesConfig
+    trainer: Trainer
+    engine: AsyncEngine
+    tokenizer: Any
+    dataset: PromptDataset
+    eval_datasets: dict[str, PromptDataset]
+    manager: RolloutManager
+    device: torch.device
+
+    @classmethod
+    def build(cls, config: MilesConfig, args: Any) -> LocalPlacement:
+        m, e = config.model, config.engine
+        assert m.hf_checkpoint is not None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
+        tokenizer = load_tokenizer(m.hf_checkpoint)
+        policy = load_model(m.hf_checkpoint, dtype="float32", device=device)  # fp32 master weights
+        if config.train.gradient_checkpointing:
+            apply_activation_checkpointing(policy)
+        ref = None
+        if config.algo.use_kl_loss or config.algo.kl_coef > 0:
+            ref = load_model(m.ref_load or m.hf_checkpoint, dtype=dtype, device=device).eval()
+        trainer = Trainer(policy, trainer_config(config), device, ref_model=ref)
+        engine_model = load_model(m.hf_checkpoint, dtype=dtype, device=device)
+        context = e.context_length or engine_model.spec.max_position_embeddings
+        max_tokens = e.max_total_tokens or context * max(config.rollout.n_samples_per_prompt, 1) * 8
+        page = e.page_size or 16
+        engine = Engine(
+            engine_model,
+            tokenizer,
+            num_blocks=-(-max_tokens // page),
+            block_size=page,
+            max_running_requests=e.max_running_requests or 256,
+            max_num_batched_tokens=e.max_prefill_tokens or 4096,
+            context_length=context,
+            enable_prefix_caching=not e.disable_radix_cache,
+            seed=e.random_seed,
+        )
+        async_engine = AsyncEngine(engine).start()
+        dataset = PromptDataset.from_config(config.rollout, tokenizer)
+        evals = load_eval_datasets(config.rollout.eval_datasets, config.rollout, tokenizer)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        manager = RolloutManager(
+            config.rollout,
+            dataset,
+            LocalEngineClient(async_engine),
+            args=args,
+            concurrency=e.server_concurrency or 512,
+            stop_token_ids=eos,
+        )
+        return cls(config, trainer, async_engine, tokenizer, dataset, dict(evals), manager, device)
+
+    def push_weights(self, version: int) -> float:
+        """Send the trainer's weights to the engine as ``version``; returns the seconds it took."""
+        start = time.perf_counter()
+        dtype = self.engine.engine.model.dtype
+        buckets = list(iter_weight_buckets(self.trainer.model, dtype, 512 * 1024**2))
+
+        def apply(engine: Engine) -> None:
+            engine.update_weights_from_tensors(buckets, weight_version=str(version))
+
+        asyncio.run(self.engine.call(apply))
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,76 @@
+"""Default generation of one sample through an ``EngineClient`` (SGLang's ``/generate`` contract).
+
+The rollout side never sees the engine itself: it sends SGLang ``/generate`` payloads and reads
+SGLang responses, so our server, an in-process engine, or a real SGLang server all work.
+A custom generate function (``--custom-generate-function-path``) replaces ``generate_sample``
+with the same signature as slime's: ``async def generate(args, sample, sampling_params) -> Sample
+| list[Sample]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from miles.types import Sample, SampleStatus, SamplingParams
+
+_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
+
+
+class GenerateClient(Protocol):
+    """The part of ``EngineClient`` the rollout uses: one SGLang ``/generate`` call."""
+
+    async def generate(self, payload: Mapping[str, Any]) -> Any: ...
+
+
+def sample_seed(rollout_seed: int, step: int, sample_index: int) -> int:
+    """A per-sample sampling seed, so a resumed run regenerates exactly the same rollout."""
+    x = (rollout_seed * 1_000_003 + step) * 1_000_033 + sample_index
+    return x % (2**31 - 1)
+
+
+def generate_payload(sample: Sample, params: SamplingParams) -> dict[str, Any]:
+    body = params.to_dict()
+    body.pop("n", None)  # one sample per request: the group is n requests sharing the prompt's KV
+    return {"input_ids": list(sample.prompt_ids), "sampling_params": body, "return_logprob": True}
+
+
+def apply_response(sample: Sample, response: Mapping[str, Any]) -> Sample:
+    """Fill ``sample``'s response fields from an SGLang ``/generate`` response (mutates and returns it).
+
+    Appends to an existing response (multi-turn and partial rollouts continue a sample).
+    """
+    meta = response.get("meta_info") or {}
+    ids = response.get("output_ids")
+    token_logprobs = meta.get("output_token_logprobs")
+    if ids is None and token_logprobs is not None:
+        ids = [int(t[1]) for t in token_logprobs]
+    if ids is None:
+        raise ValueError("engine response has neither output_ids nor meta_info.output_token_logprobs")
+    if token_logprobs is None or len(token_logprobs) != len(ids):
+        raise ValueError(
+            f"engine response has {len(ids)} output ids but "
+            f"{'no' if token_logprobs is None else len(token_logprobs)} output_token_logprobs"
+        )
+    logprobs = [float(t[0]) for t in token_logprobs]
+    sample.response_ids = list(sample.response_ids) + [int(t) for t in ids]
+    sample.response = sample.response + str(response.get("text", ""))
+    sample.rollout_logprobs = list(sample.rollout_logprobs or []) + logprobs
+    if sample.loss_mask is not None:
+        sample.loss_mask = list(sample.loss_mask) + [1] * len(ids)
+    reason = (meta.get("finish_reason") or {}).get("type", "stop")
+    sample.status = _STATUS.get(reason, SampleStatus.COMPLETED)
+    version = meta.get("weight_version")
+    if version is not None and (not sample.weight_versions or sample.weight_versions[-1] != str(version)):
+        sample.weight_versions.append(str(version))
+    return sample
+
+
+async def generate_sample(client: GenerateClient, sample: Sample, params: SamplingParams) -> Sample:
+    """Generate ``sample``'s response with one ``/generate`` call; log-probs are always requested."""
+    response = await client.generate(generate_payload(sample, params))
+    if not isinstance(response, Mapping):  # a single-prompt request gets a single response
+        raise ValueError(
+            f"engine answered a single /generate with {type(response).__name__}, expected an object"
+        )
+    return apply_response(sample, response)

@@ -515,7 +515,9 @@ class Engine:
         if is_stop and len(req.output_ids) >= p.min_new_tokens:
             reason = FinishReason("stop", matched=token)
         if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output_ids)
+            # As SGLang: a matched stop token is trimmed from the text (not from output_ids).
+            trim = reason is not None and not p.no_stop_trim
+            req.text = self._decode(req.output_ids[:-1] if trim else req.output_ids, p.skip_special_tokens)
             if reason is None and p.stop and len(req.output_ids) >= p.min_new_tokens:
                 reason = self._check_stop_strings(req)
         if reason is None and len(req.output_ids) >= p.max_new_tokens:
@@ -524,6 +526,12 @@ class Engine:
             reason = FinishReason("length", matched=len(req.output_ids))
         if reason is not None:
             self._finish(req, reason)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        try:
+            return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+        except TypeError:  # a minimal tokenizer with decode(ids) only
+            return str(self.tokenizer.decode(ids))
 
     def _check_stop_strings(self, req: Request) -> FinishReason | None:
         text = req.text or ""

@@ -3,6 +3,7 @@ gloo broadcast from a second process), weight versions, pause/continue, release/
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import pytest
@@ -246,3 +247,25 @@ def test_release_refused_while_busy_and_bad_tags(ckpts):
     engine.step()
     engine.release_memory_occupation()
     engine.resume_memory_occupation()
+
+
+def test_text_trims_the_matched_stop_token_and_honours_skip_special_tokens(arith_world):
+    """Regression: the matched stop token ('<eos>') stayed in `text`, so exact-match rewards
+    scored every correct answer 0."""
+    from miles.engine.engine import Engine as _Engine
+    from miles.models.loading import load_model as _load
+    from miles.models.loading import load_tokenizer as _tok
+    from miles.types import SamplingParams as _SP
+
+    tok = _tok(arith_world / "model")
+    engine = _Engine(_load(arith_world / "model"), tok, num_blocks=64, block_size=8)
+    prompt = tok.encode("<|user|>1+2=?<|assistant|>", add_special_tokens=False)
+    first = engine.generate([prompt], _SP(max_new_tokens=1, temperature=0))[0].output_ids[0]
+    stop = _SP(max_new_tokens=4, temperature=0, stop_token_ids=(first,), skip_special_tokens=False)
+    out = engine.generate([prompt], stop)[0]
+    assert out.finish_reason.type == "stop" and list(out.output_ids) == [first] and out.text == ""
+    kept = engine.generate([prompt], dataclasses.replace(stop, no_stop_trim=True))[0]
+    assert kept.text == tok.decode([first], skip_special_tokens=False)
+    eos = tok.eos_token_id
+    assert engine._decode([9, eos], skip_special_tokens=False) == "3<eos>"
+    assert engine._decode([9, eos], skip_special_tokens=True) == "3"

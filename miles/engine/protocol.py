@@ -229,15 +229,12 @@ def parse_generate(
 
 
 def decode_output(tokenizer: Any, out: RequestOutput, params: SamplingParams) -> str | None:
-    """The output text as SGLang gives it: special tokens skipped (by default), stop string cut."""
-    if tokenizer is None:
+    """The output text as SGLang gives it: special tokens skipped (by default), the matched stop
+    token or string cut. The engine builds it (one place for the rules); decoded here only when
+    the engine had no tokenizer."""
+    if out.text is not None or tokenizer is None:
         return out.text
-    text: str = tokenizer.decode(list(out.output_ids), skip_special_tokens=params.skip_special_tokens)
-    reason = out.finish_reason
-    stop = reason.matched if reason is not None and reason.type == "stop" else None
-    if isinstance(stop, str) and not params.no_stop_trim and stop in text:
-        text = text[: text.index(stop)]
-    return text
+    return str(tokenizer.decode(list(out.output_ids), skip_special_tokens=params.skip_special_tokens))
 
 
 def generate_response(

@@ -119,3 +119,11 @@ def test_evaluate_covers_every_prompt(world):
     eval_cfg = dataclasses.replace(cfg, prompt_data=str(world_dir / "eval.jsonl"))
     metrics = asyncio.run(manager.evaluate("arith", PromptDataset.from_config(eval_cfg, tok), step=0))
     assert metrics["eval/arith/num_samples"] == 8 and 0.0 <= metrics["eval/arith"] <= 1.0
+
+
+def test_response_text_has_no_stop_token(world):
+    """Regression: the rollout text kept '<eos>', so exact-match rewards were 0 for right answers."""
+    result = asyncio.run(_manager(world, _config(world[0])).generate_rollout(step=0))
+    for g in result.groups:
+        for s in g.samples:
+            assert "<eos>" not in s.response

@@ -101,13 +101,34 @@ def _sampling_kwargs(args: argparse.Namespace, *, apply_chat_template: bool) -> 
 
 
 def _load_generator(args: argparse.Namespace) -> Any:
-    from miles.models.generation import TextGenerator
+    """The engine (``miles.LLM``) behind ``generate`` and ``chat``, loaded once."""
+    from miles.engine.llm import LLM
     from miles.models.loading import CheckpointError
 
     try:
-        return TextGenerator(args.hf_checkpoint, args.dtype)
+        llm = LLM(args.hf_checkpoint, dtype=args.dtype)
     except CheckpointError as e:
         raise ConfigError(f"--hf-checkpoint: {e}") from None
+    return _EngineGenerator(llm)
+
+
+class _EngineGenerator:
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def generate(self, prompts: list[Any], *, max_new_tokens: int, temperature: float, top_p: float,
+                 top_k: int, seed: int | None, apply_chat_template: bool) -> list[str]:  # fmt: skip
+        from miles.types import SamplingParams
+
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            sampling_seed=seed,
+        )
+        outs = self.llm.generate(prompts, [params] * len(prompts), apply_chat_template=apply_chat_template)
+        return [str(o["text"]) for o in outs]
 
 
 def _is_prompt(value: Any) -> bool:

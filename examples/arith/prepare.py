@@ -116,9 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(out / "train.jsonl", make_problems(args.num_train, args.max_operand, rng))
     write_jsonl(out / "eval.jsonl", make_problems(args.num_eval, args.max_operand, rng))
     sft = make_problems(args.num_sft, args.max_operand, rng)
-    write_jsonl(out / "sft.jsonl", [{"prompt": r["prompt"], "response": r["label"], "label": r["label"]} for r in sft])
+    write_jsonl(
+        out / "sft.jsonl", [{"prompt": r["prompt"], "response": r["label"], "label": r["label"]} for r in sft]
+    )
     params = sum(t.numel() for t in build_model(spec).parameters())
-    print(f"wrote {model_dir} ({params / 1e6:.2f}M parameters, vocab {vocab}) and {out}/{{train,eval,sft}}.jsonl")
+    print(
+        f"wrote {model_dir} ({params / 1e6:.2f}M parameters, vocab {vocab}) and {out}/{{train,eval,sft}}.jsonl"
+    )
 
 
 if __name__ == "__main__":

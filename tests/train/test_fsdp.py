@@ -59,6 +59,9 @@ def _worker(rank: int, init_file: str, out_dir: str, case: str, checkpointing: b
         if rank == 0:
             torch.save({"params": params, "metrics": metrics, "tied": tied}, Path(out_dir) / "result.pt")
     finally:
+        # Every rank reaches this point before any tears gloo down: a rank that destroys the group
+        # while its peer still talks to it dies with SIGABRT (seen in CI).
+        dist.barrier()
         dist.destroy_process_group()
 
 

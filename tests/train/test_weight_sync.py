@@ -58,6 +58,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         buckets = list(iter_weight_buckets(model, torch.float32, 64 * 1024))
         torch.save(buckets, Path(out_dir) / f"rank{rank}.pt")
     finally:
+        dist.barrier()  # no rank tears gloo down while its peer still uses it
         dist.destroy_process_group()
 
 

@@ -344,6 +344,28 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- plot
+
+
+def _plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a `miles train` run directory (has metrics.jsonl)"
+    )
+    parser.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from miles.utils.plot import plot_run
+
+    try:
+        written = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    for path in written:
+        print(path)
+    return 0
+
+
 # --------------------------------------------------------------------------- registry and main
 
 COMMANDS: dict[str, Subcommand] = {
@@ -359,6 +381,9 @@ COMMANDS: dict[str, Subcommand] = {
     "chat": Subcommand("chat with a model (one message, or a REPL on stdin)", _chat_arguments, _run_chat),
     "convert": Subcommand(
         "convert a .gguf or HF checkpoint to an HF directory", _convert_arguments, _run_convert
+    ),
+    "plot": Subcommand(
+        "draw a run's curves (reward, length, KL, entropy, ...) to PNG", _plot_arguments, _run_plot
     ),
 }
 

@@ -77,7 +77,7 @@ def test_unknown_command_suggests(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2
     assert (
         err
-        == "miles: error: unknown command 'trian'; did you mean train? (commands: train, generate, serve, chat, convert)\n"
+        == "miles: error: unknown command 'trian'; did you mean train? (commands: train, generate, serve, chat, convert, plot)\n"
     )
 
 

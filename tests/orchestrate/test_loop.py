@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from miles.cli import main
 from miles.utils.metrics import read_metrics
@@ -57,3 +58,25 @@ def test_replay_saved_rollouts_into_the_trainer(arith_world, tmp_path):
     assert main(argv) == 0
     a, b = read_metrics(tmp_path / "a")[0], read_metrics(tmp_path / "b")[0]
     assert a["train/loss"] == b["train/loss"]  # same data, same initial weights, same seed
+
+
+def test_miles_plot_draws_the_run(arith_world, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = _argv(arith_world, run_dir, "--num-rollout", "2", "--eval-prompt-data", "arith",
+                 str(arith_world / "eval.jsonl"), "--eval-interval", "1")  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["plot", str(run_dir)]) == 0
+    written = capsys.readouterr().out.split()
+    names = {p.rsplit("/", 1)[-1] for p in written}
+    assert {
+        "reward.png",
+        "response_len.png",
+        "kl.png",
+        "entropy.png",
+        "clipfrac.png",
+        "step_time.png",
+    } <= names
+    assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err

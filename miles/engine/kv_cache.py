@@ -5,8 +5,8 @@ blocks (its block table); slot ``p`` of a request lives at ``block_table[p // bl
 offset ``p % block_size``.
 
 Prefix reuse: a *full* block is keyed by a hash chained over the token ids of every block up to
-and including it, so equal keys mean equal prefixes (the token ids are also compared, so a hash
-collision cannot alias two prefixes). A new request first walks its full blocks through that
+and including it, so equal keys mean equal prefixes. A hit also compares the block's own token
+ids; an alias would take a 64-bit collision of the parent keys *and* equal block tokens. A new request first walks its full blocks through that
 map and shares every block it finds (reference counts), computing only the rest. The n samples
 of one GRPO group thus share their prompt, and a repeated system prompt is computed once.
 
@@ -243,3 +243,48 @@ class BlockAllocator:
         if block.hash is not None and self._hash_to_block.get(block.hash) == block.block_id:
             del self._hash_to_block[block.hash]
         block.hash, block.token_ids, block.ready = None, (), False
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory that can still be allocated on ``device``: free CUDA memory, or the host's
+    ``MemAvailable`` (Linux) for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def kv_capacity_tokens(
+    *,
+    bytes_per_token: int,
+    sequences: int,
+    seq_len: int,
+    available_bytes: int,
+    mem_fraction: float,
+) -> int:
+    """KV-cache capacity (token slots) for a rollout of ``sequences`` concurrent sequences of at
+    most ``seq_len`` tokens: enough for all of them at once, but never more than ``mem_fraction``
+    of ``available_bytes``. Fewer slots than the rollout needs only costs preemptions; fewer than
+    one sequence cannot work and raises ``MemoryError`` naming the numbers."""
+    want = sequences * seq_len
+    budget = int(available_bytes * mem_fraction) // bytes_per_token
+    if budget < seq_len:
+        raise MemoryError(
+            f"the KV cache needs {seq_len} tokens for one sequence ({seq_len * bytes_per_token / 2**20:.0f} MiB)"
+            f" but {mem_fraction:.2f} of the {available_bytes / 2**30:.1f} GiB available holds {budget};"
+            " lower --rollout-max-response-len / --context-length or raise --mem-fraction-static"
+        )
+    return min(want, budget)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one token across all layers."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -202,6 +202,11 @@ class PromptDataset:
         return len(self._records)
 
     @property
+    def longest_prompt_len(self) -> int:
+        """The longest prompt, in tokens (sizes the engine's KV cache)."""
+        return max(len(r.prompt_ids) for r in self._records)
+
+    @property
     def epoch(self) -> int:
         return self._epoch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from miles.engine.kv_cache import AllocStatus, BlockAllocator, KVCache, block_hash
@@ -121,3 +122,29 @@ def test_paged_attention_equals_contiguous_attention():
         [prefix_causal_attention(q[:3], ks[0], vs[0], 0.3), prefix_causal_attention(q[3:], ks[1], vs[1], 0.3)]
     )
     assert torch.equal(out, ref)
+
+
+def test_kv_capacity_fits_the_rollout_within_the_memory_budget():
+    from miles.engine.kv_cache import kv_bytes_per_token, kv_capacity_tokens
+
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 -> 46,080 bytes per token in fp32
+    per_token = kv_bytes_per_token(30, 3, 64, torch.float32)
+    assert per_token == 46_080
+    plenty = kv_capacity_tokens(
+        bytes_per_token=per_token, sequences=32, seq_len=200, available_bytes=20 * 2**30, mem_fraction=0.4
+    )
+    assert plenty == 32 * 200  # the whole rollout at once, not the 8192-token context x 64 (24 GB)
+    tight = kv_capacity_tokens(
+        bytes_per_token=per_token, sequences=32, seq_len=200, available_bytes=2**26, mem_fraction=0.5
+    )
+    assert tight == 2**25 // per_token  # fewer slots: the scheduler preempts instead
+    with pytest.raises(MemoryError, match="lower --rollout-max-response-len"):
+        kv_capacity_tokens(
+            bytes_per_token=per_token, sequences=1, seq_len=8192, available_bytes=2**26, mem_fraction=0.5
+        )
+
+
+def test_available_memory_is_positive_on_this_host():
+    from miles.engine.kv_cache import available_memory_bytes
+
+    assert available_memory_bytes(torch.device("cpu")) > 2**20

@@ -80,3 +80,18 @@ def test_miles_plot_draws_the_run(arith_world, tmp_path, capsys):
     assert all(Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+async def digit_first_rm(args, sample) -> float:
+    """A trivially learnable reward: 1 when the response starts with a digit."""
+    return float(sample.response[:1].isdigit())
+
+
+def test_reward_of_a_trivially_learnable_task_rises(arith_world, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = _argv(arith_world, run_dir, "--num-rollout", "8", "--n-samples-per-prompt", "8",
+                 "--rollout-max-response-len", "1", "--global-batch-size", "32", "--lr", "1e-2",
+                 "--custom-rm-path", f"{__name__}.digit_first_rm")  # fmt: skip
+    assert main(argv) == 0
+    rewards = [r["rollout/raw_reward"] for r in read_metrics(run_dir)]
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.3, rewards

@@ -1,0 +1,89 @@
+"""Metric sinks: metrics.jsonl, the console line, TensorBoard event files and W&B offline runs,
+each read back from what was written on disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from miles.utils.metrics import MetricsLogger, read_metrics, summary_line
+
+STEPS = [{"rollout/raw_reward": 0.25, "train/loss": 1.5}, {"rollout/raw_reward": 0.75, "train/loss": 0.5}]
+
+
+def _write(run_dir: Path, **sinks) -> str:
+    out = io.StringIO()
+    logger = MetricsLogger(run_dir, stream=out, config={"lr": 1e-3}, **sinks)
+    for step, metrics in enumerate(STEPS):
+        logger.log(step, {**metrics, "bad": float("nan")})
+    logger.close()
+    return out.getvalue()
+
+
+def test_jsonl_and_console_drop_non_finite_values(tmp_path):
+    console = _write(tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert [r["train/loss"] for r in rows] == [1.5, 0.5]
+    assert all("bad" not in r for r in rows)
+    assert console.splitlines() == ["step 0: reward=0.25 loss=1.5", "step 1: reward=0.75 loss=0.5"]
+
+
+def test_summary_line_lists_every_eval_set():
+    line = summary_line({"eval/arith": 0.5, "eval/gsm8k": 0.25, "eval/arith/len": 3.0, "perf/step_time": 2.0})
+    assert line == "arith=0.500 gsm8k=0.250 s=2"
+
+
+def test_tensorboard_events_hold_every_scalar(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _write(tmp_path, use_tensorboard=True)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"rollout/raw_reward", "train/loss"}
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(0, 1.5), (1, 0.5)]
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    """Records of a ``.wandb`` file: a 7-byte header, then LevelDB-log framing (32 KiB blocks,
+    each chunk ``crc32:u32 length:u16 type:u8``; types 1 full, 2 first, 3 middle, 4 last)."""
+    data, block, pos = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    records, current = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        current += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(current)
+            current = b""
+    return records
+
+
+def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _write(tmp_path, use_wandb=True, wandb_mode="offline", wandb_project="miles-test")
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    history = []
+    for raw in _wandb_records(run_file):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            # a key is written as ``key`` or as the one-element path ``nested_key``
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history.append(
+                {k: v for k, v in items.items() if not k.startswith("_")} | {"step": items["_step"]}
+            )
+    assert history == [{**m, "step": i} for i, m in enumerate(STEPS)]

@@ -14,6 +14,14 @@ ranks or in a single process (no process group needed). A save is atomic: everyt
 into ``DIR/.iter_0000010.tmp``, renamed into place with ``os.replace``, and only then the tracker
 file is replaced (itself written to a temporary file first). A crash at any point leaves the
 previous checkpoint and tracker intact. How often to save (``--save-interval``) is the caller's.
+
+A :class:`~miles.train.optim.CpuOffloadedOptimizer` saves its state in the plain AdamW's layout
+(same FQN keys, dtypes and global shapes), so checkpoints load with ``--optimizer-cpu-offload``
+on or off whatever the saving run used. Its fp32 master weights are saved only when they hold
+more than the parameters (low-precision parameters), as ``<unit>.master.<name>``; a run that
+does not use them ignores them, and an offloaded run loading a checkpoint without them takes the
+masters from the loaded parameters. Implementation flags of the optimizer (``fused``,
+``foreach``, ...) are the loading run's, not the checkpoint's.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from miles.models import CausalLM, ModelSpec
 from miles.models.loading import CheckpointError, build_model, load_config, save_hf
+from miles.train.optim import IMPL_FLAGS, CpuOffloadedOptimizer
 
 if TYPE_CHECKING:
     from miles.train.trainer import Trainer
@@ -161,6 +170,8 @@ def save_checkpoint(
     for name, (model, optimizer) in _units(trainer).items():
         msd, osd = get_state_dict(model, optimizer)
         state[name] = {"model": msd, "optim": osd}
+        if isinstance(optimizer, CpuOffloadedOptimizer) and optimizer.has_separate_masters:
+            state[name]["master"] = optimizer.master_state_dict(model)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=tmp / "dcp", process_group=trainer.group, no_dist=trainer.dp_size == 1)
     torch.save(_rng_state(), tmp / f"rng_rank{rank:05d}.pt")
@@ -254,16 +265,28 @@ def load_checkpoint(
     units = _units(trainer)
     for name, (model, _) in units.items():
         _check_architecture(path, meta, name, model)
+    saved_keys = dcp.FileSystemReader(path / "dcp").read_metadata().state_dict_metadata.keys()
     state: dict[str, Any] = {}
     for name, (model, optimizer) in units.items():
         msd, osd = get_state_dict(model, optimizer)
         state[name] = {"model": msd, "optim": osd}
+        if (
+            isinstance(optimizer, CpuOffloadedOptimizer)
+            and optimizer.has_separate_masters
+            and any(k.startswith(f"{name}.master.") for k in saved_keys)
+        ):
+            state[name]["master"] = optimizer.master_state_dict(model)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=path / "dcp", process_group=trainer.group, no_dist=trainer.dp_size == 1)
     for name, (model, optimizer) in units.items():
-        set_state_dict(
-            model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=state[name]["optim"]
-        )
+        osd = state[name]["optim"]
+        # The loading run's implementation (fused on CUDA, CPU AdamW offloaded), whichever the
+        # saving run used; torch's load_state_dict would take the checkpoint's.
+        for saved, group in zip(osd["param_groups"], optimizer.param_groups):
+            saved.update({k: group[k] for k in IMPL_FLAGS if k in group})
+        set_state_dict(model, optimizer, model_state_dict=state[name]["model"], optim_state_dict=osd)
+        if isinstance(optimizer, CpuOffloadedOptimizer) and "master" not in state[name]:
+            optimizer.load_masters_from_params()  # the parameters were just written directly
     extra = torch.load(path / "trainer_state.pt", weights_only=True)
     trainer.scheduler.load_state_dict(extra["schedulers"]["policy"])
     if trainer.critic is not None:

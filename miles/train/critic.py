@@ -47,6 +47,7 @@ class CriticConfig:
     reduction: str = "token_mean"
     micro_batch_size: int = 1
     max_tokens_per_gpu: int | None = None
+    optimizer_cpu_offload: bool = False  # AdamW state + fp32 masters in CPU memory
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(
@@ -103,6 +104,7 @@ class Critic:
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
             device=self.device,
+            cpu_offload=config.optimizer_cpu_offload,
         )
         self.scheduler = build_scheduler(self.optimizer, config.lr_schedule())
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from miles.train.optim import CpuOffloadedOptimizer
+
 
 def _move(t: Tensor, device: torch.device, pin_memory: bool) -> Tensor:
     if t.device == device:
@@ -45,8 +47,11 @@ def move_optimizer_state(
 
     The parameters themselves belong to the model: move them with :func:`move_module`. Step
     counters go with the moments only for fused/capturable optimizers; the others read them on
-    CPU (where torch keeps them), so there they stay.
+    CPU (where torch keeps them), so there they stay. A :class:`CpuOffloadedOptimizer` keeps
+    its state in CPU memory for good: nothing to move.
     """
+    if isinstance(optimizer, CpuOffloadedOptimizer):
+        return
     on_device_step = {
         id(p): bool(g.get("fused") or g.get("capturable"))
         for g in optimizer.param_groups

@@ -87,6 +87,7 @@ class TrainerConfig:
     use_rollout_logprobs: bool = False
     temperature: float = 1.0  # the rollout temperature: log-probs are scored under it
     gradient_checkpointing: bool = False
+    optimizer_cpu_offload: bool = False  # AdamW state + fp32 masters in CPU memory [--optimizer-cpu-offload]
     logprob_chunk_size: int = 1024
     vocab_chunk_size: int | None = None
     seed: int = 1234
@@ -154,6 +155,7 @@ class Trainer:
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
             device=self.device,
+            cpu_offload=config.optimizer_cpu_offload,
         )
         self.scheduler = build_scheduler(self.optimizer, config.lr_schedule())
         self.ref_model, self.ref_offload = ref_model, ref_offload
@@ -443,6 +445,7 @@ class Trainer:
         batch: TrainBatch,
         old_logprobs: Tensor | None = None,
         ref_logprobs: Tensor | None = None,
+        old_values: Tensor | None = None,
     ) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch; slime-named metrics.
 
@@ -454,13 +457,14 @@ class Trainer:
 
         With a critic, it trains first on ``batch.returns`` (``value_loss``, ``value_clipfrac``,
         ``critic_grad_norm``, ``critic_lr``); during the first ``num_critic_only_steps`` steps
-        the policy is not updated (``critic_only`` is 1).
+        the policy is not updated (``critic_only`` is 1). ``old_values`` ``[T]`` (the critic's
+        values at rollout time) anchor the value clip; default: the critic's current values.
         """
         if self.asleep:
             raise RuntimeError("the trainer is asleep: call wake_up() before train_step()")
         out: dict[str, float] = {}
         if self.critic is not None:
-            out.update(self.critic.train_step(batch))
+            out.update(self.critic.train_step(batch, old_values))
         if self.step < self.config.num_critic_only_steps:
             self.step += 1
             return {f"train/{k}": v for k, v in {**out, "critic_only": 1.0}.items()}
@@ -488,7 +492,8 @@ class Trainer:
 
     def sleep(self) -> dict[str, float]:
         """Move parameters, gradients and optimizer state (policy, critic, reference) to CPU
-        memory (pinned when the device is CUDA) and free the device. Idempotent.
+        memory (pinned when the device is CUDA) and free the device. Idempotent. A
+        CPU-offloaded optimizer's state is in CPU memory already and stays where it is.
 
         Returns ``{"perf/trainer_sleep_freed_bytes": n}``: the drop of
         ``torch.cuda.memory_allocated`` (0 on CPU, where the round trip is a no-op).

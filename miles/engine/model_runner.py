@@ -15,7 +15,13 @@ import torch
 
 from miles.engine.kv_cache import KVCache
 from miles.engine.request import Request
-from miles.kernels.paged_attention import batched_paged_attention, plan_paged_attention, store_kv
+from miles.kernels import batch_invariant
+from miles.kernels.paged_attention import (
+    batched_paged_attention,
+    gather_kv,
+    plan_paged_attention,
+    store_kv,
+)
 from miles.models.transformer import CausalLM
 
 
@@ -49,7 +55,25 @@ class PagedAttentionContext:
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         store_kv(k_cache, v_cache, k, v, self.slot_mapping)
+        if batch_invariant.enabled():
+            return self._attend_invariant(q, k_cache, v_cache, scale)
         return batched_paged_attention(q, k_cache, v_cache, self.plan, scale)
+
+    def _attend_invariant(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        # One sequence at a time over its gathered cache: the very function the trainer's packed
+        # forward calls, so a token's attention output has the same bits in both.
+        out = []
+        start = 0
+        for i, (n, seq_len) in enumerate(zip(self.query_lens, self.seq_lens)):
+            table = self.block_tables[i]
+            k_all = gather_kv(k_cache, table, seq_len)
+            v_all = gather_kv(v_cache, table, seq_len)
+            pos = torch.arange(seq_len - n, seq_len, device=q.device)
+            out.append(batch_invariant.causal_attention(q[start : start + n], k_all, v_all, pos, scale))
+            start += n
+        return torch.cat(out)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from miles.kernels import batch_invariant
 from miles.kernels.attention import varlen_causal_attention
 
 
@@ -55,6 +56,8 @@ class VarlenContext:
             raise ValueError(
                 f"cu_seqlens covers {int(self.cu_seqlens[-1])} tokens but the forward has {q.shape[0]}"
             )
+        if batch_invariant.enabled():
+            return batch_invariant.varlen_causal_attention(q, k, v, self.cu_seqlens, scale)
         return varlen_causal_attention(q, k, v, self.cu_seqlens, scale)
 
 

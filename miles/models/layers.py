@@ -11,9 +11,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miles.kernels import batch_invariant
 from miles.models.attention import AttentionContext
 from miles.models.rope import apply_rotary
 from miles.models.spec import ModelSpec
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) that runs the batch-invariant kernel
+    while :func:`miles.kernels.batch_invariant.enabled` (true-on-policy / deterministic mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if batch_invariant.enabled():
+            return batch_invariant.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -36,9 +47,9 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -63,10 +74,10 @@ class Attention(nn.Module):
             )
         self.scale = self.head_dim**-0.5
         h, d, bias = spec.hidden_size, self.head_dim, spec.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.q_proj = Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = Linear(self.num_heads * d, h, bias=False)
         self.q_norm: RMSNorm | None = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
 

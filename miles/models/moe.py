@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles.models.layers import SwiGLUMLP
+from miles.models.layers import Linear, SwiGLUMLP
 from miles.models.spec import ModelSpec
 
 
@@ -61,15 +61,15 @@ class SparseMoeBlock(nn.Module):
                 f"num_experts_per_tok ({self.top_k}) must be in [1, num_experts={self.num_experts}]"
             )
         self.norm_topk_prob = spec.norm_topk_prob
-        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.gate = Linear(spec.hidden_size, spec.num_experts, bias=False)
         self.experts = nn.ModuleList(
             SwiGLUMLP(spec.hidden_size, spec.moe_intermediate_size) for _ in range(spec.num_experts)
         )
         self.shared_expert: SwiGLUMLP | None = None
-        self.shared_expert_gate: nn.Linear | None = None
+        self.shared_expert_gate: Linear | None = None
         if spec.shared_expert_intermediate_size:
             self.shared_expert = SwiGLUMLP(spec.hidden_size, spec.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(spec.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, routing: RoutingHook | None = None) -> torch.Tensor:
         router_logits = self.gate(x)

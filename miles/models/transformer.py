@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from miles.models.attention import AttentionContext, VarlenContext, positions_from_cu_seqlens
-from miles.models.layers import Attention, RMSNorm, SwiGLUMLP
+from miles.models.layers import Attention, Linear, RMSNorm, SwiGLUMLP
 from miles.models.moe import RoutingHook, SparseMoeBlock
 from miles.models.rope import RotaryEmbedding
 from miles.models.spec import ModelSpec
@@ -69,7 +69,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

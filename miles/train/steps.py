@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from miles.algo import logprobs_and_entropy_from_hidden
+from miles.kernels import batch_invariant
 from miles.models import CausalLM, VarlenContext
 from miles.train.packing import micro_batch_bins
 from miles.types import TrainBatch
@@ -46,14 +47,19 @@ def packed_logprobs(
     logp = hidden.new_zeros(t, dtype=torch.float32)
     entropy = torch.zeros_like(logp)
     if t > 1:
-        lp, ent = logprobs_and_entropy_from_hidden(
-            hidden[:-1],
-            model.lm_head.weight,
-            mb.input_ids[1:],
-            temperature=temperature,
-            chunk_size=chunk_size,
-            vocab_chunk_size=vocab_chunk_size,
-        )
+        if batch_invariant.enabled():  # the engine sampler's exact op sequence
+            lp, ent = batch_invariant.logprobs_and_entropy(
+                hidden[:-1], model.lm_head.weight, mb.input_ids[1:], temperature, chunk_size
+            )
+        else:
+            lp, ent = logprobs_and_entropy_from_hidden(
+                hidden[:-1],
+                model.lm_head.weight,
+                mb.input_ids[1:],
+                temperature=temperature,
+                chunk_size=chunk_size,
+                vocab_chunk_size=vocab_chunk_size,
+            )
         if not need_entropy_grad:
             ent = ent.detach()
         logp = torch.cat([logp[:1], lp.float()])

@@ -1,0 +1,184 @@
+"""Batch-invariant kernels (pure torch; CPU and CUDA): each output row is bitwise the same
+whatever else is in the batch, so the engine (decode batches of any size, chunked prefill, prefix
+cache hits) and the trainer (packed sequences) compute the same bits for the same token.
+
+Why the ordinary kernels are not: a BLAS picks its blocking, its kernel (GEMV for one row, GEMM
+otherwise, split-K for skinny shapes) and hence its summation order from the *shape*, so
+``linear(x)[0]`` changes with the number of rows (measured on the 2-core CPU: row 0 of a
+576 x 1536 projection differs for 511 of the 512 batch sizes 1..512). Attention over a different
+number of keys, or the trainer's causal SDPA against the engine's paged gather, sums in yet
+other orders. What stays invariant (checked in ``tests/kernels``): element-wise ops, reductions
+over the last dimension of a fixed length (RMSNorm, ``log_softmax`` over the vocabulary,
+``amax``), and a GEMM of one fixed shape and layout — whose row ``i`` depends only on row ``i``.
+
+So every reduction here runs in fixed-shape pieces:
+
+- :func:`linear`: rows in blocks of :data:`ROW_BLOCK` (the last block zero-padded), one
+  ``F.linear`` of shape ``[ROW_BLOCK, K] x [K, N]`` per block.
+- :func:`causal_attention`: queries in blocks of :data:`Q_BLOCK` rows, keys in chunks of
+  :data:`KV_CHUNK` aligned to *absolute* key positions 0, C, 2C..., an online softmax visiting
+  chunks in that order. A chunk fully masked for a row is an exact no-op for it (``alpha = 1``,
+  ``p = 0``), so a query's bits depend only on its position and the keys before it, never on the
+  block it shares or the number of keys after it. Prefill, chunked prefill, decode and the
+  trainer's packed forward all call this one function.
+
+The backward of both is autograd's (exact gradients; invariance is only promised forward).
+
+The mode is process-wide (the engine runs its steps on another thread of the same process):
+:func:`set_batch_invariant` / :func:`batch_invariant` switch it; the shared model code asks
+:func:`enabled`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+ROW_BLOCK = 16
+Q_BLOCK = 16
+KV_CHUNK = 64
+
+_enabled = False
+
+
+def enabled() -> bool:
+    """Whether the shared model code runs the batch-invariant kernels."""
+    return _enabled
+
+
+def set_batch_invariant(on: bool) -> None:
+    """Switch batch-invariant kernels on or off for the whole process."""
+    global _enabled
+    _enabled = bool(on)
+
+
+@contextlib.contextmanager
+def batch_invariant(on: bool = True) -> Iterator[None]:
+    """``with batch_invariant(): ...`` runs the block with the mode ``on``, then restores it."""
+    before = _enabled
+    set_batch_invariant(on)
+    try:
+        yield
+    finally:
+        set_batch_invariant(before)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose row ``i`` depends only on ``x[..., i, :]``: ``[..., K] -> [..., N]``."""
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    pad = -m % ROW_BLOCK
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    rows = rows.contiguous()
+    out = torch.cat([F.linear(rows[i : i + ROW_BLOCK], weight, bias) for i in range(0, m + pad, ROW_BLOCK)])
+    return out[:m].reshape(*lead, weight.shape[0])
+
+
+def logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    temperature: float,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target log-probs and entropies ``[T]`` fp32 of ``hidden [T, H]`` under the LM head
+    ``weight [V, H]``, by the op sequence of the engine's sampler (``miles.engine.sampler``):
+    logits through :func:`linear`, cast to fp32, divided by ``temperature``, ``log_softmax`` over
+    the whole vocabulary row. Chunked over tokens only (a vocabulary-chunked log-sum-exp adds in
+    another order); autograd keeps one ``[chunk_size, V]`` fp32 block per chunk.
+    """
+    logp, entropy = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        z = linear(hidden[s : s + chunk_size], weight).float()
+        z = z / temperature
+        all_logp = torch.log_softmax(z, dim=-1)
+        logp.append(all_logp.gather(-1, target_ids[s : s + chunk_size].long().unsqueeze(-1)).squeeze(-1))
+        entropy.append(-(all_logp.exp() * all_logp).sum(dim=-1))
+    if not logp:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logp), torch.cat(entropy)
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of queries at ``q_positions`` over the keys of one sequence.
+
+    ``q`` ``[Tq, Hq, D]``; ``k``/``v`` ``[Tk, Hkv, D]`` are the keys at positions ``0..Tk-1``
+    (GQA when ``Hq`` is a multiple of ``Hkv``); ``q_positions`` int ``[Tq]`` with every value
+    ``< Tk``. The query at position ``p`` sees keys ``0..p``. Returns ``[Tq, Hq, D]``.
+    """
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    if tq == 0:
+        return q.new_empty(0, hq, d)
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if int(q_positions.max()) >= tk:
+        raise ValueError(f"a query at position {int(q_positions.max())} needs keys up to it; only {tk} given")
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    pad_k = -tk % KV_CHUNK
+    kh = F.pad(k.transpose(0, 1), (0, 0, 0, pad_k)).contiguous()  # [H, Lk, D]
+    vh = F.pad(v.transpose(0, 1), (0, 0, 0, pad_k)).contiguous()
+    pad_q = -tq % Q_BLOCK
+    qh = F.pad(q.transpose(0, 1), (0, 0, 0, pad_q)).contiguous()  # [H, Lq, D]
+    # Padded query rows sit at position 0: they see key 0 only and are dropped at the end.
+    pos = F.pad(q_positions.to(device=q.device, dtype=torch.long), (0, pad_q))
+    key_pos = torch.arange(KV_CHUNK, device=q.device)
+    blocks = []
+    for b0 in range(0, tq + pad_q, Q_BLOCK):
+        qb = qh[:, b0 : b0 + Q_BLOCK]
+        pb = pos[b0 : b0 + Q_BLOCK]
+        m = qb.new_full((hq, Q_BLOCK, 1), float("-inf"))
+        denom = qb.new_zeros(hq, Q_BLOCK, 1)
+        acc = qb.new_zeros(hq, Q_BLOCK, d)
+        for c in range(int(pb.max()) // KV_CHUNK + 1):
+            kc = kh[:, c * KV_CHUNK : (c + 1) * KV_CHUNK]
+            vc = vh[:, c * KV_CHUNK : (c + 1) * KV_CHUNK]
+            s = torch.bmm(qb, kc.transpose(1, 2)) * scale
+            s = s.masked_fill((key_pos + c * KV_CHUNK)[None, None, :] > pb[None, :, None], float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            alpha = torch.exp(m - m_new)
+            p = torch.exp(s - m_new)
+            denom = denom * alpha + p.sum(dim=-1, keepdim=True)
+            acc = acc * alpha + torch.bmm(p, vc)
+            m = m_new
+        blocks.append(acc / denom)
+    return torch.cat(blocks, dim=1)[:, :tq].transpose(0, 1)
+
+
+def varlen_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The trainer's packed causal attention through :func:`causal_attention`, one sequence at a
+    time (same shapes as :func:`miles.kernels.attention.varlen_causal_attention`)."""
+    bounds = cu_seqlens.tolist()
+    out = []
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            pos = torch.arange(end - start, device=q.device)
+            out.append(causal_attention(q[start:end], k[start:end], v[start:end], pos, scale))
+    return torch.cat(out) if out else q.new_empty(q.shape)
+
+
+__all__ = [
+    "KV_CHUNK",
+    "Q_BLOCK",
+    "ROW_BLOCK",
+    "batch_invariant",
+    "causal_attention",
+    "enabled",
+    "linear",
+    "logprobs_and_entropy",
+    "set_batch_invariant",
+    "varlen_causal_attention",
+]

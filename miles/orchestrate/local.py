@@ -1,5 +1,7 @@
 """The embedded placement: trainer and engine in one process, on one device (CPU or one GPU).
 
+With ``--advantage-estimator ppo`` the trainer also holds the critic (:mod:`miles.orchestrate.ppo`).
+
 Weights go from trainer to engine in memory (HF-named buckets); on a GPU the engine releases its
 memory while the trainer works and the trainer sleeps while the engine generates.
 """
@@ -18,7 +20,11 @@ from miles.config import MilesConfig
 from miles.engine.async_engine import AsyncEngine
 from miles.engine.client import LocalEngineClient
 from miles.engine.engine import Engine
+from miles.engine.kv_cache import available_memory_bytes, kv_bytes_per_token, kv_capacity_tokens
+from miles.kernels import batch_invariant
+from miles.models import CausalLM
 from miles.models.loading import load_model, load_tokenizer
+from miles.orchestrate.ppo import build_critic, uses_critic
 from miles.rollout.dataset import PromptDataset, load_eval_datasets
 from miles.rollout.manager import RolloutManager
 from miles.train.parallelize import apply_activation_checkpointing
@@ -67,8 +73,32 @@ def trainer_config(config: MilesConfig) -> TrainerConfig:
         use_rollout_logprobs=a.use_rollout_logprobs,
         temperature=r.rollout_temperature,
         gradient_checkpointing=t.gradient_checkpointing,
+        optimizer_cpu_offload=t.optimizer_cpu_offload,
         seed=t.seed,
-        num_critic_only_steps=t.num_critic_only_steps,
+        # slime counts critic-only steps in rollouts; the trainer counts its train_step calls.
+        num_critic_only_steps=t.num_critic_only_steps * (r.num_steps_per_rollout or 1),
+    )
+
+
+def _default_kv_tokens(config: MilesConfig, model: CausalLM, datasets: list[PromptDataset]) -> int:
+    """KV slots for one rollout step at once (every sample of the batch, longest prompt plus the
+    longest response), capped at ``--mem-fraction-static`` (default 0.4) of the memory available
+    now: sizing from the model's context length instead asks 24 GB for SmolLM2 on a laptop."""
+    r, e, spec = config.rollout, config.engine, model.spec
+    context = e.context_length or spec.max_position_embeddings
+    response = max(r.rollout_max_response_len or context, r.eval_max_response_len or 0)
+    seq_len = min(context, max(d.longest_prompt_len for d in datasets) + response)
+    prompts = max(r.rollout_batch_size or 1, r.over_sampling_batch_size or 0)
+    sequences = max(prompts * max(r.n_samples_per_prompt, 1), r.n_samples_per_eval_prompt or 1)
+    per_token = kv_bytes_per_token(
+        spec.num_hidden_layers, spec.num_key_value_heads, spec.head_dim, model.dtype
+    )
+    return kv_capacity_tokens(
+        bytes_per_token=per_token,
+        sequences=sequences,
+        seq_len=seq_len,
+        available_bytes=available_memory_bytes(next(model.parameters()).device),
+        mem_fraction=e.mem_fraction_static or 0.4,
     )
 
 
@@ -90,6 +120,8 @@ class LocalPlacement:
         m, e = config.model, config.engine
         assert m.hf_checkpoint is not None
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Process-wide: the engine's steps (another thread) and the trainer share the kernels.
+        batch_invariant.set_batch_invariant(config.deterministic_mode)
         dtype = "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
         tokenizer = load_tokenizer(m.hf_checkpoint)
         policy = load_model(m.hf_checkpoint, dtype="float32", device=device)  # fp32 master weights
@@ -98,10 +130,15 @@ class LocalPlacement:
         ref = None
         if config.algo.use_kl_loss or config.algo.kl_coef > 0:
             ref = load_model(m.ref_load or m.hf_checkpoint, dtype=dtype, device=device).eval()
-        trainer = Trainer(policy, trainer_config(config), device, ref_model=ref)
+        critic = build_critic(config, device) if uses_critic(config) else None
+        trainer = Trainer(policy, trainer_config(config), device, ref_model=ref, critic=critic)
         engine_model = load_model(m.hf_checkpoint, dtype=dtype, device=device)
         context = e.context_length or engine_model.spec.max_position_embeddings
-        max_tokens = e.max_total_tokens or context * max(config.rollout.n_samples_per_prompt, 1) * 8
+        dataset = PromptDataset.from_config(config.rollout, tokenizer)
+        evals = load_eval_datasets(config.rollout.eval_datasets, config.rollout, tokenizer)
+        max_tokens = e.max_total_tokens or _default_kv_tokens(
+            config, engine_model, [dataset, *evals.values()]
+        )
         page = e.page_size or 16
         engine = Engine(
             engine_model,
@@ -115,8 +152,6 @@ class LocalPlacement:
             seed=e.random_seed,
         )
         async_engine = AsyncEngine(engine).start()
-        dataset = PromptDataset.from_config(config.rollout, tokenizer)
-        evals = load_eval_datasets(config.rollout.eval_datasets, config.rollout, tokenizer)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         manager = RolloutManager(
             config.rollout,
@@ -142,3 +177,4 @@ class LocalPlacement:
 
     def close(self) -> None:
         self.engine.close()
+        batch_invariant.set_batch_invariant(False)

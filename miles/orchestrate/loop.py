@@ -5,9 +5,10 @@
         batch    = pack(groups)                  # one TrainBatch, token-aligned
         old      = trainer.logprobs(batch)       # + mismatch metrics against the engine's log-probs
         ref      = reference.logprobs(batch)     # when a KL term is used
-        batch    = advantages(batch, estimator)
+        values   = critic.values(batch)          # PPO only (see miles/orchestrate/ppo.py)
+        batch    = advantages(batch, estimator, values)
         for minibatch in split(batch, num_steps_per_rollout):
-            trainer.train_step(minibatch, old, ref)
+            trainer.train_step(minibatch, old, ref)   # PPO: the critic's step first
         engine.update_weights(trainer.weights, version=step + 1)
         evaluate / save every N steps
 
@@ -30,10 +31,11 @@ from miles.algo.advantages import AdvantageParams
 from miles.algo.corrections import mismatch_metrics
 from miles.algo.losses import kl_estimate
 from miles.buffer.batching import build_train_batch, with_advantages
-from miles.config import MilesConfig, config_to_yaml
+from miles.config import MilesConfig, config_to_yaml, to_plain
 from miles.orchestrate.local import LocalPlacement
+from miles.orchestrate.ppo import rename_critic_metrics, value_metrics
 from miles.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
-from miles.train.packing import select_sequences
+from miles.train.packing import batch_to, select_sequences
 from miles.types import Group, SampleStatus, TrainBatch
 from miles.utils.metrics import MetricsLogger
 
@@ -92,18 +94,18 @@ def sft_groups(placement: LocalPlacement, step: int) -> list[Group]:
 
 
 def _token_index(batch: TrainBatch, seqs: list[int]) -> torch.Tensor:
-    cu = batch.cu_seqlens.tolist()
-    return torch.cat([torch.arange(cu[i], cu[i + 1]) for i in seqs])
+    cu, device = batch.cu_seqlens.tolist(), batch.input_ids.device
+    return torch.cat([torch.arange(cu[i], cu[i + 1], device=device) for i in seqs])
 
 
 def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[str, float]:
     """Old/ref log-probs, advantages and ``num_steps_per_rollout`` optimizer steps on ``groups``."""
     config, trainer = placement.config, placement.trainer
     a = config.algo
-    batch = build_train_batch(groups)
+    batch = batch_to(build_train_batch(groups), placement.device)
     metrics: dict[str, float] = {}
     policy = config.train.loss_type == "policy_loss"
-    old = ref = None
+    old = ref = values = None
     if policy:
         old = trainer.compute_logprobs(batch)
         for k, v in mismatch_metrics(old, batch.rollout_logprobs, batch.loss_mask).items():
@@ -123,7 +125,10 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
             lambd=a.lambd,
             normalize=a.normalize_advantages,
         )
-        batch = with_advantages(batch, a.advantage_estimator, params, kl=kl)
+        values = None if trainer.critic is None else trainer.critic.compute_values(batch)
+        batch = with_advantages(batch, a.advantage_estimator, params, kl=kl, values=values)
+        if values is not None:
+            metrics.update(value_metrics(batch, values))
         if a.use_rollout_logprobs:
             old = batch.rollout_logprobs
     steps = config.rollout.num_steps_per_rollout or 1
@@ -137,19 +142,20 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
             sub,
             old_logprobs=None if old is None else old[idx],
             ref_logprobs=None if ref is None else ref[idx],
+            old_values=None if values is None else values[idx],
         )
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value / steps
     sums.pop("train/train_rollout_logprob_abs_diff", None)  # measured above, before any update
-    metrics.update(sums)
+    metrics.update(rename_critic_metrics(sums))
     metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
     return metrics
 
 
 def run_train(config: MilesConfig) -> int:
     """Run ``miles train`` in the embedded placement; returns the process exit code."""
-    if config.algo.advantage_estimator == "ppo":
-        raise LoopError("--advantage-estimator ppo (critic + GAE) is not wired into the embedded loop yet")
+    if config.algo.advantage_estimator == "ppo" and config.train.loss_type != "policy_loss":
+        raise LoopError("--advantage-estimator ppo needs --loss-type policy_loss (the critic's returns)")
     run_dir = Path(config.log.run_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
@@ -160,6 +166,7 @@ def run_train(config: MilesConfig) -> int:
         use_wandb=config.log.use_wandb,
         wandb_project=config.log.wandb_project,
         wandb_mode=config.log.wandb_mode,
+        config=to_plain(config),  # nested by section, as config.yaml
     )
     try:
         _loop(config, placement, logger)

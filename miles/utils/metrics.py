@@ -50,10 +50,14 @@ class MetricsLogger:
         if use_wandb:
             import wandb
 
+            mode: Any = wandb_mode or "online"
+            if mode not in ("online", "offline", "disabled", "shared"):
+                raise ValueError(f"--wandb-mode must be online, offline, disabled or shared, got {mode!r}")
+
             self._wandb = wandb.init(
                 project=wandb_project or "miles",
                 dir=str(self.run_dir),
-                mode=wandb_mode or "online",
+                mode=mode,
                 config=config,
             )
 

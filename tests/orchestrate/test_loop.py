@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from miles.cli import main
 from miles.utils.metrics import read_metrics
 
@@ -95,3 +97,39 @@ def test_reward_of_a_trivially_learnable_task_rises(arith_world, tmp_path):
     assert main(argv) == 0
     rewards = [r["rollout/raw_reward"] for r in read_metrics(run_dir)]
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.3, rewards
+
+
+def test_true_on_policy_mode_makes_rollout_and_trainer_logprobs_equal(arith_world, tmp_path):
+    """Every step's |trainer - rollout| log-prob gap is exactly 0, and so is the first step's
+    PPO KL (old log-probs are the rollout's); the default mode is close but not exact."""
+    argv = _argv(arith_world, tmp_path / "on", "--num-rollout", "3", "--rollout-max-response-len", "6",
+                 "--rollout-temperature", "0.9", "--true-on-policy-mode", "--global-batch-size", "16")  # fmt: skip
+    assert main(argv) == 0
+    rows = read_metrics(tmp_path / "on")
+    assert [r["train/train_rollout_logprob_abs_diff"] for r in rows] == [0.0, 0.0, 0.0]
+    assert rows[0]["train/ppo_kl"] == 0.0
+    assert all(r["train/mismatch_k3_kl"] == 0.0 for r in rows)
+    off = _argv(arith_world, tmp_path / "off", "--num-rollout", "1", "--rollout-max-response-len", "6",
+                "--rollout-temperature", "0.9", "--global-batch-size", "8")  # fmt: skip
+    assert main(off) == 0
+    assert read_metrics(tmp_path / "off")[0]["train/train_rollout_logprob_abs_diff"] > 0.0
+
+
+def test_run_writes_tensorboard_and_wandb_offline(arith_world, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.utils.test_metrics import wandb_history
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    argv = _argv(arith_world, run_dir, "--num-rollout", "2", "--use-tensorboard", "--use-wandb",
+                 "--wandb-mode", "offline", "--wandb-project", "miles-test")  # fmt: skip
+    assert main(argv) == 0
+    rows = read_metrics(run_dir)
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("rollout/raw_reward")]
+    assert tb == [(r["step"], pytest.approx(r["rollout/raw_reward"])) for r in rows]
+    history = wandb_history(run_dir)
+    assert [h["step"] for h in history] == [0, 1]
+    assert [h["train/loss"] for h in history] == [r["train/loss"] for r in rows]

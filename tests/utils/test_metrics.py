@@ -69,13 +69,11 @@ def _wandb_records(path: Path) -> list[bytes]:
     return records
 
 
-def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def wandb_history(run_dir: Path) -> list[dict]:
+    """The logged rows of the one offline W&B run under ``run_dir`` (``step`` = W&B's ``_step``)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    _write(tmp_path, use_wandb=True, wandb_mode="offline", wandb_project="miles-test")
-    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     history = []
     for raw in _wandb_records(run_file):
         record = pb.Record()
@@ -86,4 +84,11 @@ def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
             history.append(
                 {k: v for k, v in items.items() if not k.startswith("_")} | {"step": items["_step"]}
             )
-    assert history == [{**m, "step": i} for i, m in enumerate(STEPS)]
+    return history
+
+
+def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _write(tmp_path, use_wandb=True, wandb_mode="offline", wandb_project="miles-test")
+    assert wandb_history(tmp_path) == [{**m, "step": i} for i, m in enumerate(STEPS)]

@@ -30,8 +30,17 @@ from dataclasses import dataclass
 import torch
 
 from miles.engine.request import Request
+from miles.kernels import batch_invariant
 
 _MASK64 = (1 << 64) - 1
+
+
+def _log_softmax(x: torch.Tensor) -> torch.Tensor:
+    # In true-on-policy mode through the same fixed-shape kernel as the trainer's log-probs
+    # (miles.kernels.batch_invariant.logprobs_and_entropy): equal bits for equal logits.
+    if batch_invariant.enabled():
+        return batch_invariant.log_softmax(x[None])[0]
+    return torch.log_softmax(x, dim=-1)
 
 
 def seed_for(seed: int, index: int) -> int:
@@ -84,7 +93,7 @@ class Sampler:
             if banned:
                 x[torch.tensor(banned, dtype=torch.long, device=x.device)] = float("-inf")
         if p.greedy:
-            return torch.log_softmax(x, dim=-1), True
+            return _log_softmax(x), True
         x = x / p.temperature
         probs = torch.softmax(x, dim=-1)
         sorted_probs, order = torch.sort(probs, descending=True)
@@ -99,7 +108,7 @@ class Sampler:
         if bool(drop.any()):
             mask = torch.zeros_like(drop).scatter(0, order, drop)
             x = x.masked_fill(mask, float("-inf"))
-        return torch.log_softmax(x, dim=-1), False
+        return _log_softmax(x), False
 
     def sample(
         self,

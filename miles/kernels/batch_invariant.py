@@ -33,14 +33,22 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-ROW_BLOCK = 16
-Q_BLOCK = 16
-KV_CHUNK = 64
+# Block sizes per device type: small on the CPU (padding a decode row to the block costs compute
+# there), large on CUDA (one cuBLAS call per block; a [128, K] x [K, N] GEMM keeps tensor cores
+# busy, and a decode step reads the weights once whether it computes 1 row or 128).
+_BLOCKS = {"cpu": (16, 16, 64), "cuda": (128, 64, 128)}  # (ROW_BLOCK, Q_BLOCK, KV_CHUNK)
+ROW_BLOCK, Q_BLOCK, KV_CHUNK = _BLOCKS["cpu"]
+
+
+def blocks(device: torch.device) -> tuple[int, int, int]:
+    """``(row_block, q_block, kv_chunk)`` used on ``device``."""
+    return _BLOCKS.get(device.type, _BLOCKS["cpu"])
+
 
 _enabled = False
 
@@ -67,17 +75,34 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
         set_batch_invariant(before)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` whose row ``i`` depends only on ``x[..., i, :]``: ``[..., K] -> [..., N]``."""
+def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a row-wise op over the last dimension) applied to fixed-shape blocks of rows of
+    ``x [..., C]`` (the last block zero-padded): every call has the same shape, so the kernel,
+    its launch configuration and its reduction order never depend on the number of rows."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
-    pad = -m % ROW_BLOCK
+    if m == 0:  # e.g. an MoE expert no token was routed to
+        out = fn(rows)
+        return out.reshape(*lead, out.shape[-1])
+    block = blocks(x.device)[0]
+    pad = -m % block
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
     rows = rows.contiguous()
-    out = torch.cat([F.linear(rows[i : i + ROW_BLOCK], weight, bias) for i in range(0, m + pad, ROW_BLOCK)])
-    return out[:m].reshape(*lead, weight.shape[0])
+    out = torch.cat([fn(rows[i : i + block]) for i in range(0, m + pad, block)])
+    return out[:m].reshape(*lead, out.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` whose row ``i`` depends only on ``x[..., i, :]``: ``[..., K] -> [..., N]``."""
+    return rowwise(lambda rows: F.linear(rows, weight, bias), x)
+
+
+def log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last dimension, in fixed row blocks (the sampler's and the
+    trainer's log-probs both come from here in this mode)."""
+    return rowwise(lambda rows: torch.log_softmax(rows, dim=-1), z)
 
 
 def logprobs_and_entropy(
@@ -97,7 +122,7 @@ def logprobs_and_entropy(
     for s in range(0, hidden.shape[0], chunk_size):
         z = linear(hidden[s : s + chunk_size], weight).float()
         z = z / temperature
-        all_logp = torch.log_softmax(z, dim=-1)
+        all_logp = log_softmax(z)
         logp.append(all_logp.gather(-1, target_ids[s : s + chunk_size].long().unsqueeze(-1)).squeeze(-1))
         entropy.append(-(all_logp.exp() * all_logp).sum(dim=-1))
     if not logp:
@@ -126,34 +151,35 @@ def causal_attention(
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-    pad_k = -tk % KV_CHUNK
+    _, q_block, kv_chunk = blocks(q.device)
+    pad_k = -tk % kv_chunk
     kh = F.pad(k.transpose(0, 1), (0, 0, 0, pad_k)).contiguous()  # [H, Lk, D]
     vh = F.pad(v.transpose(0, 1), (0, 0, 0, pad_k)).contiguous()
-    pad_q = -tq % Q_BLOCK
+    pad_q = -tq % q_block
     qh = F.pad(q.transpose(0, 1), (0, 0, 0, pad_q)).contiguous()  # [H, Lq, D]
     # Padded query rows sit at position 0: they see key 0 only and are dropped at the end.
     pos = F.pad(q_positions.to(device=q.device, dtype=torch.long), (0, pad_q))
-    key_pos = torch.arange(KV_CHUNK, device=q.device)
-    blocks = []
-    for b0 in range(0, tq + pad_q, Q_BLOCK):
-        qb = qh[:, b0 : b0 + Q_BLOCK]
-        pb = pos[b0 : b0 + Q_BLOCK]
-        m = qb.new_full((hq, Q_BLOCK, 1), float("-inf"))
-        denom = qb.new_zeros(hq, Q_BLOCK, 1)
-        acc = qb.new_zeros(hq, Q_BLOCK, d)
-        for c in range(int(pb.max()) // KV_CHUNK + 1):
-            kc = kh[:, c * KV_CHUNK : (c + 1) * KV_CHUNK]
-            vc = vh[:, c * KV_CHUNK : (c + 1) * KV_CHUNK]
-            s = torch.bmm(qb, kc.transpose(1, 2)) * scale
-            s = s.masked_fill((key_pos + c * KV_CHUNK)[None, None, :] > pb[None, :, None], float("-inf"))
+    key_pos = torch.arange(kv_chunk, device=q.device)
+    outs = []
+    for b0 in range(0, tq + pad_q, q_block):
+        qb = qh[:, b0 : b0 + q_block]
+        pb = pos[b0 : b0 + q_block]
+        m = qb.new_full((hq, q_block, 1), float("-inf"), dtype=torch.float32)
+        denom = qb.new_zeros(hq, q_block, 1, dtype=torch.float32)
+        acc = qb.new_zeros(hq, q_block, d, dtype=torch.float32)
+        for c in range(int(pb.max()) // kv_chunk + 1):
+            kc = kh[:, c * kv_chunk : (c + 1) * kv_chunk]
+            vc = vh[:, c * kv_chunk : (c + 1) * kv_chunk]
+            s = torch.bmm(qb, kc.transpose(1, 2)).float() * scale
+            s = s.masked_fill((key_pos + c * kv_chunk)[None, None, :] > pb[None, :, None], float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             alpha = torch.exp(m - m_new)
             p = torch.exp(s - m_new)
             denom = denom * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + torch.bmm(p, vc)
+            acc = acc * alpha + torch.bmm(p.to(vc.dtype), vc).float()
             m = m_new
-        blocks.append(acc / denom)
-    return torch.cat(blocks, dim=1)[:, :tq].transpose(0, 1)
+        outs.append((acc / denom).to(q.dtype))
+    return torch.cat(outs, dim=1)[:, :tq].transpose(0, 1)
 
 
 def varlen_causal_attention(
@@ -175,10 +201,13 @@ __all__ = [
     "Q_BLOCK",
     "ROW_BLOCK",
     "batch_invariant",
+    "blocks",
     "causal_attention",
     "enabled",
     "linear",
+    "log_softmax",
     "logprobs_and_entropy",
+    "rowwise",
     "set_batch_invariant",
     "varlen_causal_attention",
 ]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miles.kernels import batch_invariant
 from miles.models.layers import Linear, SwiGLUMLP
 from miles.models.spec import ModelSpec
 
@@ -35,7 +36,10 @@ def select_experts(
     router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax in fp32, then top-k. Returns ``(probs [T, E] fp32, topk_ids [T, k] int64)``."""
-    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+    if batch_invariant.enabled():
+        probs = batch_invariant.rowwise(lambda r: F.softmax(r, dim=-1, dtype=torch.float32), router_logits)
+    else:
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
     _, topk_ids = torch.topk(probs, top_k, dim=-1)
     return probs, topk_ids
 

@@ -106,3 +106,40 @@ def test_a_request_does_not_depend_on_its_batch(models):
     engine, outs = _generate(model, [*others[:6], target], [*range(100, 106), 7], num_blocks=24)
     assert engine.stats().num_preemptions > 0
     assert _by_id(outs)[6] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
+def test_cuda_bf16_engine_logprobs_equal_the_trainers(tmp_path, family):
+    """The same guarantee on a GPU in bf16 (dense and MoE), and batch independence there."""
+    prefix, kwargs = CASES[family]
+    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    engine_model = load_model(tmp_path, dtype="bfloat16", device="cuda")
+    prompts = _prompts(3, 9, 17, 30, 5, 64, 12)
+    _, outs = _generate(engine_model, prompts, range(7), max_num_batched_tokens=40)
+    samples = [
+        Sample(prompt_ids=p, response_ids=list(o.output_ids), rollout_logprobs=list(o.output_logprobs),
+               reward=0.0, status=SampleStatus.COMPLETED, index=i)
+        for i, (p, o) in enumerate(zip(prompts, outs))
+    ]  # fmt: skip
+    batch = build_train_batch([Group(0, tuple(samples))])
+    from miles.train.packing import batch_to
+
+    batch = batch_to(batch, torch.device("cuda"))
+    trainer_model = copy.deepcopy(engine_model).train()
+    with batch_invariant():
+        logp, _ = packed_logprobs(
+            trainer_model, batch, temperature=TEMPERATURE, chunk_size=16, vocab_chunk_size=None,
+            need_entropy_grad=False,
+        )  # fmt: skip
+    mask = batch.loss_mask.bool()
+    assert torch.equal(logp[mask], batch.rollout_logprobs[mask])
+    # the 4th request alone, and among 64
+    _, (alone,) = _generate(engine_model, [prompts[3]], [3])
+    assert (alone.output_ids, alone.output_logprobs) == (outs[3].output_ids, outs[3].output_logprobs)
+    many = _prompts(*[3 + (7 * i) % 50 for i in range(63)], seed=4)
+    _, outs64 = _generate(
+        engine_model, [*many[:20], prompts[3], *many[20:]], [*range(100, 120), 3, *range(120, 163)]
+    )
+    assert (outs64[20].output_ids, outs64[20].output_logprobs) == (alone.output_ids, alone.output_logprobs)

@@ -42,6 +42,15 @@ def test_linear_row_zero_is_bitwise_equal_for_every_batch_size():
     torch.testing.assert_close(bi.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+def test_linear_of_no_rows_is_empty():
+    """An MoE expert no token was routed to still runs (on zero rows) during training."""
+    w = torch.randn(8, 4, requires_grad=True)
+    out = bi.linear(torch.zeros(0, 4), w)
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(8, 4))
+
+
 def test_linear_module_switches_with_the_mode():
     layer = Linear(64, 32)
     x = torch.randn(5, 64, generator=_gen())
@@ -126,3 +135,28 @@ def test_attention_rejects_queries_past_the_keys():
     q, k, v = _qkv(10)
     with pytest.raises(ValueError, match="needs keys up to it"):
         bi.causal_attention(q, k[:5], v[:5], torch.arange(10), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_row_zero_is_bitwise_equal_for_every_batch_size():
+    dev, bf = "cuda", torch.bfloat16
+    w = torch.randn(1536, 576, device=dev, dtype=bf)
+    x = torch.randn(512, 576, device=dev, dtype=bf)
+    plain0 = F.linear(x[:1], w)[0]
+    plain_variant = sum(not torch.equal(F.linear(x[:m], w)[0], plain0) for m in SIZES)
+    print(f"plain cuBLAS: row 0 differs for {plain_variant} of 512 batch sizes")
+    ops = {
+        "linear": lambda t: bi.linear(t, w),
+        "rmsnorm": lambda t: bi.rowwise(RMSNorm(576, 1e-6).to(dev, bf)._norm, t),
+        "log_softmax": lambda t: bi.log_softmax(t.float() / 0.7),
+    }
+    for name, op in ops.items():
+        row0 = op(x[:1])[0]
+        bad = [m for m in SIZES if not torch.equal(op(x[:m])[0], row0)]
+        assert not bad, (name, bad[:5])
+    q, k, v = (torch.randn(512, h, 64, device=dev, dtype=bf) for h in (8, 2, 2))
+    pos = torch.arange(512, device=dev)
+    row0 = bi.causal_attention(q[:1], k[:1], v[:1], pos[:1], 0.125)[0]
+    for m in ATTENTION_SIZES:
+        assert torch.equal(bi.causal_attention(q[:m], k[:m], v[:m], pos[:m], 0.125)[0], row0), m

@@ -27,7 +27,7 @@ from miles.models.loading import load_model, load_tokenizer
 from miles.orchestrate.ppo import build_critic, uses_critic
 from miles.rollout.dataset import PromptDataset, load_eval_datasets
 from miles.rollout.manager import RolloutManager
-from miles.train.parallelize import apply_activation_checkpointing
+from miles.train.parallelize import apply_activation_checkpointing, parallelize
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.train.weight_sync import iter_weight_buckets
 
@@ -80,6 +80,17 @@ def trainer_config(config: MilesConfig) -> TrainerConfig:
     )
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """A one-rank default process group (NCCL on CUDA, gloo on CPU) for FSDP2 in one process;
+    a group that already exists is kept."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def _default_kv_tokens(config: MilesConfig, model: CausalLM, datasets: list[PromptDataset]) -> int:
     """KV slots for one rollout step at once (every sample of the batch, longest prompt plus the
     longest response), capped at ``--mem-fraction-static`` (default 0.4) of the memory available
@@ -116,7 +127,10 @@ class LocalPlacement:
     device: torch.device
 
     @classmethod
-    def build(cls, config: MilesConfig, args: Any) -> LocalPlacement:
+    def build(cls, config: MilesConfig, args: Any, *, mixed_precision: bool | None = None) -> LocalPlacement:
+        """``mixed_precision`` (default: on CUDA): the policy is FSDP2-wrapped on a one-rank group
+        with fp32 master weights and compute in the engine's dtype, so the trainer runs the very
+        arithmetic the engine runs (required for true-on-policy mode on a GPU)."""
         m, e = config.model, config.engine
         assert m.hf_checkpoint is not None
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +139,14 @@ class LocalPlacement:
         dtype = "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
         tokenizer = load_tokenizer(m.hf_checkpoint)
         policy = load_model(m.hf_checkpoint, dtype="float32", device=device)  # fp32 master weights
-        if config.train.gradient_checkpointing:
+        if mixed_precision if mixed_precision is not None else device.type == "cuda":
+            init_single_process_group(device)
+            policy = parallelize(
+                policy,
+                param_dtype=getattr(torch, dtype),
+                activation_checkpointing=config.train.gradient_checkpointing,
+            )
+        elif config.train.gradient_checkpointing:
             apply_activation_checkpointing(policy)
         ref = None
         if config.algo.use_kl_loss or config.algo.kl_coef > 0:

@@ -133,3 +133,36 @@ def test_run_writes_tensorboard_and_wandb_offline(arith_world, tmp_path, monkeyp
     history = wandb_history(run_dir)
     assert [h["step"] for h in history] == [0, 1]
     assert [h["train/loss"] for h in history] == [r["train/loss"] for r in rows]
+
+
+def test_one_rank_fsdp_mixed_precision_placement_stays_exact(arith_world, tmp_path):
+    """The GPU's embedded path (policy FSDP2-wrapped on a one-rank group, compute in the engine's
+    dtype), run on the CPU with gloo: steps run, pushed engine weights equal the trainer's, and
+    true-on-policy mode stays exact through it."""
+    import torch
+    import torch.distributed as dist
+
+    from miles.config import parse_train_args
+    from miles.orchestrate.local import LocalPlacement
+    from miles.orchestrate.loop import _loop, hook_args
+    from miles.utils.metrics import MetricsLogger
+
+    run_dir = tmp_path / "run"
+    config = parse_train_args(_argv(arith_world, run_dir, "--num-rollout", "2", "--true-on-policy-mode",
+                                    "--global-batch-size", "16")[1:])  # fmt: skip
+    placement = LocalPlacement.build(config, hook_args(config), mixed_precision=True)
+    logger = MetricsLogger(run_dir)
+    try:
+        assert type(placement.trainer.model).__name__.startswith("FSDP")
+        _loop(config, placement, logger)
+        engine_params = dict(placement.engine.engine.model.named_parameters())
+        for name, p in placement.trainer.model.named_parameters():
+            want = engine_params[name]
+            assert torch.equal(p.full_tensor().to(want.dtype), want), name  # bf16 engine on a GPU
+    finally:
+        logger.close()
+        placement.close()
+        dist.destroy_process_group()
+    rows = read_metrics(run_dir)
+    assert [r["train/train_rollout_logprob_abs_diff"] for r in rows] == [0.0, 0.0]
+    assert rows[0]["train/ppo_kl"] == 0.0

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 # Block sizes per device type: small on the CPU (padding a decode row to the block costs compute
-# there), large on CUDA (one cuBLAS call per block; a [128, K] x [K, N] GEMM keeps tensor cores
-# busy, and a decode step reads the weights once whether it computes 1 row or 128).
-_BLOCKS = {"cpu": (16, 16, 64), "cuda": (128, 64, 128)}  # (ROW_BLOCK, Q_BLOCK, KV_CHUNK)
+# there), large on CUDA (one cuBLAS call per block; a [256, K] x [K, N] GEMM keeps tensor cores
+# busy, and a decode step reads the weights once whether it computes 1 row or 256).
+_BLOCKS = {"cpu": (16, 16, 64), "cuda": (256, 64, 128)}  # (ROW_BLOCK, Q_BLOCK, KV_CHUNK)
 ROW_BLOCK, Q_BLOCK, KV_CHUNK = _BLOCKS["cpu"]
 
 

@@ -118,15 +118,21 @@ def mismatch_metrics(train_logp: Tensor, rollout_logp: Tensor, loss_mask: Tensor
 
     - ``train_rollout_logprob_abs_diff``: ``mean |train - rollout|`` (0 in true on-policy mode);
     - ``mismatch_kl``: ``mean(rollout - train)``, the k1 estimate of KL(rollout || train);
-    - ``mismatch_k3_kl``: ``mean(exp(d) - d - 1)`` with ``d = train - rollout`` (k3, >= 0).
+    - ``mismatch_k3_kl``: ``mean(exp(d) - d - 1)`` with ``d = train - rollout`` (k3, >= 0);
+    - ``is_ratio_mean`` / ``is_ratio_max``: the token importance ratio ``exp(d)`` an uncorrected
+      run trains with (TIS/MIS log their truncated/masked weights besides).
     """
     mask = loss_mask.detach().float()
     d = train_logp.detach().float() - rollout_logp.detach().float()
     d_safe = d.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)  # only k3 exponentiates
+    ratio = torch.exp(d_safe)
+    kept = mask > 0
     return {
         "train_rollout_logprob_abs_diff": _masked_mean(d.abs(), mask),
         "mismatch_kl": _masked_mean(-d, mask),
         "mismatch_k3_kl": _masked_mean(torch.expm1(d_safe) - d_safe, mask),
+        "is_ratio_mean": _masked_mean(ratio, mask),
+        "is_ratio_max": ratio[kept].max() if bool(kept.any()) else ratio.new_ones(()),
     }
 
 

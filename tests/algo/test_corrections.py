@@ -60,6 +60,9 @@ def test_mismatch_metrics_hand_computed():
     assert m["train_rollout_logprob_abs_diff"].item() == pytest.approx(math.log(2))
     assert m["mismatch_kl"].item() == pytest.approx(-math.log(2))
     assert m["mismatch_k3_kl"].item() == pytest.approx(2 - math.log(2) - 1)
+    # the masked token (ratio e^5) counts in neither
+    assert m["is_ratio_mean"].item() == pytest.approx(2.0)
+    assert m["is_ratio_max"].item() == pytest.approx(2.0)
 
 
 def _mis(train, rollout, mask, cu, **kw):

@@ -166,3 +166,16 @@ def test_one_rank_fsdp_mixed_precision_placement_stays_exact(arith_world, tmp_pa
     rows = read_metrics(run_dir)
     assert [r["train/train_rollout_logprob_abs_diff"] for r in rows] == [0.0, 0.0]
     assert rows[0]["train/ppo_kl"] == 0.0
+
+
+def test_deterministic_mode_reruns_bit_for_bit(arith_world, tmp_path):
+    def run(name):
+        argv = _argv(arith_world, tmp_path / name, "--num-rollout", "2", "--deterministic-mode",
+                     "--rollout-temperature", "1.0")  # fmt: skip
+        assert main(argv) == 0
+        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}
+                for r in read_metrics(tmp_path / name)]  # fmt: skip
+
+    first = run("a")
+    assert first == run("b")
+    assert len(first) == 2 and "train/loss" in first[1] and "rollout/raw_reward" in first[1]

@@ -97,3 +97,18 @@ def test_top_logprobs():
     out = Sampler().sample(LOGITS[None], [_req(temperature=0)], [3])
     ids = [t for t, _ in out.top_logprobs[0]]
     assert ids == [0, 1, 2]
+
+
+def test_batched_plain_rows_equal_the_per_row_path():
+    """Rows with no penalty or cut are sampled in one batched op; a row that needs the per-row
+    path (top-p here) sends the whole batch there. Both give the same bits for a plain row."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
+    for temps in ([0.7] * 4, [0.7, 1.0, 0.0, 1.3]):
+        plain = [_req(temperature=t, sampling_seed=i) for i, t in enumerate(temps)]
+        batched = Sampler().sample(logits[:4], plain)
+        mixed = Sampler().sample(logits, [*plain, _req(temperature=0.9, top_p=0.5, sampling_seed=9)])
+        assert batched.token_ids == mixed.token_ids[:4]
+        assert batched.logprobs == mixed.logprobs[:4]
+        for i, req in enumerate(plain):
+            logp, _ = Sampler().process(logits[i], req)
+            assert batched.logprobs[i] == float(logp[batched.token_ids[i]])

@@ -98,6 +98,13 @@ def _token_index(batch: TrainBatch, seqs: list[int]) -> torch.Tensor:
     return torch.cat([torch.arange(cu[i], cu[i + 1], device=device) for i in seqs])
 
 
+def _reuses_own_logprobs(config: MilesConfig, steps: int) -> bool:
+    """Whether the single optimizer step of a rollout can take its old log-probs from its own
+    forward: no second update, no TIS/MIS, no KL reward penalty (which needs them beforehand)."""
+    a = config.algo
+    return steps == 1 and not (a.use_tis or a.use_mis or a.use_rollout_logprobs or a.kl_coef > 0)
+
+
 def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[str, float]:
     """Old/ref log-probs, advantages and ``num_steps_per_rollout`` optimizer steps on ``groups``."""
     config, trainer = placement.config, placement.trainer
@@ -106,15 +113,20 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
     metrics: dict[str, float] = {}
     policy = config.train.loss_type == "policy_loss"
     old = ref = values = None
+    steps = config.rollout.num_steps_per_rollout or 1
+    # One update from the weights that generated the batch: the training forward's own detached
+    # log-probs are the old ones (and its mismatch metrics are pre-update), so skip a forward.
+    on_policy = policy and _reuses_own_logprobs(config, steps)
     if policy:
-        old = trainer.compute_logprobs(batch)
-        for k, v in mismatch_metrics(old, batch.rollout_logprobs, batch.loss_mask).items():
-            metrics[f"train/{k}"] = float(v)
+        if not on_policy:
+            old = trainer.compute_logprobs(batch)
+            for k, v in mismatch_metrics(old, batch.rollout_logprobs, batch.loss_mask).items():
+                metrics[f"train/{k}"] = float(v)
         if trainer.ref_model is not None:
             ref = trainer.compute_ref_logprobs(batch)
         kl = (
             kl_estimate(old, ref, a.kl_loss_type) * batch.loss_mask
-            if (ref is not None and a.kl_coef > 0)
+            if (old is not None and ref is not None and a.kl_coef > 0)
             else None
         )
         params = AdvantageParams(
@@ -131,7 +143,6 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
             metrics.update(value_metrics(batch, values))
         if a.use_rollout_logprobs:
             old = batch.rollout_logprobs
-    steps = config.rollout.num_steps_per_rollout or 1
     per = batch.num_sequences // steps
     sums: dict[str, float] = {}
     for i in range(steps):
@@ -143,10 +154,12 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
             old_logprobs=None if old is None else old[idx],
             ref_logprobs=None if ref is None else ref[idx],
             old_values=None if values is None else values[idx],
+            on_policy=on_policy,
         )
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value / steps
-    sums.pop("train/train_rollout_logprob_abs_diff", None)  # measured above, before any update
+    if not on_policy:
+        sums.pop("train/train_rollout_logprob_abs_diff", None)  # measured above, before any update
     metrics.update(rename_critic_metrics(sums))
     metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
     return metrics

@@ -205,3 +205,22 @@ def test_single_sequence_micro_batch_matches_select() -> None:
     one = trainer.compute_logprobs(select_sequences(batch, [2]))
     s, e = int(batch.cu_seqlens[2]), int(batch.cu_seqlens[3])
     torch.testing.assert_close(one, full[s:e], rtol=0, atol=1e-6)
+
+
+def test_on_policy_step_reuses_its_own_logprobs_bit_for_bit() -> None:
+    """``on_policy=True`` skips the old-log-prob forward; parameters and metrics are exactly those
+    of the step given old log-probs from a separate forward on the same weights."""
+    batch = make_batch()
+    results = []
+    for on_policy in (False, True):
+        trainer = Trainer(make_model(), TrainerConfig(lr=1e-3, micro_batch_size=2))
+        old = None if on_policy else trainer.compute_logprobs(batch)
+        metrics = trainer.train_step(batch, old_logprobs=old, on_policy=on_policy)
+        results.append((metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+    (m_sep, p_sep), (m_own, p_own) = results
+    assert m_sep == m_own
+    assert m_own["train/ppo_kl"] == 0.0 and m_own["train/train_rollout_logprob_abs_diff"] > 0
+    assert all(torch.equal(p_sep[n], p_own[n]) for n in p_sep)
+    tis = Trainer(make_model(), TrainerConfig(lr=1e-3, correction="tis"))
+    with pytest.raises(ValueError, match="correction 'none'"):
+        tis.train_step(batch, on_policy=True)

@@ -306,6 +306,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sglang-context-length", type=int, default=None, help="default: the model's")
     parser.add_argument("--sglang-disable-radix-cache", action="store_true", help="no prefix reuse")
     parser.add_argument("--sglang-random-seed", type=int, default=None, help="seed of unseeded requests")
+    parser.add_argument(
+        "--sglang-enable-deterministic-inference",
+        action="store_true",
+        help="batch-invariant kernels: a request's tokens and log-probs do not depend on its batch",
+    )
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 
 
@@ -337,6 +342,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         random_seed=args.sglang_random_seed,
         log_level=args.log_level,
     )
+    if args.sglang_enable_deterministic_inference:
+        from miles.kernels.batch_invariant import set_batch_invariant
+
+        set_batch_invariant(True)  # process-wide: the engine thread runs the invariant kernels
     try:
         serve(config)
     except CheckpointError as e:

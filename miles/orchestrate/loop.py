@@ -4,6 +4,7 @@
         groups   = rollout(step)                 # engine generates, rewards score (or SFT targets)
         batch    = pack(groups)                  # one TrainBatch, token-aligned
         old      = trainer.logprobs(batch)       # + mismatch metrics against the engine's log-probs
+                                                 # (one update per rollout: the training forward's own)
         ref      = reference.logprobs(batch)     # when a KL term is used
         values   = critic.values(batch)          # PPO only (see miles/orchestrate/ppo.py)
         batch    = advantages(batch, estimator, values)
@@ -116,7 +117,8 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
     steps = config.rollout.num_steps_per_rollout or 1
     # One update from the weights that generated the batch: the training forward's own detached
     # log-probs are the old ones (and its mismatch metrics are pre-update), so skip a forward.
-    on_policy = policy and _reuses_own_logprobs(config, steps)
+    # (Not in critic-only warm-up steps: the policy runs no training forward there.)
+    on_policy = policy and _reuses_own_logprobs(config, steps) and step >= config.train.num_critic_only_steps
     if policy:
         if not on_policy:
             old = trainer.compute_logprobs(batch)

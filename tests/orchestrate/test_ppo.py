@@ -61,6 +61,8 @@ def test_ppo_trains_critic_then_policy(arith_world, tmp_path, monkeypatch):
             assert key in r and math.isfinite(r[key]), key  # the logger drops non-finite values
         assert r["train/critic-grad_norm"] > 0 and r["train/critic-lr"] == 1e-3
     assert rows[0]["train/critic_only"] == 1 and "train/pg_loss" not in rows[0]
+    # the engine/trainer mismatch is measured on every step, warm-up included
+    assert all(r["train/train_rollout_logprob_abs_diff"] >= 0 for r in rows)
     assert all(r["train/critic_only"] == 0 and "train/pg_loss" in r for r in rows[1:])
     assert rows[0]["rollout/values"] == 0.0  # the zero-initialised value head
     assert rows[1]["rollout/values"] != 0.0  # the critic learned on step 0

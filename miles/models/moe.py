@@ -7,11 +7,21 @@ receiving gradients under replay.
 
 Parameter names follow the HF checkpoint layout: ``gate.weight``, ``experts.{e}.{gate,up,down}_proj.weight``,
 ``shared_expert.*`` and ``shared_expert_gate.weight`` (Qwen2-MoE).
+
+Two expert implementations compute the same function (``SparseMoeBlock.expert_impl``):
+
+- ``"reference"``: a Python loop over experts, three ``Linear`` modules each on the tokens routed
+  to it. The ground truth, and the path of batch-invariant (true-on-policy) mode.
+- ``"grouped"`` (default): the (token, slot) pairs sorted by expert, the expert weights stacked at
+  compute time into ``[E, 2I, H]`` / ``[E, H, I]`` (parameters stay per expert, so checkpoints and
+  FSDP see the HF layout), two grouped GEMMs (``torch._grouped_mm`` where it runs; one ``mm`` per
+  expert segment otherwise), then a deterministic combine.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import itertools
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +62,48 @@ def gate_weights(probs: torch.Tensor, topk_ids: torch.Tensor, norm_topk_prob: bo
     return weights
 
 
+# (device type, dtype) -> whether torch._grouped_mm runs there, probed once: older torch lacks it,
+# early versions run it on sm90 only; torch 2.13 also on CPU and other GPUs (an mm per group).
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        # On CUDA only bf16 reaches the CUTLASS kernel; other dtypes would take torch's own per-group
+        # fallback, which is no better than ours.
+        ok = hasattr(torch, "_grouped_mm") and (device.type != "cuda" or dtype == torch.bfloat16)
+        if ok:
+            try:
+                a = torch.zeros(8, 8, device=device, dtype=dtype)
+                offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+                torch._grouped_mm(a, torch.zeros(2, 8, 8, device=device, dtype=dtype), offs=offs)
+            except (RuntimeError, NotImplementedError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+def grouped_linear(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ``ends[e-1]:ends[e]`` of ``a`` ``[M, K]`` times ``w[e]ᵀ`` (``w`` ``[E, N, K]``, the
+    ``nn.Linear`` layout); ``ends`` int32 ``[E]`` cumulative with ``ends[-1] == M``. Returns ``[M, N]``."""
+    # torch._grouped_mm wants 16-byte aligned row strides for its operands and for the gradients
+    # autograd feeds it back (``[M, N]`` contiguous), hence K and N.
+    align = 16 // a.element_size()
+    if a.shape[1] % align == 0 and w.shape[1] % align == 0 and _grouped_mm_runs(a.device, a.dtype):
+        return torch._grouped_mm(a, w.transpose(-2, -1), offs=ends)
+    bounds = [0, *ends.tolist()]
+    # unbind (not w[e]): its backward stacks the E gradients once instead of E full-size scatters.
+    ws = torch.unbind(w)
+    return torch.cat([F.linear(a[s:e], ws[i]) for i, (s, e) in enumerate(itertools.pairwise(bounds))])
+
+
 class SparseMoeBlock(nn.Module):
     """``y = sum_k w_k * expert_{id_k}(x) [+ sigmoid(g(x)) * shared(x)]`` for ``x`` ``[T, hidden]``."""
+
+    # Which expert computation runs; class-level so a test or benchmark can switch every layer.
+    # Batch-invariant mode always takes the reference loop (see ``_experts``).
+    expert_impl: Literal["grouped", "reference"] = "grouped"
 
     def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
         super().__init__()
@@ -86,10 +136,61 @@ class SparseMoeBlock(nn.Module):
                     f"expected {(x.shape[0], self.top_k)}"
                 )
         weights = gate_weights(probs, topk_ids, self.norm_topk_prob).to(x.dtype)
-        out = self._experts_reference(x, topk_ids, weights)
+        out = self._experts(x, topk_ids, weights)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def _experts(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.expert_impl not in ("grouped", "reference"):
+            raise ValueError(f"expert_impl must be 'grouped' or 'reference', got {self.expert_impl!r}")
+        # Batch-invariant mode: the per-expert Linear runs fixed-shape row blocks, which is what
+        # tests/kernels and the true-on-policy tests cover. Inference with fewer (token, slot)
+        # pairs than experts (decode): the loop touches only the chosen experts' weights, while
+        # stacking would copy all E of them for a handful of rows.
+        if (
+            self.expert_impl == "reference"
+            or batch_invariant.enabled()
+            or (not torch.is_grad_enabled() and topk_ids.numel() < self.num_experts)
+        ):
+            return self._experts_reference(x, topk_ids, weights)
+        return self._experts_grouped(x, topk_ids, weights)
+
+    def _experts_grouped(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Same contract as :meth:`_experts_reference`: ``x`` ``[T, H]``, ``topk_ids`` ``[T, k]``,
+        ``weights`` ``[T, k]`` in ``x.dtype``; returns ``sum_j weights[:, j] * expert_{ids[:, j]}(x)``."""
+        t, k = topk_ids.shape
+        n, h, num_e = t * k, x.shape[1], self.num_experts
+        # Stable sort: row i of the sorted problem is (token order[i] // k, slot order[i] % k).
+        sorted_ids, order = torch.sort(topk_ids.reshape(-1).long(), stable=True)
+        arange_e = torch.arange(num_e, device=x.device, dtype=sorted_ids.dtype)
+        ends = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)  # [E]
+        # (ids outside [0, E) never get here: gate_weights' gather rejects them.)
+        # Dispatch by copy-then-permute rather than gathering token rows k times: the backward is
+        # then a permutation scatter plus a sum over k, deterministic on every device (a gather
+        # with repeated indices backpropagates through index_add, atomic on CUDA).
+        xs = x.unsqueeze(1).expand(t, k, h).reshape(n, h).index_select(0, order)
+        experts: list[SwiGLUMLP] = list(self.experts)  # type: ignore[arg-type]
+        inter = experts[0].gate_proj.weight.shape[0]
+        # [E, 2I, H]: expert e's gate rows then its up rows, one GEMM for both (a single stack copy).
+        gate_up = torch.stack([w for m in experts for w in (m.gate_proj.weight, m.up_proj.weight)])
+        gate_up = gate_up.view(num_e, 2 * inter, h)
+        down = torch.stack([m.down_proj.weight for m in experts])  # [E, H, I]
+        if gate_up.requires_grad:
+            # Every expert parameter gets a gradient through the stack (zeros for an expert with no
+            # rows), so data-parallel ranks reduce the same set. Force those zeros: the Blackwell
+            # grouped GEMM has written non-zero weight gradients for empty groups
+            # (pytorch/pytorch#172439), and torch.where also keeps a NaN out.
+            empty = (torch.diff(ends, prepend=ends.new_zeros(1)) == 0)[:, None, None]
+            gate_up.register_hook(lambda g: torch.where(empty, 0, g))
+            down.register_hook(lambda g: torch.where(empty, 0, g))
+        gu = grouped_linear(xs, gate_up, ends)
+        ys = grouped_linear(F.silu(gu[:, :inter]) * gu[:, inter:], down, ends)  # [n, H], sorted
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=x.device))
+        # Combine: a fixed-order sum over the k slots of each token (no atomics).
+        return (ys.index_select(0, inv).view(t, k, h) * weights.unsqueeze(-1)).sum(dim=1)
 
     def _experts_reference(
         self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor

@@ -7,6 +7,12 @@ of the token-aligned tensors describes predicting token ``t``. Response token ``
 Samples that cannot be trained on (failed, aborted, or without a reward) keep their place in the
 group — the estimators need whole groups — but get a zero loss mask, and their reward is replaced
 by the mean of the group's valid rewards so they do not move the group's baseline.
+
+Routing replay: ``Sample.routed_experts`` ``[P + R - 1, layers, top_k]`` (row ``t``: the experts
+of the forward at token ``t``) lands on the sequence's first ``P + R - 1`` rows of
+``TrainBatch.routed_experts``; the last token of each sequence (never fed to the engine) gets a
+row of -1 ("no record"), and so does every row of a sample without a usable record (one that is
+not trained on). The batch has ``routed_experts`` when any sample has one.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from miles.algo.advantages import AdvantageParams, compute_advantages
@@ -69,6 +76,7 @@ def build_train_batch(groups: Sequence[Group]) -> TrainBatch:
             response_lens.append(r)
             indices.append(s.index)
             versions.append(s.weight_versions[-1] if s.weight_versions else "")
+    routed = _pack_routed_experts([s for g in groups for s in g.samples])
     cu_t = torch.tensor(cu, dtype=torch.int32)
     lengths = cu_t[1:] - cu_t[:-1]
     positions = torch.arange(cu[-1]) - torch.repeat_interleave(cu_t[:-1].long(), lengths.long())
@@ -84,9 +92,38 @@ def build_train_batch(groups: Sequence[Group]) -> TrainBatch:
         response_lens=torch.tensor(response_lens, dtype=torch.long),
         sample_indices=tuple(indices),
         weight_versions=tuple(versions),
+        routed_experts=routed,
     )
     batch.check()
     return batch
+
+
+def _pack_routed_experts(samples: Sequence[Sample]) -> torch.Tensor | None:
+    records = [s.routed_experts for s in samples if s.routed_experts is not None]
+    if not records:
+        return None
+    shapes = {tuple(r.shape[1:]) for r in records if r.shape[0] > 0}
+    if len(shapes) > 1:
+        raise BatchingError(
+            f"samples' routed_experts have different [layers, top_k] shapes: {sorted(shapes)}"
+        )
+    if not shapes:
+        return None
+    row_shape = shapes.pop()
+    out = np.full((sum(s.total_len for s in samples), *row_shape), -1, dtype=np.int32)
+    start = 0
+    for s in samples:
+        rec, n = s.routed_experts, s.total_len - 1
+        if rec is not None and rec.shape == (n, *row_shape):
+            out[start : start + n] = rec
+        elif is_trainable(s):
+            got = "none" if rec is None else f"shape {tuple(rec.shape)}"
+            raise BatchingError(
+                f"sample {s.index}: routed_experts must be [{n}, {row_shape[0]}, {row_shape[1]}] "
+                f"(prompt + response - 1 tokens), got {got}"
+            )
+        start += s.total_len
+    return torch.from_numpy(out)
 
 
 def with_advantages(

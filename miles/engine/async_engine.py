@@ -50,6 +50,7 @@ class RequestSpec:
     request_id: str
     return_prompt_logprobs: bool = False
     top_logprobs_num: int = 0
+    return_routed_experts: bool = False
 
 
 class _Sink:
@@ -246,6 +247,7 @@ class AsyncEngine:
                     spec.request_id,
                     return_prompt_logprobs=spec.return_prompt_logprobs,
                     top_logprobs_num=spec.top_logprobs_num,
+                    return_routed_experts=spec.return_routed_experts,
                 )
                 added.append(spec.request_id)
                 self._sinks[spec.request_id] = sink

@@ -8,11 +8,15 @@ Errors: invalid input raises ``EngineRequestError`` with ``status`` (the HTTP 4x
 in-process) and the server's ``message``. ``HttpEngineClient`` retries connection failures and
 5xx answers with exponential backoff, then raises ``EngineConnectionError`` (no answer) or
 ``EngineRequestError`` (the last 5xx). Read timeouts are not retried: the request may be running.
+
+``decode_routed_experts`` reads the ``meta_info.routed_experts`` of a response (rollout routing
+replay), whichever engine answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +28,21 @@ if TYPE_CHECKING:
     from miles.engine.async_engine import AsyncEngine
 
 GenerateResult = dict[str, Any] | list[dict[str, Any]]
+
+
+def decode_routed_experts(data: str, num_tokens: int, top_k: int) -> Any:
+    """SGLang's ``meta_info.routed_experts`` (base64 of int32) as a numpy int32 array
+    ``[num_tokens - 1, num_moe_layers, top_k]``; ``num_tokens`` = prompt + output tokens."""
+    import numpy as np
+
+    flat = np.frombuffer(base64.b64decode(data), dtype="<i4").astype(np.int32)
+    rows = num_tokens - 1
+    if rows < 0 or top_k < 1 or flat.size % max(rows * top_k, 1) or (rows == 0) != (flat.size == 0):
+        raise ValueError(
+            f"routed_experts has {flat.size} ids: not a whole [{rows}, layers, {top_k}] array "
+            f"for {num_tokens} tokens"
+        )
+    return flat.reshape(rows, -1 if rows else 0, top_k)
 
 
 class EngineRequestError(RuntimeError):
@@ -243,6 +262,7 @@ class LocalEngineClient:
                 core.vocab_size,
                 core.context_length,
                 self.engine.new_request_id,
+                moe=core.routing is not None,
             )
             stream = await self.engine.submit(req.specs)
         except (BadRequest, ValueError) as e:

@@ -22,6 +22,7 @@ import torch
 from miles.engine.kv_cache import BlockAllocator, KVCache
 from miles.engine.model_runner import ModelRunner, ScheduledRequest
 from miles.engine.request import FinishReason, Request, RequestOutput, RequestStatus
+from miles.engine.routing import RoutingStore
 from miles.engine.sampler import Sampler
 from miles.engine.scheduler import Scheduler
 from miles.engine.weights import (
@@ -108,7 +109,11 @@ class Engine:
         )
         self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_running_requests, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache)
+        # MoE: every forward records its experts per KV slot (rollout routing replay).
+        self.routing = (
+            RoutingStore(spec, num_blocks * block_size, block_size, model.device) if spec.is_moe else None
+        )
+        self.runner = ModelRunner(model, self.kv_cache, self.routing)
         generator = torch.Generator(device=model.device)
         if seed is not None:
             generator.manual_seed(seed)
@@ -135,11 +140,14 @@ class Engine:
         *,
         return_prompt_logprobs: bool = False,
         top_logprobs_num: int = 0,
+        return_routed_experts: bool = False,
     ) -> str:
         """Queue a request and return its id. Raises ``ValueError`` for input it cannot serve.
 
         ``return_prompt_logprobs`` computes the whole prompt (no prefix reuse for it) and reports
         the log-probability of each prompt token after the first, under the raw model.
+        ``return_routed_experts`` (MoE only): the final output carries the experts of every token
+        (``RequestOutput.routed_experts``).
         """
         self._check_resident("generate")
         params = sampling_params or SamplingParams()
@@ -172,6 +180,8 @@ class Engine:
             raise ValueError("sampling_params.stop (stop strings) needs an engine with a tokenizer")
         if top_logprobs_num < 0:
             raise ValueError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
+        if return_routed_experts and self.routing is None:
+            raise ValueError("return_routed_experts needs an MoE model; this one is dense")
         req = Request(
             request_id=rid,
             prompt_ids=ids,
@@ -180,10 +190,13 @@ class Engine:
             return_prompt_logprobs=return_prompt_logprobs,
             top_logprobs_num=top_logprobs_num,
             arrival_index=index,
+            return_routed_experts=return_routed_experts,
         )
+        if self.routing is not None and return_routed_experts:
+            req.routed_experts = self.routing.new_buffer(len(ids) + 64)
         # Nothing to generate: answered without running (as SGLang does), unless the prompt's
-        # logprobs are wanted; those need one forward, so the request is kept then.
-        if params.max_new_tokens == 0 and not return_prompt_logprobs:
+        # logprobs or routing are wanted; those need one forward, so the request is kept then.
+        if params.max_new_tokens == 0 and not (return_prompt_logprobs or return_routed_experts):
             req.status = RequestStatus.FINISHED
             req.finish_reason = FinishReason("length", matched=0)
             self._pending_outputs.append(RequestOutput.of(req))
@@ -222,6 +235,8 @@ class Engine:
         if not sched.batch:
             return outputs
         result = self.runner.run(sched.batch)
+        if self.routing is not None:
+            self.routing.after_forward(sched.batch, sched.preempted)
         sampling: list[tuple[int, ScheduledRequest]] = []
         for i, item in enumerate(sched.batch):
             req = item.request

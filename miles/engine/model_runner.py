@@ -15,6 +15,7 @@ import torch
 
 from miles.engine.kv_cache import KVCache
 from miles.engine.request import Request
+from miles.engine.routing import RoutingStore
 from miles.kernels import batch_invariant
 from miles.kernels.paged_attention import (
     batched_paged_attention,
@@ -102,13 +103,18 @@ class ModelOutput:
 
 
 class ModelRunner:
-    """Owns the model and the KV cache; runs one scheduled batch per call."""
+    """Owns the model and the KV cache; runs one scheduled batch per call.
 
-    def __init__(self, model: CausalLM, kv_cache: KVCache) -> None:
+    With a ``routing`` store (MoE models), every forward records each token's experts at its
+    KV slot (an observing ``RoutingHook``; see ``miles.engine.routing``).
+    """
+
+    def __init__(self, model: CausalLM, kv_cache: KVCache, routing: RoutingStore | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
+        self.routing = routing
 
     def prepare(
         self, batch: Sequence[ScheduledRequest]
@@ -157,7 +163,8 @@ class ModelRunner:
         Does not advance ``num_computed_tokens``: the engine does that after sampling.
         """
         input_ids, positions, ctx = self.prepare(batch)
-        hidden = self.model(input_ids, positions, ctx)
+        hook = None if self.routing is None else self.routing.recorder(ctx.slot_mapping)
+        hidden = self.model(input_ids, positions, ctx, hook)
         ends = torch.tensor(ctx.query_lens, device=self.device).cumsum(0) - 1
         last_logits = self.model.compute_logits(hidden[ends]).float()
         all_logits: list[torch.Tensor | None] = []

@@ -5,15 +5,19 @@ and shapes follow SGLang (DESIGN.md §5, reference/miles_slime.md §4.1):
 
 request  ``text`` | ``input_ids`` (one prompt or a list), ``sampling_params`` (dict, or one per
          prompt), ``return_logprob``, ``logprob_start_len`` (-1: no prompt logprobs),
-         ``top_logprobs_num``, ``return_text_in_logprobs``, ``stream``, ``rid``;
+         ``top_logprobs_num``, ``return_text_in_logprobs``, ``return_routed_experts``, ``stream``,
+         ``rid``;
 response ``{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
          "completion_tokens", "cached_tokens", "weight_version", "e2e_latency",
          "output_token_logprobs": [[logprob, token_id, text|None], ...],
-         "input_token_logprobs", "output_top_logprobs"}}`` (a list for a batch or ``n > 1``).
+         "input_token_logprobs", "output_top_logprobs", "routed_experts"}}`` (a list for a batch
+         or ``n > 1``). ``routed_experts`` (MoE, when asked; final response only) is SGLang's:
+         base64 of little-endian int32 ``[prompt + output tokens - 1, moe_layers, top_k]``.
 """
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ GENERATE_FIELDS = frozenset(
         "logprob_start_len",
         "top_logprobs_num",
         "return_text_in_logprobs",
+        "return_routed_experts",
         "stream",
         "rid",
         # accepted and ignored: they do not change the answer (sglang-router sends them)
@@ -55,7 +60,6 @@ UNSUPPORTED_FIELDS = frozenset(
         "video_data",
         "input_embeds",
         "lora_path",
-        "return_routed_experts",
         "return_hidden_states",
         "return_indexer_topk",
         "token_ids_logprob",
@@ -138,12 +142,20 @@ class GenerateRequest:
     logprob_start_len: int
     top_logprobs_num: int
     return_text_in_logprobs: bool
+    return_routed_experts: bool = False
 
 
 def parse_generate(
-    payload: Any, tokenizer: Any, vocab_size: int, context_length: int, new_id: Callable[[], str]
+    payload: Any,
+    tokenizer: Any,
+    vocab_size: int,
+    context_length: int,
+    new_id: Callable[[], str],
+    *,
+    moe: bool = False,
 ) -> GenerateRequest:
-    """Validate a ``/generate`` body; ``BadRequest`` names the first bad field."""
+    """Validate a ``/generate`` body; ``BadRequest`` names the first bad field. ``moe``: the
+    model has MoE layers (``return_routed_experts`` is refused otherwise)."""
     if not isinstance(payload, Mapping):
         raise BadRequest(None, f"the body must be a JSON object, got {type(payload).__name__}")
     check_fields(payload, GENERATE_FIELDS, UNSUPPORTED_FIELDS)
@@ -192,6 +204,10 @@ def parse_generate(
     if top < 0:
         raise BadRequest("top_logprobs_num", f"must be an integer >= 0, got {top}")
 
+    routed = expect(payload, "return_routed_experts", bool, False, "true or false")
+    if routed and not moe:
+        raise BadRequest("return_routed_experts", "this model has no MoE layers: no experts to return")
+
     n_total = sum(p.n for p in params)
     rid = payload.get("rid")
     if rid is None:
@@ -212,6 +228,7 @@ def parse_generate(
                     request_id=r if sp.n == 1 else f"{r}-{j}",
                     return_prompt_logprobs=return_logprob and start >= 0,
                     top_logprobs_num=top if return_logprob else 0,
+                    return_routed_experts=routed,
                 )
             )
     stream = expect(payload, "stream", bool, False, "true or false")
@@ -225,6 +242,7 @@ def parse_generate(
         logprob_start_len=start,
         top_logprobs_num=top,
         return_text_in_logprobs=expect(payload, "return_text_in_logprobs", bool, False, "true or false"),
+        return_routed_experts=routed,
     )
 
 
@@ -271,6 +289,8 @@ def generate_response(
             meta["output_top_logprobs"] = [
                 [[lp, tid, tok_text(tid)] for tid, lp in pos] for pos in out.output_top_logprobs
             ]
+    if req.return_routed_experts and out.routed_experts is not None:
+        meta["routed_experts"] = encode_routed_experts(out.routed_experts)
     return {
         "text": decode_output(tokenizer, out, spec.sampling_params),
         "output_ids": list(out.output_ids),
@@ -278,12 +298,24 @@ def generate_response(
     }
 
 
+def encode_routed_experts(ids: Any) -> str:
+    """SGLang's ``meta_info.routed_experts``: base64 of the little-endian int32 bytes."""
+    return base64.b64encode(ids.astype("<i4", copy=False).tobytes()).decode("ascii")
+
+
 async def run_generate(engine: AsyncEngine, payload: Any) -> dict[str, Any] | list[dict[str, Any]]:
     """Serve one non-streaming ``/generate`` body on ``engine`` (what the server and
     ``LocalEngineClient`` both do). Raises ``BadRequest`` for invalid input."""
     started = time.perf_counter()
     core = engine.engine
-    req = parse_generate(payload, core.tokenizer, core.vocab_size, core.context_length, engine.new_request_id)
+    req = parse_generate(
+        payload,
+        core.tokenizer,
+        core.vocab_size,
+        core.context_length,
+        engine.new_request_id,
+        moe=core.routing is not None,
+    )
     try:
         outs = await engine.generate(req.specs)
     except ValueError as e:  # the engine's own checks (e.g. a rid already in use)

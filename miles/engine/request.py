@@ -12,6 +12,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+import torch
+
 from miles.types import SamplingParams, WeightVersion
 
 
@@ -76,6 +79,11 @@ class Request:
     cached_tokens: int = 0
     num_preemptions: int = 0
     text: str | None = None
+    # Rollout routing replay: host buffer int32 [capacity, moe_layers, top_k] whose first
+    # num_routed_rows rows are the experts of tokens 0.. (see miles.engine.routing).
+    return_routed_experts: bool = False
+    routed_experts: torch.Tensor | None = None
+    num_routed_rows: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -103,6 +111,8 @@ class RequestOutput:
     was sampled from (see ``miles.engine.sampler``). ``prompt_logprobs`` (when asked for) has
     ``prompt_tokens - 1`` entries: token ``i + 1`` given the tokens up to ``i``. ``text`` is the
     decoded output (stop string trimmed unless ``no_stop_trim``) when the engine has a tokenizer.
+    ``routed_experts`` (finished requests that asked for it): int32 ``[tokens - 1, moe_layers,
+    top_k]``, the experts each fed token used (fewer rows if aborted before all were fed).
     """
 
     request_id: str
@@ -116,6 +126,7 @@ class RequestOutput:
     text: str | None = None
     prompt_logprobs: tuple[float, ...] | None = None
     output_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    routed_experts: np.ndarray | None = None
 
     @property
     def finished(self) -> bool:
@@ -137,4 +148,14 @@ class RequestOutput:
             output_top_logprobs=(
                 tuple(tuple(t) for t in req.output_top_logprobs) if req.top_logprobs_num > 0 else None
             ),
+            routed_experts=_routed_experts(req),
         )
+
+
+def _routed_experts(req: Request) -> np.ndarray | None:
+    """Only at the end (a streamed request would copy its whole record every step)."""
+    buf = req.routed_experts
+    if not req.return_routed_experts or req.finish_reason is None or buf is None:
+        return None
+    n = max(0, min(req.num_routed_rows, req.num_tokens - 1))
+    return buf[:n].numpy().copy()

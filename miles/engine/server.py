@@ -339,7 +339,14 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
         if not payload.get("stream"):
             return JSONResponse(await until_disconnect(request, run_generate(engine, payload)))
         started = time.perf_counter()
-        req = parse_generate(payload, tokenizer, core.vocab_size, core.context_length, engine.new_request_id)
+        req = parse_generate(
+            payload,
+            tokenizer,
+            core.vocab_size,
+            core.context_length,
+            engine.new_request_id,
+            moe=core.routing is not None,
+        )
         try:
             stream = await engine.submit(req.specs)
         except ValueError as e:

@@ -71,6 +71,7 @@ def trainer_config(config: MilesConfig) -> TrainerConfig:
         correction=correction,
         correction_params=params,
         use_rollout_logprobs=a.use_rollout_logprobs,
+        routing_replay=config.use_rollout_routing_replay,
         temperature=r.rollout_temperature,
         gradient_checkpointing=t.gradient_checkpointing,
         optimizer_cpu_offload=t.optimizer_cpu_offload,
@@ -155,6 +156,9 @@ class LocalPlacement:
         trainer = Trainer(policy, trainer_config(config), device, ref_model=ref, critic=critic)
         engine_model = load_model(m.hf_checkpoint, dtype=dtype, device=device)
         context = e.context_length or engine_model.spec.max_position_embeddings
+        r3 = config.use_rollout_routing_replay
+        if r3 and not engine_model.spec.is_moe:
+            raise ValueError("--use-rollout-routing-replay needs an MoE model; this one is dense")
         dataset = PromptDataset.from_config(config.rollout, tokenizer)
         evals = load_eval_datasets(config.rollout.eval_datasets, config.rollout, tokenizer)
         max_tokens = e.max_total_tokens or _default_kv_tokens(
@@ -181,6 +185,7 @@ class LocalPlacement:
             args=args,
             concurrency=e.server_concurrency or 512,
             stop_token_ids=eos,
+            routed_experts_top_k=engine_model.spec.num_experts_per_tok if r3 else None,
         )
         return cls(config, trainer, async_engine, tokenizer, dataset, dict(evals), manager, device)
 

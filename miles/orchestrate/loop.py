@@ -124,6 +124,8 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
             old = trainer.compute_logprobs(batch)
             for k, v in mismatch_metrics(old, batch.rollout_logprobs, batch.loss_mask).items():
                 metrics[f"train/{k}"] = float(v)
+            if trainer.routing_mismatch_frac is not None:  # engine vs trainer experts (R3)
+                metrics["train/routing_mismatch_frac"] = trainer.routing_mismatch_frac
         if trainer.ref_model is not None:
             ref = trainer.compute_ref_logprobs(batch)
         kl = (
@@ -162,6 +164,8 @@ def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[
             sums[key] = sums.get(key, 0.0) + value / steps
     if not on_policy:
         sums.pop("train/train_rollout_logprob_abs_diff", None)  # measured above, before any update
+        if "train/routing_mismatch_frac" in metrics:
+            sums.pop("train/routing_mismatch_frac", None)
     metrics.update(rename_critic_metrics(sums))
     metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
     return metrics

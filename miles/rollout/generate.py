@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from miles.engine.client import decode_routed_experts
 from miles.types import Sample, SampleStatus, SamplingParams
 
 _STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCATED, "abort": SampleStatus.ABORTED}
@@ -29,16 +30,30 @@ def sample_seed(rollout_seed: int, step: int, sample_index: int) -> int:
     return x % (2**31 - 1)
 
 
-def generate_payload(sample: Sample, params: SamplingParams) -> dict[str, Any]:
+def generate_payload(
+    sample: Sample, params: SamplingParams, *, routed_experts: bool = False
+) -> dict[str, Any]:
     body = params.to_dict()
     body.pop("n", None)  # one sample per request: the group is n requests sharing the prompt's KV
-    return {"input_ids": list(sample.prompt_ids), "sampling_params": body, "return_logprob": True}
+    payload: dict[str, Any] = {
+        "input_ids": list(sample.prompt_ids),
+        "sampling_params": body,
+        "return_logprob": True,
+    }
+    if routed_experts:
+        payload["return_routed_experts"] = True
+    return payload
 
 
-def apply_response(sample: Sample, response: Mapping[str, Any]) -> Sample:
+def apply_response(
+    sample: Sample, response: Mapping[str, Any], *, routed_experts_top_k: int | None = None
+) -> Sample:
     """Fill ``sample``'s response fields from an SGLang ``/generate`` response (mutates and returns it).
 
     Appends to an existing response (multi-turn and partial rollouts continue a sample).
+    With ``routed_experts_top_k`` (rollout routing replay), ``meta_info.routed_experts`` becomes
+    ``sample.routed_experts`` ``[P + R - 1, layers, top_k]``: the response's call covers every
+    token it was given plus its output, so it replaces any earlier record.
     """
     meta = response.get("meta_info") or {}
     ids = response.get("output_ids")
@@ -56,6 +71,9 @@ def apply_response(sample: Sample, response: Mapping[str, Any]) -> Sample:
     sample.response_ids = list(sample.response_ids) + [int(t) for t in ids]
     sample.response = sample.response + str(response.get("text", ""))
     sample.rollout_logprobs = list(sample.rollout_logprobs or []) + logprobs
+    routed = meta.get("routed_experts")
+    if routed_experts_top_k is not None and routed is not None:
+        sample.routed_experts = decode_routed_experts(routed, sample.total_len, routed_experts_top_k)
     if sample.loss_mask is not None:
         sample.loss_mask = list(sample.loss_mask) + [1] * len(ids)
     reason = (meta.get("finish_reason") or {}).get("type", "stop")
@@ -66,11 +84,15 @@ def apply_response(sample: Sample, response: Mapping[str, Any]) -> Sample:
     return sample
 
 
-async def generate_sample(client: GenerateClient, sample: Sample, params: SamplingParams) -> Sample:
-    """Generate ``sample``'s response with one ``/generate`` call; log-probs are always requested."""
-    response = await client.generate(generate_payload(sample, params))
+async def generate_sample(
+    client: GenerateClient, sample: Sample, params: SamplingParams, *, routed_experts_top_k: int | None = None
+) -> Sample:
+    """Generate ``sample``'s response with one ``/generate`` call; log-probs are always requested,
+    and the experts of every token too when ``routed_experts_top_k`` (the model's top-k) is set."""
+    payload = generate_payload(sample, params, routed_experts=routed_experts_top_k is not None)
+    response = await client.generate(payload)
     if not isinstance(response, Mapping):  # a single-prompt request gets a single response
         raise ValueError(
             f"engine answered a single /generate with {type(response).__name__}, expected an object"
         )
-    return apply_response(sample, response)
+    return apply_response(sample, response, routed_experts_top_k=routed_experts_top_k)

@@ -49,6 +49,7 @@ class RolloutManager:
         args: Any = None,
         concurrency: int = 64,
         stop_token_ids: Sequence[int] = (),
+        routed_experts_top_k: int | None = None,
     ) -> None:
         if config.rollout_batch_size is None:
             raise ValueError("rollout_batch_size is required")
@@ -74,6 +75,8 @@ class RolloutManager:
         self.failures = FailureLog(log)
         self.stop_token_ids = tuple(config.rollout_stop_token_ids) + tuple(stop_token_ids)
         self._next_index = 0
+        # Rollout routing replay: ask the engine for every token's experts (the model's top-k).
+        self.routed_experts_top_k = routed_experts_top_k
 
     def sampling_params(self, seed: int | None, *, eval_mode: bool = False) -> SamplingParams:
         c = self.config
@@ -89,13 +92,22 @@ class RolloutManager:
             sampling_seed=seed,
         )
 
-    async def _generate_one(self, sample: Sample, params: SamplingParams) -> list[Sample]:
+    async def _generate_one(
+        self, sample: Sample, params: SamplingParams, routed: bool = False
+    ) -> list[Sample]:
         async with self.semaphore:
             try:
                 if self.generate_fn is not None:
                     out = await self.generate_fn(self.args, sample, params)
                     return list(out) if isinstance(out, list) else [out]
-                return [await generate_sample(self.client, sample, params)]
+                return [
+                    await generate_sample(
+                        self.client,
+                        sample,
+                        params,
+                        routed_experts_top_k=self.routed_experts_top_k if routed else None,
+                    )
+                ]
             except Exception as e:  # the engine is down past its retries, or a hook raised
                 self.failures.fail(sample, e)
                 return [sample]
@@ -125,7 +137,9 @@ class RolloutManager:
             outs = await asyncio.gather(
                 *(
                     self._generate_one(
-                        s, self.sampling_params(sample_seed(seed_base, step, s.index), eval_mode=eval_mode)
+                        s,
+                        self.sampling_params(sample_seed(seed_base, step, s.index), eval_mode=eval_mode),
+                        routed=not eval_mode,  # evaluation does not train: no routing record
                     )
                     for s in group
                 )

@@ -4,7 +4,8 @@
 - :func:`first_token_mask`: which rows of a packed batch start a sequence;
 - :func:`aligned_bins`: micro-batch plans with the same number of micro-batches on every
   data-parallel rank (FSDP gathers parameters in each forward, so counts must agree);
-- :func:`clipped_step`: gradient norm, clipping and the optimizer/LR step, skipped on NaN/inf.
+- :func:`clipped_step`: gradient norm, clipping and the optimizer/LR step, skipped on NaN/inf;
+- :func:`oom_halves`: how a micro-batch that ran out of memory is split for its retry.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from miles.algo import logprobs_and_entropy_from_hidden
 from miles.kernels import batch_invariant
 from miles.models import CausalLM, VarlenContext
 from miles.train.packing import micro_batch_bins
+from miles.train.routing import ReplayHook
 from miles.types import TrainBatch
 
 
@@ -38,11 +40,15 @@ def packed_logprobs(
     chunk_size: int,
     vocab_chunk_size: int | None,
     need_entropy_grad: bool,
+    routing: ReplayHook | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(logp [T], entropy [T])`` float32 of each token given its prefix; 0 at each sequence's
     first token. Row ``t - 1`` of the hidden states predicts token ``t``; the chunked LM head
-    never materialises ``[T, vocab]`` fp32 logits."""
-    hidden = model(mb.input_ids, mb.positions, VarlenContext(mb.cu_seqlens))
+    never materialises ``[T, vocab]`` fp32 logits. ``routing``: the micro-batch's routing
+    replay hook (see ``miles.train.routing``), checked once the forward is done."""
+    hidden = model(mb.input_ids, mb.positions, VarlenContext(mb.cu_seqlens), routing)
+    if routing is not None:
+        routing.end_forward()
     t = hidden.shape[0]
     logp = hidden.new_zeros(t, dtype=torch.float32)
     entropy = torch.zeros_like(logp)
@@ -124,3 +130,24 @@ def clipped_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, lr, finite
+
+
+def oom_halves(
+    bin_: list[int], num_tokens: int, retries: int, max_retries: int, fsdp: bool, err: torch.OutOfMemoryError
+) -> list[list[int]]:
+    """The two halves of micro-batch ``bin_`` (sequence indices) to retry after ``err``, or a
+    ``torch.OutOfMemoryError`` that says why it cannot be split."""
+    why = None
+    if fsdp:
+        # Every FSDP rank must run the same forwards (each gathers parameters); a split on one
+        # rank only would hang the others in their collectives.
+        why = "micro-batch splitting is disabled under FSDP; lower max_tokens_per_gpu"
+    elif len(bin_) < 2:
+        why = "a single sequence cannot be split; lower the response length or max_tokens_per_gpu"
+    elif retries >= max_retries:
+        why = f"gave up after {retries} micro-batch splits (max_oom_retries)"
+    if why is not None:
+        msg = f"out of memory in a micro-batch of {len(bin_)} sequences / {num_tokens} tokens: {why}"
+        raise torch.OutOfMemoryError(msg) from err
+    mid = len(bin_) // 2
+    return [bin_[:mid], bin_[mid:]]

@@ -39,7 +39,8 @@ from miles.train.offload import move_module, move_optimizer_state
 from miles.train.optim import LRSchedule, build_optimizer, build_scheduler, param_groups
 from miles.train.packing import batch_to, select_sequences, select_tokens
 from miles.train.parallelize import apply_activation_checkpointing, is_fsdp
-from miles.train.steps import aligned_bins, clipped_step, packed_logprobs
+from miles.train.routing import ReplayHook
+from miles.train.steps import aligned_bins, clipped_step, oom_halves, packed_logprobs
 from miles.types import TrainBatch
 
 if TYPE_CHECKING:
@@ -86,6 +87,9 @@ class TrainerConfig:
     correction: str = "none"  # a CORRECTIONS name (--use-tis -> tis)
     correction_params: CorrectionParams = field(default_factory=CorrectionParams)
     use_rollout_logprobs: bool = False
+    # Rollout routing replay (R3): forwards of a batch with routed_experts use the engine's
+    # experts [--use-rollout-routing-replay]. Without it the record only feeds the mismatch metric.
+    routing_replay: bool = False
     temperature: float = 1.0  # the rollout temperature: log-probs are scored under it
     gradient_checkpointing: bool = False
     optimizer_cpu_offload: bool = False  # AdamW state + fp32 masters in CPU memory [--optimizer-cpu-offload]
@@ -172,33 +176,49 @@ class Trainer:
         self.oom_retries = 0  # micro-batch splits after an OOM, over the trainer's life
         self.asleep = False
         self._last_logp = torch.zeros(0)  # the last micro-batch's detached log-probs
+        # train/routing_mismatch_frac of the last compute_logprobs on a batch with routed_experts.
+        self.routing_mismatch_frac: float | None = None
 
     # ----------------------------------------------------------------------------------------
     # Log-probs
     # ----------------------------------------------------------------------------------------
 
     def _forward_logprobs(
-        self, model: CausalLM, mb: TrainBatch, need_entropy_grad: bool
+        self, model: CausalLM, mb: TrainBatch, need_entropy_grad: bool, routing_counts: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
+        """``routing_counts`` ``[2]``: where to add the (token, layer) routing mismatch counts."""
         cfg = self.config
-        return packed_logprobs(
+        hook = ReplayHook.for_batch(model, mb, replay=cfg.routing_replay)
+        out = packed_logprobs(
             model,
             mb,
             temperature=cfg.temperature,
             chunk_size=cfg.logprob_chunk_size,
             vocab_chunk_size=cfg.vocab_chunk_size,
             need_entropy_grad=need_entropy_grad,
+            routing=hook,
         )
+        if hook is not None and routing_counts is not None:
+            routing_counts += hook.counts()
+        return out
+
+    def _routing_frac(self, counts: Tensor) -> float:
+        """The mismatch fraction over every rank's (token, layer) pairs."""
+        self._all_reduce(counts)
+        return float(counts[0]) / max(float(counts[1]), 1.0)
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, model: CausalLM, batch: TrainBatch) -> tuple[Tensor, Tensor]:
+    def _no_grad_logprobs(
+        self, model: CausalLM, batch: TrainBatch, routing_counts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         batch = batch_to(batch, self.device)
         logp = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
         entropy = torch.zeros_like(logp)
         token_ids = torch.arange(batch.num_tokens, device=self.device)
         for bin_ in self._bins(batch):
             # Empty bins exist only so that every FSDP rank runs the same number of forwards.
-            lp, ent = self._forward_logprobs(model, select_sequences(batch, bin_ or [0]), False)
+            counts = routing_counts if bin_ else None  # a padding bin repeats sequence 0
+            lp, ent = self._forward_logprobs(model, select_sequences(batch, bin_ or [0]), False, counts)
             if bin_:
                 where = select_tokens(token_ids, batch.cu_seqlens, bin_)
                 logp[where], entropy[where] = lp, ent
@@ -207,8 +227,13 @@ class Trainer:
         return logp, entropy
 
     def compute_logprobs_and_entropy(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
-        """Float32 ``(logp [T], entropy [T])`` of this rank's batch, micro-batched as in training."""
-        return self._no_grad_logprobs(self.model, batch)
+        """Float32 ``(logp [T], entropy [T])`` of this rank's batch, micro-batched as in training.
+
+        With ``batch.routed_experts`` it also sets ``routing_mismatch_frac`` (else ``None``)."""
+        counts = torch.zeros(2, device=self.device)
+        out = self._no_grad_logprobs(self.model, batch, counts)
+        self.routing_mismatch_frac = None if batch.routed_experts is None else self._routing_frac(counts)
+        return out
 
     def compute_logprobs(self, batch: TrainBatch) -> Tensor:
         """Float32 log-prob ``[T]`` of each token given its prefix (0 at each sequence's first token)."""
@@ -265,6 +290,9 @@ class Trainer:
         A ``torch.OutOfMemoryError`` in a micro-batch splits it in two (by sequences) and retries,
         at most ``config.max_oom_retries`` times per call (metric ``oom_retries``). The split
         leaves the result unchanged: every micro-batch is normalised by the global normaliser.
+
+        With ``batch.routed_experts``, metric ``routing_mismatch_frac``: from the old-log-prob
+        forward when this call runs it, else from the training forwards.
         """
         cfg = self.config
         batch = batch_to(batch, self.device)
@@ -279,15 +307,18 @@ class Trainer:
                 "correction 'none', no use_rollout_logprobs and no old_logprobs"
             )
         own_logp = torch.zeros(batch.num_tokens, device=self.device) if on_policy else None
+        routing_frac: float | None = None  # measured by an old-log-prob forward of this call
         token_ids = torch.arange(batch.num_tokens, device=self.device)
         if on_policy:
             tokens["weights"] = torch.ones_like(batch.loss_mask, dtype=torch.float32)
             tokens["pg_mask"] = batch.loss_mask.detach().clone()
         elif not sft:
             if old_logprobs is None:
-                old_logprobs = (
-                    batch.rollout_logprobs if cfg.use_rollout_logprobs else self.compute_logprobs(batch)
-                )
+                if cfg.use_rollout_logprobs:
+                    old_logprobs = batch.rollout_logprobs
+                else:
+                    old_logprobs = self.compute_logprobs(batch)
+                    routing_frac = self.routing_mismatch_frac
             tokens["old"] = old_logprobs.to(self.device, torch.float32)
             corr = apply_correction(
                 cfg.correction,
@@ -315,6 +346,8 @@ class Trainer:
 
         plan, retries, i = self._bins(batch), 0, 0
         sums: dict[str, Tensor] = {}
+        measure = batch.routed_experts is not None and routing_frac is None
+        routing_counts = torch.zeros(2, device=self.device) if measure else None
         while i < len(plan):
             bin_ = plan[i]
             mb = select_sequences(batch, bin_ or [0])
@@ -325,13 +358,15 @@ class Trainer:
             halves: list[list[int]] | None = None
             in_backward = False
             try:
-                loss, metrics = self._micro_batch_loss(mb, tok, normalizer, sft)
+                loss, metrics = self._micro_batch_loss(
+                    mb, tok, normalizer, sft, routing_counts if bin_ else None
+                )
                 if own_logp is not None and bin_:
                     own_logp[select_tokens(token_ids, batch.cu_seqlens, bin_)] = self._last_logp
                 in_backward = True
                 (loss * (grad_scale if bin_ else 0.0)).backward()
             except torch.OutOfMemoryError as e:
-                halves = self._split_after_oom(bin_, mb.num_tokens, retries, e)
+                halves = oom_halves(bin_, mb.num_tokens, retries, cfg.max_oom_retries, self.fsdp, e)
             if halves is not None:  # outside the except block: the traceback's frames are gone
                 del mb, tok
                 if torch.cuda.is_available():
@@ -341,6 +376,8 @@ class Trainer:
                     # Part of this micro-batch's gradient may already be accumulated: start over.
                     self.model.zero_grad(set_to_none=True)
                     sums, i = {}, 0
+                    if routing_counts is not None:
+                        routing_counts.zero_()
                 continue
             metrics["loss"] = loss.detach()
             if bin_:
@@ -353,33 +390,24 @@ class Trainer:
             self._all_reduce_grads()
         if own_logp is not None:  # what correction "none" reports, from the pre-update forwards
             corr_metrics = mismatch_metrics(own_logp, batch.rollout_logprobs, batch.loss_mask)
-        return self._reduce_metrics(sums, corr_metrics, batch)
-
-    def _split_after_oom(
-        self, bin_: list[int], num_tokens: int, retries: int, err: torch.OutOfMemoryError
-    ) -> list[list[int]]:
-        """The two halves of ``bin_`` to retry, or a clear ``torch.OutOfMemoryError``."""
-        why = None
-        if self.fsdp:
-            # Every FSDP rank must run the same forwards (each gathers parameters); a split on
-            # one rank only would hang the others in their collectives.
-            why = "micro-batch splitting is disabled under FSDP; lower max_tokens_per_gpu"
-        elif len(bin_) < 2:
-            why = "a single sequence cannot be split; lower the response length or max_tokens_per_gpu"
-        elif retries >= self.config.max_oom_retries:
-            why = f"gave up after {retries} micro-batch splits (max_oom_retries)"
-        if why is not None:
-            msg = f"out of memory in a micro-batch of {len(bin_)} sequences / {num_tokens} tokens: {why}"
-            raise torch.OutOfMemoryError(msg) from err
-        mid = len(bin_) // 2
-        return [bin_[:mid], bin_[mid:]]
+        out = self._reduce_metrics(sums, corr_metrics, batch)
+        if routing_counts is not None:
+            routing_frac = self._routing_frac(routing_counts)
+        if routing_frac is not None:
+            out["routing_mismatch_frac"] = routing_frac
+        return out
 
     def _micro_batch_loss(
-        self, mb: TrainBatch, tok: dict[str, Tensor], normalizer: Tensor, sft: bool
+        self,
+        mb: TrainBatch,
+        tok: dict[str, Tensor],
+        normalizer: Tensor,
+        sft: bool,
+        routing_counts: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         red, norm = cfg.reduction, normalizer
-        logp, entropy = self._forward_logprobs(self.model, mb, need_entropy_grad=cfg.entropy_coef != 0)
+        logp, entropy = self._forward_logprobs(self.model, mb, cfg.entropy_coef != 0, routing_counts)
         self._last_logp = logp.detach()
         if sft:
             loss, metrics = sft_loss(logp, mb.loss_mask, mb.cu_seqlens, reduction=red, normalizer=norm)
@@ -480,7 +508,7 @@ class Trainer:
         Metrics (``train/`` prefix): ``loss``, ``pg_loss``, ``pg_clipfrac``, ``ppo_kl`` (policy
         loss) or ``sft_loss``, ``entropy``, ``kl_loss`` (with ``use_kl_loss``), the correction's
         (``train_rollout_logprob_abs_diff``, ``mismatch_kl``, ``mismatch_k3_kl``, ``tis_*``,
-        ``mis_*``), ``grad_norm``, ``lr`` (the LR this step used), ``skipped_steps`` (1 when
+        ``mis_*``), ``routing_mismatch_frac`` (batches with ``routed_experts``), ``grad_norm``, ``lr`` (the LR this step used), ``skipped_steps`` (1 when
         a NaN/inf loss or gradient norm skipped the update) and ``oom_retries``.
 
         With a critic, it trains first on ``batch.returns`` (``value_loss``, ``value_clipfrac``,

@@ -1,0 +1,161 @@
+"""The engine records every fed token's experts (rollout routing replay), whatever the schedule:
+fresh, chunked prefill, prefix-cache hits, preemption; and returns them over /generate."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from miles.engine.async_engine import AsyncEngine
+from miles.engine.client import LocalEngineClient, decode_routed_experts
+from miles.engine.engine import Engine
+from miles.engine.server import ServerConfig, create_app
+from miles.models.loading import load_model
+from miles.types import SamplingParams
+from tests.engine.conftest import ThreadServer
+from tests.models.conftest import CASES, make_hf_model
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    # 3 layers, layer 1 dense: the record's layer axis maps onto MoE layers 0 and 2 only.
+    prefix, kwargs = CASES["qwen3_moe_sparse_step"]
+    path = tmp_path_factory.mktemp("routing_moe")
+    make_hf_model(prefix, kwargs).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def moe(moe_dir):
+    return load_model(moe_dir)
+
+
+class Observe:
+    """An observing ``RoutingHook``: keeps each layer's top-k ids."""
+
+    def __init__(self) -> None:
+        self.ids: dict[int, torch.Tensor] = {}
+
+    def route(self, layer_idx, router_logits, topk_ids):
+        self.ids[layer_idx] = topk_ids.clone()
+        return topk_ids
+
+
+def reference(model, tokens: list[int]) -> np.ndarray:
+    """``[len(tokens) - 1, moe_layers, k]``: a direct forward of all but the last token."""
+    hook = Observe()
+    ids = torch.tensor(tokens[:-1])
+    with torch.no_grad():
+        model.forward_packed(ids, torch.tensor([0, len(ids)], dtype=torch.int32), routing=hook)
+    layers = model.spec.moe_layer_indices
+    assert sorted(hook.ids) == list(layers)
+    return torch.stack([hook.ids[i] for i in layers], dim=1).to(torch.int32).numpy()
+
+
+def assert_same_sets(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
+
+
+def _prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _run(engine: Engine, prompts, params=GREEDY, routed=True):
+    rids = [engine.add_request(p, params, return_routed_experts=routed) for p in prompts]
+    done = {}
+    while len(done) < len(rids):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[r] for r in rids]
+
+
+def _check(model, prompts, outs) -> None:
+    spec = model.spec
+    for p, out in zip(prompts, outs):
+        tokens = p + list(out.output_ids)
+        assert out.routed_experts is not None and out.routed_experts.dtype == np.int32
+        assert out.routed_experts.shape == (
+            len(tokens) - 1,
+            len(spec.moe_layer_indices),
+            spec.num_experts_per_tok,
+        )
+        assert_same_sets(out.routed_experts, reference(model, tokens))
+
+
+def test_fresh_and_chunked_prefill(moe):
+    prompts = _prompts(5, 13, 9)
+    _check(moe, prompts, _run(Engine(moe, num_blocks=64, block_size=4), prompts))
+    # prompts split over several steps, mixed with other requests' decode
+    chunked = Engine(moe, num_blocks=64, block_size=4, max_num_batched_tokens=5)
+    _check(moe, prompts, _run(chunked, prompts))
+
+
+def test_prefix_cache_hit_returns_the_cached_prefix_routing(moe):
+    engine = Engine(moe, num_blocks=64, block_size=4)
+    (base,) = _prompts(14)
+    _run(engine, [base], routed=False)  # fills the cache; its forwards record the slots anyway
+    prompts = [base, [*base[:10], 1, 2, 3]]
+    outs = _run(engine, prompts)
+    assert all(o.cached_tokens >= 8 for o in outs)
+    _check(moe, prompts, outs)
+
+
+def test_preemption_recomputes_the_record(moe):
+    engine = Engine(moe, num_blocks=12, block_size=4, max_num_batched_tokens=16)
+    prompts = _prompts(9, 10, 11, 7, seed=3)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
+    outs = _run(engine, prompts, params)
+    assert engine.stats().num_preemptions > 0
+    _check(moe, prompts, outs)
+
+
+def test_no_record_unless_asked_and_prompt_only(moe):
+    engine = Engine(moe, num_blocks=64, block_size=4)
+    (p,) = _prompts(6)
+    assert _run(engine, [p], routed=False)[0].routed_experts is None
+    # max_new_tokens=0 still runs the prompt when routing is asked for: P - 1 rows
+    (out,) = _run(engine, [p], SamplingParams(max_new_tokens=0))
+    assert_same_sets(out.routed_experts, reference(moe, p))
+
+
+def test_dense_model_refuses(tmp_path):
+    prefix, kwargs = CASES["llama"]
+    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    engine = Engine(load_model(str(tmp_path)), num_blocks=16, block_size=4)
+    with pytest.raises(ValueError, match="MoE"):
+        engine.add_request([1, 2, 3], GREEDY, return_routed_experts=True)
+
+
+def test_generate_http_and_local_return_base64(moe, moe_dir):
+    engine = AsyncEngine(Engine(moe, num_blocks=64, block_size=4)).start()
+    server = ThreadServer(create_app(engine, ServerConfig(moe_dir))).start()  # type: ignore[arg-type]
+    try:
+        (p,) = _prompts(7, seed=5)
+        body = {
+            "input_ids": p,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": 5, "ignore_eos": True},
+        }
+        k, layers = moe.spec.num_experts_per_tok, len(moe.spec.moe_layer_indices)
+        r = httpx.post(f"{server.url}/generate", json={**body, "return_routed_experts": True}, timeout=30)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        tokens = p + data["output_ids"]
+        routed = decode_routed_experts(data["meta_info"]["routed_experts"], len(tokens), k)
+        assert routed.shape == (len(tokens) - 1, layers, k)
+        assert_same_sets(routed, reference(moe, tokens))
+        plain = httpx.post(f"{server.url}/generate", json=body, timeout=30).json()
+        assert "routed_experts" not in plain["meta_info"]
+        local = asyncio.run(LocalEngineClient(engine).generate({**body, "return_routed_experts": True}))
+        assert local["meta_info"]["routed_experts"] == data["meta_info"]["routed_experts"]
+    finally:
+        server.stop()
+        engine.close()

@@ -136,7 +136,8 @@ class LocalPlacement:
         assert m.hf_checkpoint is not None
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # Process-wide: the engine's steps (another thread) and the trainer share the kernels.
-        batch_invariant.set_batch_invariant(config.deterministic_mode)
+        # --sglang-enable-deterministic-inference alone also switches them: one process, one set.
+        batch_invariant.set_batch_invariant(config.deterministic_mode or e.enable_deterministic_inference)
         dtype = "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
         tokenizer = load_tokenizer(m.hf_checkpoint)
         policy = load_model(m.hf_checkpoint, dtype="float32", device=device)  # fp32 master weights

@@ -179,3 +179,15 @@ def test_deterministic_mode_reruns_bit_for_bit(arith_world, tmp_path):
     first = run("a")
     assert first == run("b")
     assert len(first) == 2 and "train/loss" in first[1] and "rollout/raw_reward" in first[1]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--use-routing-replay"], ["--moe-aux-loss-coeff", "0.01"], ["--moe-z-loss-coeff", "0.001"],
+     ["--expert-model-parallel-size", "2", "--actor-num-gpus-per-node", "2"]],
+)  # fmt: skip
+def test_flags_not_built_yet_are_refused_not_ignored(arith_world, tmp_path, flags):
+    from miles.orchestrate.loop import LoopError
+
+    with pytest.raises(LoopError, match="not implemented yet"):
+        main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags))

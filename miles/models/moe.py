@@ -20,7 +20,10 @@ Two expert implementations compute the same function (``SparseMoeBlock.expert_im
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
+from collections.abc import Iterator
 from typing import Literal, Protocol
 
 import torch
@@ -40,6 +43,94 @@ class RoutingHook(Protocol):
     """
 
     def route(self, layer_idx: int, router_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def router_aux_loss(probs: torch.Tensor, used_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Load-balancing loss ``E * sum_e f_e * P_e`` (Switch Transformer, Fedus et al. 2021, eq. 4;
+    the Qwen-MoE / Megatron ``aux_loss`` up to their top-k scaling).
+
+    ``f_e``: fraction of the ``T * k`` (token, slot) assignments in ``used_ids`` ``[T, k]`` that go
+    to expert ``e`` (no gradient); ``P_e``: mean over the ``T`` tokens of the router probability
+    ``probs[:, e]`` ``[T, E]`` fp32. It is 1 under perfectly uniform routing.
+    """
+    counts = torch.bincount(used_ids.reshape(-1), minlength=num_experts).to(probs.dtype)
+    f = counts / max(used_ids.numel(), 1)
+    return num_experts * (f * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss ``mean_t logsumexp(logits_t)^2`` in fp32 (ST-MoE, Zoph et al. 2022, eq. 5)."""
+    return torch.logsumexp(router_logits.float(), dim=-1).square().mean()
+
+
+class RouterStats:
+    """A ``RoutingHook`` that records the router losses and expert loads of one forward.
+
+    It passes routing through to ``inner`` (e.g. a replay hook) unchanged, and each MoE block that
+    gets it hands it its router logits, probabilities and the ids it actually used (the replayed
+    ones under routing replay) through :meth:`observe`; the block's own computation is untouched.
+    With ``losses``: ``aux[layer]`` / ``z[layer]`` (differentiable fp32 scalars, see
+    :func:`router_aux_loss` / :func:`router_z_loss`); always: ``counts[layer]`` ``[E]`` (detached
+    float) (token, slot) assignments per expert.
+
+    After :meth:`end_forward`, calls come from activation-checkpoint recomputation in the backward:
+    the same losses are computed again (recomputation must save the same tensors as the forward)
+    but not recorded, so nothing is counted twice.
+
+    :meth:`collect` makes it the active collector (a context variable) for
+    :func:`miles.train.steps.packed_logprobs`, which then routes its forward through it.
+    """
+
+    def __init__(self, inner: RoutingHook | None = None, *, losses: bool = True) -> None:
+        self.inner, self.losses, self.recording = inner, losses, True
+        self.aux: dict[int, torch.Tensor] = {}
+        self.z: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def active() -> RouterStats | None:
+        """The collector of the innermost :meth:`collect` block, if any."""
+        return _ROUTER_STATS.get()
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[RouterStats]:
+        token = _ROUTER_STATS.set(self)
+        try:
+            yield self
+        finally:
+            _ROUTER_STATS.reset(token)
+
+    def route(self, layer_idx: int, router_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.inner is None:
+            return topk_ids
+        return self.inner.route(layer_idx, router_logits, topk_ids)
+
+    def observe(
+        self, layer_idx: int, router_logits: torch.Tensor, probs: torch.Tensor, used_ids: torch.Tensor
+    ) -> None:
+        if self.recording and layer_idx in self.counts:
+            raise RuntimeError(f"MoE layer {layer_idx} was observed twice in one forward")
+        num_experts = probs.shape[-1]
+        ids = used_ids.detach().long()
+        if self.losses:
+            aux = router_aux_loss(probs, ids, num_experts)
+            z = router_z_loss(router_logits)
+            if self.recording:
+                self.aux[layer_idx], self.z[layer_idx] = aux, z
+        if self.recording:
+            self.counts[layer_idx] = torch.bincount(ids.reshape(-1), minlength=num_experts).float()
+
+    def end_forward(self) -> None:
+        """The forward is done; later calls are recomputation (see the class docstring)."""
+        end = getattr(self.inner, "end_forward", None)
+        if end is not None:
+            end()
+        self.recording = False
+
+
+_ROUTER_STATS: contextvars.ContextVar[RouterStats | None] = contextvars.ContextVar(
+    "miles_router_stats", default=None
+)
 
 
 def select_experts(
@@ -135,6 +226,8 @@ class SparseMoeBlock(nn.Module):
                     f"layer {self.layer_idx}: routing hook returned ids of shape {tuple(topk_ids.shape)}, "
                     f"expected {(x.shape[0], self.top_k)}"
                 )
+        if isinstance(routing, RouterStats):
+            routing.observe(self.layer_idx, router_logits, probs, topk_ids)
         weights = gate_weights(probs, topk_ids, self.norm_topk_prob).to(x.dtype)
         out = self._experts(x, topk_ids, weights)
         if self.shared_expert is not None and self.shared_expert_gate is not None:

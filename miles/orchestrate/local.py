@@ -72,6 +72,8 @@ def trainer_config(config: MilesConfig) -> TrainerConfig:
         correction_params=params,
         use_rollout_logprobs=a.use_rollout_logprobs,
         routing_replay=config.use_rollout_routing_replay,
+        moe_aux_loss_coef=t.moe_aux_loss_coeff,
+        moe_z_loss_coef=t.moe_z_loss_coeff,
         temperature=r.rollout_temperature,
         gradient_checkpointing=t.gradient_checkpointing,
         optimizer_cpu_offload=t.optimizer_cpu_offload,

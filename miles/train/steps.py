@@ -19,6 +19,7 @@ from torch import Tensor
 from miles.algo import logprobs_and_entropy_from_hidden
 from miles.kernels import batch_invariant
 from miles.models import CausalLM, VarlenContext
+from miles.models.moe import RouterStats
 from miles.train.packing import micro_batch_bins
 from miles.train.routing import ReplayHook
 from miles.types import TrainBatch
@@ -45,10 +46,16 @@ def packed_logprobs(
     """``(logp [T], entropy [T])`` float32 of each token given its prefix; 0 at each sequence's
     first token. Row ``t - 1`` of the hidden states predicts token ``t``; the chunked LM head
     never materialises ``[T, vocab]`` fp32 logits. ``routing``: the micro-batch's routing
-    replay hook (see ``miles.train.routing``), checked once the forward is done."""
-    hidden = model(mb.input_ids, mb.positions, VarlenContext(mb.cu_seqlens), routing)
-    if routing is not None:
-        routing.end_forward()
+    replay hook (see ``miles.train.routing``), checked once the forward is done. Inside a
+    :meth:`RouterStats.collect <miles.models.moe.RouterStats.collect>` block the forward is routed
+    through that collector (wrapping ``routing``), which records the MoE router losses and loads."""
+    hook: ReplayHook | RouterStats | None = routing
+    stats = RouterStats.active()
+    if stats is not None:
+        stats.inner, hook = routing, stats
+    hidden = model(mb.input_ids, mb.positions, VarlenContext(mb.cu_seqlens), hook)
+    if hook is not None:
+        hook.end_forward()
     t = hidden.shape[0]
     logp = hidden.new_zeros(t, dtype=torch.float32)
     entropy = torch.zeros_like(logp)

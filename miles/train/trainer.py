@@ -13,6 +13,7 @@ algorithm beyond "SFT or policy loss" and "is a term switched on".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ from miles.train.offload import move_module, move_optimizer_state
 from miles.train.optim import LRSchedule, build_optimizer, build_scheduler, param_groups
 from miles.train.packing import batch_to, select_sequences, select_tokens
 from miles.train.parallelize import apply_activation_checkpointing, is_fsdp
+from miles.train.router_losses import RouterLossTracker
 from miles.train.routing import ReplayHook
 from miles.train.steps import aligned_bins, clipped_step, oom_halves, packed_logprobs
 from miles.types import TrainBatch
@@ -90,6 +92,8 @@ class TrainerConfig:
     # Rollout routing replay (R3): forwards of a batch with routed_experts use the engine's
     # experts [--use-rollout-routing-replay]. Without it the record only feeds the mismatch metric.
     routing_replay: bool = False
+    moe_aux_loss_coef: float = 0.0  # MoE load balancing, see router_losses [--moe-aux-loss-coeff]
+    moe_z_loss_coef: float = 0.0  # MoE router z-loss [--moe-z-loss-coeff]
     temperature: float = 1.0  # the rollout temperature: log-probs are scored under it
     gradient_checkpointing: bool = False
     optimizer_cpu_offload: bool = False  # AdamW state + fp32 masters in CPU memory [--optimizer-cpu-offload]
@@ -348,6 +352,7 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         measure = batch.routed_experts is not None and routing_frac is None
         routing_counts = torch.zeros(2, device=self.device) if measure else None
+        tracker = RouterLossTracker.for_model(self.model, cfg, batch.num_tokens, self._all_reduce)
         while i < len(plan):
             bin_ = plan[i]
             mb = select_sequences(batch, bin_ or [0])
@@ -359,7 +364,7 @@ class Trainer:
             in_backward = False
             try:
                 loss, metrics = self._micro_batch_loss(
-                    mb, tok, normalizer, sft, routing_counts if bin_ else None
+                    mb, tok, normalizer, sft, routing_counts if bin_ else None, tracker, bool(bin_)
                 )
                 if own_logp is not None and bin_:
                     own_logp[select_tokens(token_ids, batch.cu_seqlens, bin_)] = self._last_logp
@@ -378,6 +383,8 @@ class Trainer:
                     sums, i = {}, 0
                     if routing_counts is not None:
                         routing_counts.zero_()
+                    if tracker is not None:
+                        tracker.reset()
                 continue
             metrics["loss"] = loss.detach()
             if bin_:
@@ -391,6 +398,8 @@ class Trainer:
         if own_logp is not None:  # what correction "none" reports, from the pre-update forwards
             corr_metrics = mismatch_metrics(own_logp, batch.rollout_logprobs, batch.loss_mask)
         out = self._reduce_metrics(sums, corr_metrics, batch)
+        if tracker is not None:
+            out.update(tracker.load_metrics(self._all_reduce))
         if routing_counts is not None:
             routing_frac = self._routing_frac(routing_counts)
         if routing_frac is not None:
@@ -404,10 +413,13 @@ class Trainer:
         normalizer: Tensor,
         sft: bool,
         routing_counts: Tensor | None = None,
+        tracker: RouterLossTracker | None = None,
+        real: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.config
         red, norm = cfg.reduction, normalizer
-        logp, entropy = self._forward_logprobs(self.model, mb, cfg.entropy_coef != 0, routing_counts)
+        with tracker.forward(count=real) if tracker is not None else contextlib.nullcontext():
+            logp, entropy = self._forward_logprobs(self.model, mb, cfg.entropy_coef != 0, routing_counts)
         self._last_logp = logp.detach()
         if sft:
             loss, metrics = sft_loss(logp, mb.loss_mask, mb.cu_seqlens, reduction=red, normalizer=norm)
@@ -445,6 +457,8 @@ class Trainer:
         )
         if coef != 0:
             loss = loss + term
+        if tracker is not None:  # MoE router losses (with a coefficient > 0) and expert loads
+            loss, m = tracker.finish(loss, mb.num_tokens, {**metrics, **m})
         return loss, {**metrics, **m}
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:

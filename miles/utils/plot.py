@@ -19,6 +19,16 @@ FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("perf/rollout_time", "perf/train_time", "perf/update_weights_time"),
     ),
     "loss": ("Loss", ("train/loss",)),
+    # MoE: averages over layers, then per layer (train/expert_load_*/layer_{i})
+    "expert_load": (
+        "Expert load (max/mean, CV)",
+        (
+            "train/expert_load_max_over_mean",
+            "train/expert_load_cv",
+            "train/expert_load_max_over_mean/*",
+            "train/expert_load_cv/*",
+        ),
+    ),
 }
 
 
@@ -36,7 +46,7 @@ def _keys(rows: list[dict], patterns: tuple[str, ...]) -> list[str]:
     for pattern in patterns:
         if pattern.endswith("/*"):
             stem = pattern[:-1]
-            out += [k for k in present if k.startswith(stem) and k.count("/") == 1]
+            out += [k for k in present if k.startswith(stem) and "/" not in k[len(stem) :]]
         elif pattern in present:
             out.append(pattern)
     return out

@@ -183,8 +183,7 @@ def test_deterministic_mode_reruns_bit_for_bit(arith_world, tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--use-routing-replay"], ["--moe-aux-loss-coeff", "0.01"], ["--moe-z-loss-coeff", "0.001"],
-     ["--expert-model-parallel-size", "2", "--actor-num-gpus-per-node", "2"]],
+    [["--use-routing-replay"], ["--expert-model-parallel-size", "2", "--actor-num-gpus-per-node", "2"]],
 )  # fmt: skip
 def test_flags_not_built_yet_are_refused_not_ignored(arith_world, tmp_path, flags):
     from miles.orchestrate.loop import LoopError

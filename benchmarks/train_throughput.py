@@ -19,13 +19,8 @@ same run with a large ``torch.matmul`` in the training dtype. Prints a table and
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import re
 import shutil
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +29,8 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import device_string, write_results  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -78,30 +75,6 @@ MODELS: dict[str, dict[str, Any]] = {
     ),
 }
 COMMON = dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0)
-
-
-def _device_string(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
-
-
-def _git_sha() -> str:
-    try:
-        run = dict(cwd=REPO, capture_output=True, text=True)
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, **run).stdout.strip()  # type: ignore[call-overload]
-        dirty = subprocess.run(["git", "status", "--porcelain"], **run).stdout.strip()  # type: ignore[call-overload]
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _sync(device: torch.device) -> None:
@@ -239,35 +212,20 @@ def main() -> None:
         "step_time_s": base_s,
         "mfu": flops / base_s / peak,
     }
-    device_name = _device_string(device)
-    today = datetime.date.today().isoformat()
-    result = {
-        "benchmark": "train_throughput",
-        "device": device_name,
-        "date": today,
-        "versions": {
-            "miles": _git_sha(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "config": {
-            "model": args.model,
-            "hf_config": hf_cfg,
-            "dtype": str(dtype).removeprefix("torch."),
-            "tokens_per_micro_batch": args.tokens_per_micro_batch,
-            "micro_batches": args.micro_batches,
-            "seq_len": args.seq_len,
-            "tokens_per_step": tokens,
-            "warmup": args.warmup,
-            "steps": args.steps,
-            "active_params": n_active,
-            "peak_matmul_n": n,
-            "peak_flops_measured": peak,
-        },
-        "miles": miles,
-        "baseline": base,
-        "ratio": miles["tokens_per_s"] / base["tokens_per_s"],
-        "headline_metric": "tokens_per_s",
+    device_name = device_string(str(device))
+    config = {
+        "model": args.model,
+        "hf_config": hf_cfg,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens_per_micro_batch": args.tokens_per_micro_batch,
+        "micro_batches": args.micro_batches,
+        "seq_len": args.seq_len,
+        "tokens_per_step": tokens,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "active_params": n_active,
+        "peak_matmul_n": n,
+        "peak_flops_measured": peak,
     }
     print(
         f"\n{args.model}, {tokens} tokens/step, {dtype}, {device_name}; matmul peak {peak / 1e12:.3f} TFLOP/s"
@@ -275,12 +233,9 @@ def main() -> None:
     print(f"{'':<14}{'tokens/s':>12}{'step s':>10}{'MFU':>8}")
     for name, r in (("miles", miles), ("transformers", base)):
         print(f"{name:<14}{r['tokens_per_s']:>12.1f}{r['step_time_s']:>10.3f}{r['mfu']:>8.1%}")
-    print(f"ratio (miles / transformers tokens/s): {result['ratio']:.3f}")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:60]
-    path = out_dir / f"train_throughput-{slug}-{today}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"ratio (miles / transformers tokens/s): {miles['tokens_per_s'] / base['tokens_per_s']:.3f}")
+    path = write_results("train_throughput", device_name, config, miles, base, "tokens_per_s",
+                         packages=("transformers",), out_dir=Path(args.out_dir))  # fmt: skip
     print(f"wrote {path}")
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from miles.algo import loss_normalizer, value_loss
 from miles.models import CausalLM, VarlenContext
-from miles.train.optim import LRSchedule, build_optimizer, build_scheduler, param_groups
+from miles.train.optim import LRSchedule, build_training_optimizer
 from miles.train.packing import batch_to, select_sequences, select_tokens
 from miles.train.steps import aligned_bins, clipped_step, first_token_mask
 from miles.types import TrainBatch
@@ -97,16 +97,7 @@ class Critic:
         self.model, self.config, self.device = model, config, torch.device(device)
         self.group = process_group
         self.dp_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
-        self.optimizer = build_optimizer(
-            param_groups(model, config.weight_decay),
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
-            device=self.device,
-            cpu_offload=config.optimizer_cpu_offload,
-        )
-        self.scheduler = build_scheduler(self.optimizer, config.lr_schedule())
+        self.optimizer, self.scheduler = build_training_optimizer(model, config, self.device)
 
     def _bins(self, batch: TrainBatch) -> list[list[int]]:
         cfg = self.config

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +108,40 @@ def build_optimizer(
         return CpuOffloadedOptimizer(params, **hyper)
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(params, **hyper, fused=fused or None)
+
+
+class OptimizerSettings(Protocol):
+    """What :func:`build_training_optimizer` reads (``TrainerConfig`` and ``CriticConfig`` both are)."""
+
+    @property
+    def lr(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def adam_beta1(self) -> float: ...
+    @property
+    def adam_beta2(self) -> float: ...
+    @property
+    def adam_eps(self) -> float: ...
+    @property
+    def optimizer_cpu_offload(self) -> bool: ...
+    def lr_schedule(self) -> LRSchedule: ...
+
+
+def build_training_optimizer(
+    model: nn.Module, config: OptimizerSettings, device: torch.device
+) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over ``model`` (no weight decay on norms and biases) and its LR schedule."""
+    optimizer = build_optimizer(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        device=device,
+        cpu_offload=config.optimizer_cpu_offload,
+    )
+    return optimizer, build_scheduler(optimizer, config.lr_schedule())
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> LambdaLR:

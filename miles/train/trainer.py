@@ -37,7 +37,7 @@ from miles.algo import (
 )
 from miles.models import CausalLM
 from miles.train.offload import move_module, move_optimizer_state
-from miles.train.optim import LRSchedule, build_optimizer, build_scheduler, param_groups
+from miles.train.optim import LRSchedule, build_training_optimizer
 from miles.train.packing import batch_to, select_sequences, select_tokens
 from miles.train.parallelize import apply_activation_checkpointing, is_fsdp
 from miles.train.router_losses import RouterLossTracker
@@ -157,16 +157,7 @@ class Trainer:
         self.fsdp = is_fsdp(model)
         if config.gradient_checkpointing:
             apply_activation_checkpointing(model)
-        self.optimizer = build_optimizer(
-            param_groups(model, config.weight_decay),
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_eps,
-            device=self.device,
-            cpu_offload=config.optimizer_cpu_offload,
-        )
-        self.scheduler = build_scheduler(self.optimizer, config.lr_schedule())
+        self.optimizer, self.scheduler = build_training_optimizer(model, config, self.device)
         self.ref_model, self.ref_offload = ref_model, ref_offload
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
@@ -179,7 +170,6 @@ class Trainer:
         self.skipped_steps = 0
         self.oom_retries = 0  # micro-batch splits after an OOM, over the trainer's life
         self.asleep = False
-        self._last_logp = torch.zeros(0)  # the last micro-batch's detached log-probs
         # train/routing_mismatch_frac of the last compute_logprobs on a batch with routed_experts.
         self.routing_mismatch_frac: float | None = None
 
@@ -363,11 +353,11 @@ class Trainer:
             halves: list[list[int]] | None = None
             in_backward = False
             try:
-                loss, metrics = self._micro_batch_loss(
+                loss, metrics, mb_logp = self._micro_batch_loss(
                     mb, tok, normalizer, sft, routing_counts if bin_ else None, tracker, bool(bin_)
                 )
                 if own_logp is not None and bin_:
-                    own_logp[select_tokens(token_ids, batch.cu_seqlens, bin_)] = self._last_logp
+                    own_logp[select_tokens(token_ids, batch.cu_seqlens, bin_)] = mb_logp
                 in_backward = True
                 (loss * (grad_scale if bin_ else 0.0)).backward()
             except torch.OutOfMemoryError as e:
@@ -415,12 +405,12 @@ class Trainer:
         routing_counts: Tensor | None = None,
         tracker: RouterLossTracker | None = None,
         real: bool = True,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """``(loss, metrics, log-probs detached)`` of one micro-batch."""
         cfg = self.config
         red, norm = cfg.reduction, normalizer
         with tracker.forward(count=real) if tracker is not None else contextlib.nullcontext():
             logp, entropy = self._forward_logprobs(self.model, mb, cfg.entropy_coef != 0, routing_counts)
-        self._last_logp = logp.detach()
         if sft:
             loss, metrics = sft_loss(logp, mb.loss_mask, mb.cu_seqlens, reduction=red, normalizer=norm)
         else:
@@ -459,7 +449,7 @@ class Trainer:
             loss = loss + term
         if tracker is not None:  # MoE router losses (with a coefficient > 0) and expert loads
             loss, m = tracker.finish(loss, mb.num_tokens, {**metrics, **m})
-        return loss, {**metrics, **m}
+        return loss, {**metrics, **m}, logp.detach()
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         if self.dp_size > 1:

@@ -13,6 +13,7 @@ from miles.buffer.batching import build_train_batch
 from miles.engine.engine import Engine
 from miles.kernels.batch_invariant import batch_invariant
 from miles.models.loading import load_model
+from miles.train.packing import batch_to
 from miles.train.steps import packed_logprobs
 from miles.types import Group, Sample, SampleStatus, SamplingParams
 from tests.models.conftest import CASES, make_hf_model
@@ -49,23 +50,33 @@ def _generate(model, prompts, seeds, **engine_kw):
     return engine, outs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
-def test_engine_logprobs_equal_the_trainers_bit_for_bit(models, family):
-    engine_model = models[family]
-    prompts = _prompts(3, 9, 17, 30, 5, 64, 12)
-    _, outs = _generate(engine_model, prompts, range(7), max_num_batched_tokens=40)
+PROMPT_LENGTHS = (3, 9, 17, 30, 5, 64, 12)
+
+
+def _rollout_then_trainer_logprobs(engine_model):
+    """Sample 7 prompts in the mode, pack them as the loop does, score them with the trainer's own
+    copy of the model (training mode): ``(engine outputs, batch, trainer model, log-probs [T])``."""
+    prompts = _prompts(*PROMPT_LENGTHS)
+    _, outs = _generate(engine_model, prompts, range(len(prompts)), max_num_batched_tokens=40)
     samples = [
         Sample(prompt_ids=p, response_ids=list(o.output_ids), rollout_logprobs=list(o.output_logprobs),
                reward=0.0, status=SampleStatus.COMPLETED, index=i)
         for i, (p, o) in enumerate(zip(prompts, outs))
     ]  # fmt: skip
-    batch = build_train_batch([Group(0, tuple(samples))])
-    trainer_model = copy.deepcopy(engine_model).train()  # the trainer's own copy, in training mode
+    batch = batch_to(build_train_batch([Group(0, tuple(samples))]), engine_model.device)
+    trainer_model = copy.deepcopy(engine_model).train()
     with batch_invariant():
         logp, _ = packed_logprobs(
             trainer_model, batch, temperature=TEMPERATURE, chunk_size=16, vocab_chunk_size=None,
             need_entropy_grad=False,
         )  # fmt: skip
+    return outs, batch, trainer_model, logp
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
+def test_engine_logprobs_equal_the_trainers_bit_for_bit(models, family):
+    engine_model = models[family]
+    _, batch, trainer_model, logp = _rollout_then_trainer_logprobs(engine_model)
     mask = batch.loss_mask.bool()
     assert mask.sum() == 7 * 8
     assert torch.equal(logp[mask], batch.rollout_logprobs[mask])
@@ -116,30 +127,15 @@ def test_cuda_bf16_engine_logprobs_equal_the_trainers(tmp_path, family):
     prefix, kwargs = CASES[family]
     make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
     engine_model = load_model(tmp_path, dtype="bfloat16", device="cuda")
-    prompts = _prompts(3, 9, 17, 30, 5, 64, 12)
-    _, outs = _generate(engine_model, prompts, range(7), max_num_batched_tokens=40)
-    samples = [
-        Sample(prompt_ids=p, response_ids=list(o.output_ids), rollout_logprobs=list(o.output_logprobs),
-               reward=0.0, status=SampleStatus.COMPLETED, index=i)
-        for i, (p, o) in enumerate(zip(prompts, outs))
-    ]  # fmt: skip
-    batch = build_train_batch([Group(0, tuple(samples))])
-    from miles.train.packing import batch_to
-
-    batch = batch_to(batch, torch.device("cuda"))
-    trainer_model = copy.deepcopy(engine_model).train()
-    with batch_invariant():
-        logp, _ = packed_logprobs(
-            trainer_model, batch, temperature=TEMPERATURE, chunk_size=16, vocab_chunk_size=None,
-            need_entropy_grad=False,
-        )  # fmt: skip
+    outs, batch, _, logp = _rollout_then_trainer_logprobs(engine_model)
     mask = batch.loss_mask.bool()
     assert torch.equal(logp[mask], batch.rollout_logprobs[mask])
     # the 4th request alone, and among 64
-    _, (alone,) = _generate(engine_model, [prompts[3]], [3])
+    fourth = _prompts(*PROMPT_LENGTHS)[3]
+    _, (alone,) = _generate(engine_model, [fourth], [3])
     assert (alone.output_ids, alone.output_logprobs) == (outs[3].output_ids, outs[3].output_logprobs)
     many = _prompts(*[3 + (7 * i) % 50 for i in range(63)], seed=4)
     _, outs64 = _generate(
-        engine_model, [*many[:20], prompts[3], *many[20:]], [*range(100, 120), 3, *range(120, 163)]
+        engine_model, [*many[:20], fourth, *many[20:]], [*range(100, 120), 3, *range(120, 163)]
     )
     assert (outs64[20].output_ids, outs64[20].output_logprobs) == (alone.output_ids, alone.output_logprobs)

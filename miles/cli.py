@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -296,6 +297,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32")
     parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: CUDA when there is one)"
+    )
+    parser.add_argument(
         "--sglang-max-total-tokens", type=int, default=8192, help="KV-cache capacity in tokens"
     )
     parser.add_argument("--sglang-page-size", type=int, default=16, help="tokens per KV-cache block")
@@ -322,6 +326,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sglang-max-prefill-tokens must be >= 1, got {args.sglang_max_prefill_tokens}")
     if args.api_key is not None and not args.api_key:
         raise ConfigError("--api-key must not be empty")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     from miles.engine.server import ServerConfig, serve
     from miles.models.loading import CheckpointError
 
@@ -333,6 +339,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         allow_remote_admin=args.allow_remote_admin,
         served_model_name=args.served_model_name,
         dtype=args.dtype,
+        device=args.device,
         max_total_tokens=args.sglang_max_total_tokens,
         page_size=args.sglang_page_size,
         max_running_requests=args.sglang_max_running_requests,

@@ -284,6 +284,11 @@ class EngineConfig(_Section):
 class PlacementConfig(_Section):
     """Where the trainer and the engines run, and how weights travel between them."""
 
+    placement_backend: Literal["auto", "local", "ray"] = _f(
+        "auto",
+        "local: one process; ray: trainer ranks and engines as Ray actors "
+        "(auto: ray with several trainer ranks, --rollout-num-gpus or external engines)",
+    )
     colocate: bool = _f(False, "trainer and engines share the GPUs, taking turns")
     offload: bool = _f(False, "both --offload-train and --offload-rollout")
     offload_train: bool | None = _f(None, "trainer state to CPU during rollout (default: --colocate)")
@@ -303,6 +308,11 @@ class PlacementConfig(_Section):
     rollout_health_check_interval: float = _f(30.0, "seconds between engine health checks", gt=0)
     rollout_health_check_timeout: float = _f(30.0, "seconds before a health check fails", gt=0)
     rollout_health_check_first_wait: float = _f(0.0, "seconds before the first check", ge=0)
+
+    @property
+    def use_ray(self) -> bool:
+        """Whether the run is placed on Ray (``placement_backend`` as resolved by the rules)."""
+        return self.placement_backend == "ray"
 
     @property
     def actor_world_size(self) -> int:

@@ -130,13 +130,33 @@ class HttpEngineClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
+
+        def make() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+                limits=httpx.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+                transport=transport,
+            )
+
+        self._make = make
+        self._clients: dict[int, httpx.AsyncClient] = {}
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        """The connection pool of the running event loop: pooled connections belong to the loop
+        that opened them, and the RL loop runs each rollout in a fresh ``asyncio.run``."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(id(loop))
+        if client is None or client.is_closed or getattr(client, "_miles_loop", None) is not loop:
+            # Pools of finished loops cannot be closed any more (their loop is gone): drop them.
+            self._clients = {k: c for k, c in self._clients.items() if not c._miles_loop.is_closed()}  # type: ignore[attr-defined]
+            client = self._clients[id(loop)] = self._make()
+            client._miles_loop = loop  # type: ignore[attr-defined]
+        return client
 
     async def request(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> Any:
         """Call any endpoint with retries; return the decoded JSON (or text) body."""
@@ -161,6 +181,11 @@ class HttpEngineClient:
                 request = self._client.build_request(method, path, json=payload)
                 response = await self._client.send(request, stream=stream)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
+                last = f"{type(e).__name__}: {e}"
+                continue
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+                # The server went away mid-request (a crash): nothing came back, so asking again
+                # (through a router: another engine; direct: the restarted one) loses nothing.
                 last = f"{type(e).__name__}: {e}"
                 continue
             if response.status_code < 400:
@@ -225,7 +250,10 @@ class HttpEngineClient:
         return response.status_code == 200
 
     async def close(self) -> None:
-        await self._client.aclose()
+        loop = asyncio.get_running_loop()
+        client = self._clients.pop(id(loop), None)
+        if client is not None:
+            await client.aclose()
 
 
 def _message_of(chunk: Mapping[str, Any]) -> str:

@@ -51,6 +51,7 @@ ADMIN_PATHS = frozenset(
         "/resume_memory_occupation",
         "/pause_generation",
         "/continue_generation",
+        "/get_weights_by_name",
     }
 )
 
@@ -70,6 +71,7 @@ class ServerConfig:
     allow_remote_admin: bool = False
     served_model_name: str | None = None
     dtype: str = "float32"
+    device: str = "auto"  # "auto": the first CUDA device when there is one, else the CPU
     max_total_tokens: int = 8192  # KV-cache capacity in tokens
     page_size: int = 16  # tokens per KV block
     max_running_requests: int = 256
@@ -81,9 +83,14 @@ class ServerConfig:
 
 
 def build_engine(config: ServerConfig) -> Engine:
+    import torch
+
     from miles.models.loading import load_model, load_tokenizer
 
-    model = load_model(config.model_path, dtype=config.dtype)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(config.model_path, dtype=config.dtype, device=device)
     tokenizer = load_tokenizer(config.model_path)
     return Engine(
         model,
@@ -122,7 +129,11 @@ def _is_loopback(host: str | None) -> bool:
 
 def _decode_named_tensors(data: Any) -> list[tuple[str, Any]]:
     """``serialized_named_tensors`` of ``/update_weights_from_tensor``: one string per TP rank
-    (the built-in engine has one rank), each base64 of ``torch.save`` of ``[(name, tensor), ...]``."""
+    (the built-in engine has one rank), each base64 of ``[(name, tensor), ...]`` either saved by
+    ``torch.save`` (a zip archive: loaded with ``weights_only``) or pickled by
+    ``torch.multiprocessing`` as SGLang's ``MultiprocessingSerializer`` does (CUDA IPC handles,
+    shared-memory CPU tensors: a colocated trainer hands its tensors over without copying them
+    through HTTP). The pickle is trusted like every weight-update endpoint: loopback or API key."""
     import torch
 
     if isinstance(data, list):
@@ -132,7 +143,15 @@ def _decode_named_tensors(data: Any) -> list[tuple[str, Any]]:
     if not isinstance(data, str):
         raise BadRequest("serialized_named_tensors", "must be a base64 string (or a list of one)")
     try:
-        named = torch.load(io.BytesIO(base64.b64decode(data, validate=True)), weights_only=True)
+        raw = base64.b64decode(data, validate=True)
+        if raw[:2] == b"PK":  # torch.save's zip archive
+            named = torch.load(io.BytesIO(raw), weights_only=True)
+        else:
+            import pickle
+
+            import torch.multiprocessing
+
+            named = pickle.loads(raw)
     except Exception as e:
         raise BadRequest("serialized_named_tensors", f"cannot decode: {type(e).__name__}: {e}") from None
     if isinstance(named, dict):
@@ -306,6 +325,32 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
                 "internal_states": [asdict(stats)],
             }
         )
+
+    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
+    async def get_weights_by_name(request: Request) -> Response:
+        """SGLang's weight read-back: the first ``truncate_size`` rows of parameter ``name`` as
+        (nested) float lists. Trainers use it to check a weight sync."""
+        data = await body(request, frozenset({"name", "truncate_size"}))
+        name = expect(data, "name", str, None, "a parameter name")
+        if not name:
+            raise BadRequest("name", "is required")
+        size = expect(data, "truncate_size", int, 100, "an integer")
+        if size < 1:
+            raise BadRequest("truncate_size", f"must be >= 1, got {size}")
+
+        def read(e: Engine) -> Any:
+            if "weights" in e._released:
+                raise EngineStateError("weights are released: resume_memory_occupation(['weights']) first")
+            params = dict(e.model.named_parameters(remove_duplicate=False))
+            if name not in params:
+                raise ValueError(f"no parameter named {name!r}")
+            return params[name].detach()[:size].float().cpu().tolist()
+
+        try:
+            values = await engine.call(read)
+        except (ValueError, EngineStateError) as e:
+            return JSONResponse({"success": False, "message": str(e)}, status_code=400)
+        return JSONResponse(values)
 
     @app.get("/get_weight_version")
     async def get_weight_version() -> Response:

@@ -22,14 +22,17 @@ from miles.engine.client import LocalEngineClient
 from miles.engine.engine import Engine
 from miles.engine.kv_cache import available_memory_bytes, kv_bytes_per_token, kv_capacity_tokens
 from miles.kernels import batch_invariant
-from miles.models import CausalLM
-from miles.models.loading import load_model, load_tokenizer
+from miles.models.loading import load_model, load_tokenizer, save_hf
+from miles.models.spec import ModelSpec
 from miles.orchestrate.ppo import build_critic, uses_critic
+from miles.orchestrate.train_step import train_on
 from miles.rollout.dataset import PromptDataset, load_eval_datasets
 from miles.rollout.manager import RolloutManager
+from miles.train.checkpoint import load_checkpoint, save_checkpoint
 from miles.train.parallelize import apply_activation_checkpointing, parallelize
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.train.weight_sync import iter_weight_buckets
+from miles.types import Group
 
 
 def trainer_config(config: MilesConfig) -> TrainerConfig:
@@ -94,26 +97,62 @@ def init_single_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _default_kv_tokens(config: MilesConfig, model: CausalLM, datasets: list[PromptDataset]) -> int:
-    """KV slots for one rollout step at once (every sample of the batch, longest prompt plus the
-    longest response), capped at ``--mem-fraction-static`` (default 0.4) of the memory available
-    now: sizing from the model's context length instead asks 24 GB for SmolLM2 on a laptop."""
-    r, e, spec = config.rollout, config.engine, model.spec
+def kv_demand(config: MilesConfig, spec: ModelSpec, datasets: list[PromptDataset]) -> tuple[int, int]:
+    """``(sequences, seq_len)`` of one rollout step at once: every sample of the batch (or of an
+    evaluation), each the longest prompt plus the longest response."""
+    r, e = config.rollout, config.engine
     context = e.context_length or spec.max_position_embeddings
     response = max(r.rollout_max_response_len or context, r.eval_max_response_len or 0)
     seq_len = min(context, max(d.longest_prompt_len for d in datasets) + response)
     prompts = max(r.rollout_batch_size or 1, r.over_sampling_batch_size or 0)
     sequences = max(prompts * max(r.n_samples_per_prompt, 1), r.n_samples_per_eval_prompt or 1)
-    per_token = kv_bytes_per_token(
-        spec.num_hidden_layers, spec.num_key_value_heads, spec.head_dim, model.dtype
-    )
+    return sequences, seq_len
+
+
+def default_kv_tokens(
+    config: MilesConfig, spec: ModelSpec, dtype: torch.dtype, demand: tuple[int, int], device: torch.device
+) -> int:
+    """KV slots for :func:`kv_demand`, capped at ``--mem-fraction-static`` (default 0.4) of the
+    memory available now on ``device``: sizing from the model's context length instead asks 24 GB
+    for SmolLM2 on a laptop."""
+    per_token = kv_bytes_per_token(spec.num_hidden_layers, spec.num_key_value_heads, spec.head_dim, dtype)
     return kv_capacity_tokens(
         bytes_per_token=per_token,
-        sequences=sequences,
-        seq_len=seq_len,
-        available_bytes=available_memory_bytes(next(model.parameters()).device),
-        mem_fraction=e.mem_fraction_static or 0.4,
+        sequences=demand[0],
+        seq_len=demand[1],
+        available_bytes=available_memory_bytes(device),
+        mem_fraction=config.engine.mem_fraction_static or 0.4,
     )
+
+
+def compute_dtype(config: MilesConfig, device: torch.device) -> str:
+    """The engine's (and the trainer's compute) dtype: fp32 on CPU, else ``--dtype`` (bf16 by default)."""
+    m = config.model
+    return "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
+
+
+def build_trainer(config: MilesConfig, device: torch.device, *, fsdp: bool) -> Trainer:
+    """Policy (fp32 master weights), optional reference model and critic, as one ``Trainer``.
+
+    ``fsdp``: shard the policy with FSDP2 over the default process group (which must exist),
+    computing in :func:`compute_dtype`; otherwise a plain module (one process)."""
+    m = config.model
+    assert m.hf_checkpoint is not None
+    dtype = compute_dtype(config, device)
+    policy = load_model(m.hf_checkpoint, dtype="float32", device=device)
+    if fsdp:
+        policy = parallelize(
+            policy,
+            param_dtype=getattr(torch, dtype),
+            activation_checkpointing=config.train.gradient_checkpointing,
+        )
+    elif config.train.gradient_checkpointing:
+        apply_activation_checkpointing(policy)
+    ref = None
+    if config.algo.use_kl_loss or config.algo.kl_coef > 0:
+        ref = load_model(m.ref_load or m.hf_checkpoint, dtype=dtype, device=device).eval()
+    critic = build_critic(config, device) if uses_critic(config) else None
+    return Trainer(policy, trainer_config(config), device, ref_model=ref, critic=critic)
 
 
 @dataclass
@@ -140,23 +179,12 @@ class LocalPlacement:
         # Process-wide: the engine's steps (another thread) and the trainer share the kernels.
         # --sglang-enable-deterministic-inference alone also switches them: one process, one set.
         batch_invariant.set_batch_invariant(config.deterministic_mode or e.enable_deterministic_inference)
-        dtype = "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
+        dtype = compute_dtype(config, device)
         tokenizer = load_tokenizer(m.hf_checkpoint)
-        policy = load_model(m.hf_checkpoint, dtype="float32", device=device)  # fp32 master weights
-        if mixed_precision if mixed_precision is not None else device.type == "cuda":
+        fsdp = mixed_precision if mixed_precision is not None else device.type == "cuda"
+        if fsdp:
             init_single_process_group(device)
-            policy = parallelize(
-                policy,
-                param_dtype=getattr(torch, dtype),
-                activation_checkpointing=config.train.gradient_checkpointing,
-            )
-        elif config.train.gradient_checkpointing:
-            apply_activation_checkpointing(policy)
-        ref = None
-        if config.algo.use_kl_loss or config.algo.kl_coef > 0:
-            ref = load_model(m.ref_load or m.hf_checkpoint, dtype=dtype, device=device).eval()
-        critic = build_critic(config, device) if uses_critic(config) else None
-        trainer = Trainer(policy, trainer_config(config), device, ref_model=ref, critic=critic)
+        trainer = build_trainer(config, device, fsdp=fsdp)
         engine_model = load_model(m.hf_checkpoint, dtype=dtype, device=device)
         context = e.context_length or engine_model.spec.max_position_embeddings
         r3 = config.use_rollout_routing_replay
@@ -164,8 +192,9 @@ class LocalPlacement:
             raise ValueError("--use-rollout-routing-replay needs an MoE model; this one is dense")
         dataset = PromptDataset.from_config(config.rollout, tokenizer)
         evals = load_eval_datasets(config.rollout.eval_datasets, config.rollout, tokenizer)
-        max_tokens = e.max_total_tokens or _default_kv_tokens(
-            config, engine_model, [dataset, *evals.values()]
+        demand = kv_demand(config, engine_model.spec, [dataset, *evals.values()])
+        max_tokens = e.max_total_tokens or default_kv_tokens(
+            config, engine_model.spec, engine_model.dtype, demand, device
         )
         page = e.page_size or 16
         engine = Engine(
@@ -191,6 +220,19 @@ class LocalPlacement:
             routed_experts_top_k=engine_model.spec.num_experts_per_tok if r3 else None,
         )
         return cls(config, trainer, async_engine, tokenizer, dataset, dict(evals), manager, device)
+
+    def train(self, groups: list[Group], step: int) -> dict[str, float]:
+        return train_on(self.trainer, self.config, groups, step, self.device)
+
+    def save_checkpoint(self, directory: str, step: int, extra: dict[str, Any]) -> None:
+        save_checkpoint(directory, self.trainer, step, extra)
+
+    def load_checkpoint(self, directory: str) -> dict[str, Any]:
+        return load_checkpoint(directory, self.trainer)
+
+    def save_hf(self, directory: str) -> None:
+        assert self.config.model.hf_checkpoint is not None
+        save_hf(self.trainer.model, directory, tokenizer_source=self.config.model.hf_checkpoint)
 
     def push_weights(self, version: int) -> float:
         """Send the trainer's weights to the engine as ``version``; returns the seconds it took."""

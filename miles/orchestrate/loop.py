@@ -1,4 +1,4 @@
-"""The RL loop, readable as pseudocode (embedded placement, synchronous):
+"""The RL loop, readable as pseudocode (synchronous; any placement, see ``placement.py``):
 
     for step in range(start, num_rollout):
         groups   = rollout(step)                 # engine generates, rewards score (or SFT targets)
@@ -12,6 +12,9 @@
             trainer.train_step(minibatch, old, ref)   # PPO: the critic's step first
         engine.update_weights(trainer.weights, version=step + 1)
         evaluate / save every N steps
+
+The trainer's part (old log-probs to optimizer steps) is ``train_step.train_on``, run by every
+trainer rank; rollout, rewards, data and metrics stay in this process in every placement.
 
 ``miles train`` calls :func:`run_train`.
 """
@@ -28,16 +31,10 @@ from typing import Any
 
 import torch
 
-from miles.algo.advantages import AdvantageParams
-from miles.algo.corrections import mismatch_metrics
-from miles.algo.losses import kl_estimate
-from miles.buffer.batching import build_train_batch, with_advantages
 from miles.config import MilesConfig, config_to_yaml, to_plain
-from miles.orchestrate.local import LocalPlacement
-from miles.orchestrate.ppo import rename_critic_metrics, value_metrics
-from miles.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
-from miles.train.packing import batch_to, select_sequences
-from miles.types import Group, SampleStatus, TrainBatch
+from miles.orchestrate.placement import Placement
+from miles.train.checkpoint import latest_step
+from miles.types import Group, SampleStatus
 from miles.utils.metrics import MetricsLogger
 
 
@@ -73,7 +70,7 @@ def _dump_path(template: str, step: int) -> Path:
     )
 
 
-def sft_groups(placement: LocalPlacement, step: int) -> list[Group]:
+def sft_groups(placement: Placement, step: int) -> list[Group]:
     """SFT warm-up (``--loss-type sft_loss``): each prompt's label is the target response."""
     r = placement.config.rollout
     assert r.rollout_batch_size is not None
@@ -94,85 +91,8 @@ def sft_groups(placement: LocalPlacement, step: int) -> list[Group]:
     return groups
 
 
-def _token_index(batch: TrainBatch, seqs: list[int]) -> torch.Tensor:
-    cu, device = batch.cu_seqlens.tolist(), batch.input_ids.device
-    return torch.cat([torch.arange(cu[i], cu[i + 1], device=device) for i in seqs])
-
-
-def _reuses_own_logprobs(config: MilesConfig, steps: int) -> bool:
-    """Whether the single optimizer step of a rollout can take its old log-probs from its own
-    forward: no second update, no TIS/MIS, no KL reward penalty (which needs them beforehand)."""
-    a = config.algo
-    return steps == 1 and not (a.use_tis or a.use_mis or a.use_rollout_logprobs or a.kl_coef > 0)
-
-
-def train_on(placement: LocalPlacement, groups: list[Group], step: int) -> dict[str, float]:
-    """Old/ref log-probs, advantages and ``num_steps_per_rollout`` optimizer steps on ``groups``."""
-    config, trainer = placement.config, placement.trainer
-    a = config.algo
-    batch = batch_to(build_train_batch(groups), placement.device)
-    metrics: dict[str, float] = {}
-    policy = config.train.loss_type == "policy_loss"
-    old = ref = values = None
-    steps = config.rollout.num_steps_per_rollout or 1
-    # One update from the weights that generated the batch: the training forward's own detached
-    # log-probs are the old ones (and its mismatch metrics are pre-update), so skip a forward.
-    # (Not in critic-only warm-up steps: the policy runs no training forward there.)
-    on_policy = policy and _reuses_own_logprobs(config, steps) and step >= config.train.num_critic_only_steps
-    if policy:
-        if not on_policy:
-            old = trainer.compute_logprobs(batch)
-            for k, v in mismatch_metrics(old, batch.rollout_logprobs, batch.loss_mask).items():
-                metrics[f"train/{k}"] = float(v)
-            if trainer.routing_mismatch_frac is not None:  # engine vs trainer experts (R3)
-                metrics["train/routing_mismatch_frac"] = trainer.routing_mismatch_frac
-        if trainer.ref_model is not None:
-            ref = trainer.compute_ref_logprobs(batch)
-        kl = (
-            kl_estimate(old, ref, a.kl_loss_type) * batch.loss_mask
-            if (old is not None and ref is not None and a.kl_coef > 0)
-            else None
-        )
-        params = AdvantageParams(
-            group_size=len(groups[0]),
-            std_normalization=not a.disable_grpo_std_normalization,
-            kl_coef=a.kl_coef,
-            gamma=a.gamma,
-            lambd=a.lambd,
-            normalize=a.normalize_advantages,
-        )
-        values = None if trainer.critic is None else trainer.critic.compute_values(batch)
-        batch = with_advantages(batch, a.advantage_estimator, params, kl=kl, values=values)
-        if values is not None:
-            metrics.update(value_metrics(batch, values))
-        if a.use_rollout_logprobs:
-            old = batch.rollout_logprobs
-    per = batch.num_sequences // steps
-    sums: dict[str, float] = {}
-    for i in range(steps):
-        seqs = list(range(i * per, (i + 1) * per))
-        sub = select_sequences(batch, seqs)
-        idx = _token_index(batch, seqs)
-        out = trainer.train_step(
-            sub,
-            old_logprobs=None if old is None else old[idx],
-            ref_logprobs=None if ref is None else ref[idx],
-            old_values=None if values is None else values[idx],
-            on_policy=on_policy,
-        )
-        for key, value in out.items():
-            sums[key] = sums.get(key, 0.0) + value / steps
-    if not on_policy:
-        sums.pop("train/train_rollout_logprob_abs_diff", None)  # measured above, before any update
-        if "train/routing_mismatch_frac" in metrics:
-            sums.pop("train/routing_mismatch_frac", None)
-    metrics.update(rename_critic_metrics(sums))
-    metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
-    return metrics
-
-
 def run_train(config: MilesConfig) -> int:
-    """Run ``miles train`` in the embedded placement; returns the process exit code."""
+    """Run ``miles train`` (embedded, or on Ray with ``--placement ray``); returns the exit code."""
     if config.algo.advantage_estimator == "ppo" and config.train.loss_type != "policy_loss":
         raise LoopError("--advantage-estimator ppo needs --loss-type policy_loss (the critic's returns)")
     t = config.train
@@ -183,7 +103,7 @@ def run_train(config: MilesConfig) -> int:
     run_dir = Path(config.log.run_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
-    placement = LocalPlacement.build(config, hook_args(config))
+    placement = _build_placement(config, run_dir)
     logger = MetricsLogger(
         run_dir,
         use_tensorboard=config.log.use_tensorboard,
@@ -200,11 +120,21 @@ def run_train(config: MilesConfig) -> int:
     return 0
 
 
-def _loop(config: MilesConfig, placement: LocalPlacement, logger: MetricsLogger) -> None:
+def _build_placement(config: MilesConfig, run_dir: Path) -> Placement:
+    if config.placement.use_ray:
+        from miles.orchestrate.ray import RayPlacement
+
+        return RayPlacement.build(config, hook_args(config), run_dir=run_dir)
+    from miles.orchestrate.local import LocalPlacement
+
+    return LocalPlacement.build(config, hook_args(config))
+
+
+def _loop(config: MilesConfig, placement: Placement, logger: MetricsLogger) -> None:
     r, ck, lg = config.rollout, config.checkpoint, config.log
     start = 0
     if ck.load is not None and latest_step(ck.load) is not None:
-        extra = load_checkpoint(ck.load, placement.trainer)
+        extra = placement.load_checkpoint(ck.load)
         start = int(extra["next_step"])
         placement.dataset.load_state_dict(extra["dataset"])
         placement.manager._next_index = int(extra["sample_index"])
@@ -230,7 +160,7 @@ def _loop(config: MilesConfig, placement: LocalPlacement, logger: MetricsLogger)
         metrics["perf/rollout_time"] = time.perf_counter() - t0
         if not lg.debug_rollout_only:
             t1 = time.perf_counter()
-            metrics.update(train_on(placement, groups, step))
+            metrics.update(placement.train(groups, step))
             metrics["perf/train_time"] = time.perf_counter() - t1
             metrics["perf/tokens_per_s"] = (
                 metrics.pop("perf/tokens_per_s_train_tokens") / metrics["perf/train_time"]
@@ -245,17 +175,14 @@ def _loop(config: MilesConfig, placement: LocalPlacement, logger: MetricsLogger)
                 "dataset": placement.dataset.state_dict(),
                 "sample_index": placement.manager._next_index,
             }
-            save_checkpoint(ck.save, placement.trainer, done, extra)
+            placement.save_checkpoint(ck.save, done, extra)
         metrics["perf/step_time"] = time.perf_counter() - t0
         logger.log(step, metrics)
     if ck.save_hf is not None:
-        from miles.models.loading import save_hf
-
-        assert config.model.hf_checkpoint is not None
-        save_hf(placement.trainer.model, ck.save_hf, tokenizer_source=config.model.hf_checkpoint)
+        placement.save_hf(ck.save_hf)
 
 
-def _evaluate(placement: LocalPlacement, step: int) -> dict[str, float]:
+def _evaluate(placement: Placement, step: int) -> dict[str, float]:
     out: dict[str, float] = {}
     n = placement.config.rollout.n_samples_per_eval_prompt
     for name, dataset in placement.eval_datasets.items():
@@ -263,4 +190,4 @@ def _evaluate(placement: LocalPlacement, step: int) -> dict[str, float]:
     return out
 
 
-__all__ = ["LoopError", "hook_args", "run_train", "sft_groups", "train_on"]
+__all__ = ["LoopError", "hook_args", "run_train", "sft_groups"]

@@ -107,6 +107,15 @@ def derive(v: Values, explicit: set[str]) -> None:
             f"--colocate runs the engines on the trainer's GPUs, so --rollout-num-gpus ({v.rollout_num_gpus}) "
             f"must equal --actor-num-nodes × --actor-num-gpus-per-node ({dp})"
         )
+    if v.placement_backend == "auto":
+        separate_engines = v.rollout_num_gpus is not None and not v.colocate
+        ray = dp > 1 or v.actor_num_nodes > 1 or separate_engines or bool(v.rollout_external_engine_addrs)
+        v["placement_backend"] = "ray" if ray else "local"
+    elif v.placement_backend == "local" and (dp > 1 or v.rollout_external_engine_addrs):
+        raise ConfigError(
+            "--placement-backend local runs one trainer rank and its own engine in one process: "
+            f"drop it for {dp_is} > 1 or --rollout-external-engine-addrs (they need --placement-backend ray)"
+        )
     per_engine = v.rollout_num_gpus_per_engine
     if v.rollout_num_gpus is not None and v.rollout_num_gpus % per_engine:
         raise ConfigError(

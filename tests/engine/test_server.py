@@ -283,6 +283,33 @@ def test_weight_updates_and_memory(http, tiny_model_dir):
     assert http.post("/generate", json=prompt).json()["output_ids"] == base
 
 
+def test_shared_memory_tensor_update_and_weight_read_back(http, tiny_model_dir):
+    """SGLang's MultiprocessingSerializer format (the colocated trainer's): the engine maps the
+    sender's shared-memory tensor and serves exactly those values back from /get_weights_by_name."""
+    from miles.orchestrate.weight_transfer import serialize_shared
+
+    norm = torch.linspace(-1.0, 1.0, 64)
+    named = [("model.norm.weight", norm.clone())]
+    r = http.post("/update_weights_from_tensor",
+                  json={"serialized_named_tensors": [serialize_shared(named)], "weight_version": "7"})  # fmt: skip
+    assert r.status_code == 200 and r.json()["weight_version"] == "7", r.text
+    assert named[0][1].is_shared()  # handed over in place, not copied through the request
+    back = http.post("/get_weights_by_name", json={"name": "model.norm.weight", "truncate_size": 64}).json()
+    assert torch.equal(torch.tensor(back, dtype=torch.float32), norm)
+    assert (
+        len(http.post("/get_weights_by_name", json={"name": "model.norm.weight", "truncate_size": 3}).json())
+        == 3
+    )
+    missing = http.post("/get_weights_by_name", json={"name": "no.such"})
+    assert missing.status_code == 400 and "no.such" in missing.json()["message"]
+    _error(http.post("/get_weights_by_name", json={}), "name")
+    _error(
+        http.post("/get_weights_by_name", json={"name": "model.norm.weight", "truncate_size": 0}),
+        "truncate_size",
+    )
+    http.post("/update_weights_from_disk", json={"model_path": tiny_model_dir, "weight_version": "0"})
+
+
 # ---- client disconnect -----------------------------------------------------------------------------
 
 

@@ -1,0 +1,177 @@
+"""One ``miles serve`` process: started, health-checked, killed and restarted on the same port.
+
+Under Ray each engine actor owns one of these (the server is a child process of the actor, so a
+crash of the server is observable, and recoverable, from the actor that survives it); tests use it
+directly to stand up independently deployed engines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from miles.config import MilesConfig
+
+
+class EngineProcessError(RuntimeError):
+    """The server did not come up (its exit code and the end of its log are in the message)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def serve_arguments(config: MilesConfig, dtype: str, max_total_tokens: int) -> list[str]:
+    """``miles serve`` flags that make a server equal to the embedded engine of ``config``."""
+    e, m = config.engine, config.model
+    assert m.hf_checkpoint is not None
+    args = ["--hf-checkpoint", m.hf_checkpoint, "--dtype", dtype]
+    args += ["--sglang-max-total-tokens", str(max_total_tokens), "--sglang-page-size", str(e.page_size or 16)]
+    args += ["--sglang-max-running-requests", str(e.max_running_requests or 256)]
+    args += ["--sglang-max-prefill-tokens", str(e.max_prefill_tokens or 4096)]
+    if e.context_length is not None:
+        args += ["--sglang-context-length", str(e.context_length)]
+    if e.disable_radix_cache:
+        args.append("--sglang-disable-radix-cache")
+    if e.random_seed is not None:
+        args += ["--sglang-random-seed", str(e.random_seed)]
+    if config.deterministic_mode or e.enable_deterministic_inference:
+        args.append("--sglang-enable-deterministic-inference")
+    return args
+
+
+class EngineProcess:
+    """``python -m miles serve ARGS --host HOST --port PORT`` as a child process.
+
+    ``port`` is fixed at construction, so a restarted server answers at the same URL (the
+    router and the rollout client keep theirs). The log goes to ``log_path`` (appended across
+    restarts) so a failed start can be diagnosed.
+    """
+
+    def __init__(
+        self,
+        serve_args: Sequence[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.serve_args = list(serve_args)
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = Path(log_path) if log_path else None
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> EngineProcess:
+        if self.alive():
+            raise EngineProcessError(f"the server at {self.url} is already running")
+        cmd = [sys.executable, "-m", "miles", "serve", *self.serve_args]
+        cmd += ["--host", self.host, "--port", str(self.port), "--log-level", "warning"]
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            cmd.append("--allow-remote-admin")  # the trainer on another node pushes weights
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        finally:
+            if self.log_path:
+                out.close()  # type: ignore[union-attr]
+        return self
+
+    def wait_healthy(self, timeout_s: float = 300.0) -> None:
+        """Block until ``/health`` answers 200; raise if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise EngineProcessError(f"engine at {self.url} exited with {code}{self._log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise EngineProcessError(
+            f"engine at {self.url} not healthy after {timeout_s:.0f} s{self._log_tail()}"
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL, no clean-up: what a crash looks like (fault-tolerance tests)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, timeout_s: float = 300.0) -> None:
+        """Stop (if still running), start on the same port, wait until healthy."""
+        self.stop()
+        self.restarts += 1
+        deadline = time.monotonic() + 30
+        while not _port_free(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the dead server's socket may linger a moment
+        self.start().wait_healthy(timeout_s)
+
+    def _log_tail(self) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        return f"; log {self.log_path}:\n{self.log_path.read_text(errors='replace')[-3000:]}"
+
+
+def wait_healthy_url(url: str, timeout_s: float) -> None:
+    """Block until ``url``'s ``/health`` answers 200 (an engine this process does not own)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise EngineProcessError(f"engine at {url} not healthy after {timeout_s:.0f} s")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+__all__ = ["EngineProcess", "EngineProcessError", "free_port", "serve_arguments", "wait_healthy_url"]

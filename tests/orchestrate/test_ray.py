@@ -1,0 +1,185 @@
+"""The Ray placement on CPU with a local Ray cluster: trainer ranks over gloo, ``miles serve``
+engines owned by actors, the real sglang-router, the three weight-sync transports, engine crash
+recovery and independently deployed engines."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from miles.config import parse_train_args
+from miles.orchestrate.loop import _loop, hook_args
+from miles.utils.metrics import MetricsLogger, read_metrics
+from tests.orchestrate.test_loop import _argv
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("sglang_router")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local cluster for the module (logical CPUs: bundles, not cores)."""
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+    yield
+    ray.shutdown()
+
+
+def _run(world: Path, run_dir: Path, *extra: str, during: Any = None) -> tuple[list[dict[str, Any]], Any]:
+    """Build the Ray placement for ``miles train`` flags, run the loop, check the engines hold
+    the trainer's weights exactly, and close. Returns the metric rows and the placement."""
+    from miles.orchestrate.ray import RayPlacement
+
+    config = parse_train_args(_argv(world, run_dir, *extra)[1:])
+    assert config.placement.use_ray
+    placement = RayPlacement.build(config, hook_args(config), run_dir=run_dir)
+    logger = MetricsLogger(run_dir)
+    try:
+        if during is not None:
+            during(placement)
+        _loop(config, placement, logger)
+        placement.wait_in_service()  # a restart still in flight
+        assert_engines_hold(placement)
+    finally:
+        logger.close()
+        placement.close()
+    return read_metrics(run_dir), placement
+
+
+def assert_engines_hold(placement: Any) -> None:
+    """Every engine's every parameter equals the trainer's (torch.equal, through HTTP)."""
+    weights = placement.trainer_weights()
+    for url in placement.engine_urls:
+        version = httpx.get(f"{url}/get_weight_version", timeout=10).json()["weight_version"]
+        assert version == str(placement.version), (url, version)
+        for name, tensor in weights.items():
+            r = httpx.post(
+                f"{url}/get_weights_by_name", json={"name": name, "truncate_size": 1 << 20}, timeout=30
+            )
+            assert r.status_code == 200, r.text
+            served = torch.tensor(r.json(), dtype=torch.float32)
+            assert torch.equal(served, tensor.float()), f"{url}: {name} differs from the trainer's"
+
+
+KEYS = ("rollout/raw_reward", "train/loss", "train/grad_norm", "train/train_rollout_logprob_abs_diff",
+        "perf/rollout_time", "perf/train_time", "perf/update_weights_time")  # fmt: skip
+
+
+def test_disaggregated_two_ranks_two_engines_broadcast_and_resume(arith_world, tmp_path, ray_cluster):
+    """2 trainer ranks (FSDP2 over gloo) + 2 engines behind sglang-router, weights by broadcast;
+    then a resumed run (``--load``) continues from the saved step."""
+    flags = ("--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "2", "--num-rollout", "2",
+             "--use-kl-loss", "--kl-loss-coef", "0.5", "--save", str(tmp_path / "ckpt"))  # fmt: skip
+    rows, placement = _run(arith_world, tmp_path / "run", *flags)
+    assert placement.router is not None and placement.transport == "distributed"
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        assert all(k in r for k in KEYS), sorted(r)
+        assert r["train/grad_norm"] > 0 and r["rollout/failed_samples"] == 0
+    # the metric names match the embedded run's
+    from miles.cli import main
+
+    assert (
+        main(
+            _argv(
+                arith_world,
+                tmp_path / "local",
+                "--num-rollout",
+                "1",
+                "--use-kl-loss",
+                "--kl-loss-coef",
+                "0.5",
+            )
+        )
+        == 0
+    )
+    assert set(read_metrics(tmp_path / "local")[0]) == set(rows[0])
+    # a crashed trainer resumes from its last checkpoint: step 2 follows, weights re-pushed
+    resumed, placement = _run(arith_world, tmp_path / "run2", *flags[:-2], "--num-rollout", "3",
+                              "--load", str(tmp_path / "ckpt"))  # fmt: skip
+    assert [r["step"] for r in resumed] == [2] and placement.version == 3
+
+
+def test_colocated_shared_memory_handover(arith_world, tmp_path, ray_cluster):
+    rows, placement = _run(arith_world, tmp_path / "run", "--actor-num-gpus-per-node", "2", "--colocate",
+                           "--placement-backend", "ray", "--num-rollout", "2")  # fmt: skip
+    assert placement.transport == "tensor" and len(placement.engine_urls) == 2
+    assert [r["step"] for r in rows] == [0, 1] and all(r["perf/update_weights_time"] > 0 for r in rows)
+
+
+def test_disk_transport_one_rank_one_engine(arith_world, tmp_path, ray_cluster):
+    rows, placement = _run(arith_world, tmp_path / "run", "--placement-backend", "ray", "--rollout-num-gpus", "1",
+                           "--update-weight-transport", "disk", "--num-rollout", "2")  # fmt: skip
+    assert placement.router is None and placement.transport == "disk"
+    assert all(r["perf/update_weights_time"] > 0 for r in rows)
+    written = list((tmp_path / "run" / "weight_sync").iterdir())
+    assert [p.name for p in written] == ["version_2"]  # older versions are removed
+
+
+def _kill_engine_0_mid_step_1(placement: Any, done: threading.Event) -> None:
+    """Watch engine 0 during step 1's rollout and SIGKILL it while it has requests in flight."""
+    url = placement.engine_urls[0]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not done.is_set():
+        if placement.version == 1:
+            try:
+                state = httpx.get(f"{url}/get_server_info", timeout=5).json()["internal_states"][0]
+            except httpx.HTTPError:
+                continue
+            if state["num_running"] + state["num_waiting"] > 0:
+                placement.kill_engine(0)
+                placement.killed_at_version = placement.version
+                return
+        time.sleep(0.002)
+
+
+def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost(arith_world, tmp_path, ray_cluster):
+    dump = tmp_path / "dump"
+    flags = ("--placement-backend", "ray", "--rollout-num-gpus", "2", "--num-rollout", "3",
+             "--rollout-batch-size", "8", "--rollout-max-response-len", "64",
+             "--use-fault-tolerance", "--rollout-health-check-interval", "0.5", "--rollout-health-check-timeout", "2",
+             "--save-debug-rollout-data", str(dump))  # fmt: skip
+    killed = threading.Event()
+
+    def watch(placement: Any) -> None:
+        threading.Thread(target=_kill_engine_0_mid_step_1, args=(placement, killed), daemon=True).start()
+
+    rows, placement = _run(arith_world, tmp_path / "run", *flags, during=watch)
+    killed.set()  # stops the watcher if it never fired
+    assert getattr(placement, "killed_at_version", None) == 1, "engine 0 was never killed mid-rollout"
+    assert placement.version == 3 and placement.monitor.recoveries >= 1
+    assert not placement.monitor.errors
+    for step, r in enumerate(rows):
+        assert r["rollout/failed_samples"] == 0 and r["rollout/num_samples"] == 32, (step, r)
+    samples = [s for step in range(3) for g in torch.load(dump / f"rollout_{step}.pt", weights_only=False)
+               for s in g.samples]  # fmt: skip
+    indices = [s.index for s in samples]
+    assert sorted(indices) == list(range(96))  # every sample once: none lost, none duplicated
+    assert all(s.status.trainable for s in samples)
+
+
+def test_external_engines_synced_by_broadcast_and_disk(arith_world, tmp_path, ray_cluster):
+    from miles.orchestrate.engine_process import EngineProcess
+
+    args = ["--hf-checkpoint", str(arith_world / "model"), "--sglang-max-total-tokens", "2048"]
+    servers = [EngineProcess(args, log_path=tmp_path / f"ext{i}.log").start() for i in range(2)]
+    try:
+        for s in servers:
+            s.wait_healthy(120)
+        addrs = [s.url.removeprefix("http://") for s in servers]
+        for transport, n in zip(("distributed", "disk"), itertools.count(1)):
+            rows, placement = _run(arith_world, tmp_path / f"run{n}", "--rollout-external-engine-addrs", *addrs,
+                                   "--update-weight-transport", transport, "--num-rollout", "1")  # fmt: skip
+            assert placement.engines == [] and placement.router is not None
+            assert rows[0]["rollout/failed_samples"] == 0
+            assert all(s.alive() for s in servers)  # not ours to stop
+    finally:
+        for s in servers:
+            s.stop()

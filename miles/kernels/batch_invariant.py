@@ -22,7 +22,13 @@ So every reduction here runs in fixed-shape pieces:
   block it shares or the number of keys after it. Prefill, chunked prefill, decode and the
   trainer's packed forward all call this one function.
 
-The backward of both is autograd's (exact gradients; invariance is only promised forward).
+On CUDA, when Triton is installed, :func:`linear` and the attention functions run the Triton
+kernels of ``miles.kernels.triton`` instead (a persistent matmul with one tile configuration and
+no split-K, so no row padding; one attention kernel with a fixed key/value split size); the
+choice depends on the device alone, never on the batch. ``MILES_INVARIANT_KERNELS=torch`` keeps
+the pure-torch path on CUDA too.
+
+The backward is exact, not invariant: autograd's here, cuBLAS/SDPA for the Triton forwards.
 
 The mode is process-wide (the engine runs its steps on another thread of the same process):
 :func:`set_batch_invariant` / :func:`batch_invariant` switch it; the shared model code asks
@@ -32,8 +38,11 @@ The mode is process-wide (the engine runs its steps on another thread of the sam
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +52,29 @@ import torch.nn.functional as F
 # busy, and a decode step reads the weights once whether it computes 1 row or 256).
 _BLOCKS = {"cpu": (16, 16, 64), "cuda": (256, 64, 128)}  # (ROW_BLOCK, Q_BLOCK, KV_CHUNK)
 ROW_BLOCK, Q_BLOCK, KV_CHUNK = _BLOCKS["cpu"]
+# On CUDA a row-wise op's block is sized by the row width instead (a function of the op, never of
+# the batch): about 4M elements, 256 to 8192 rows. The trainer's q/k-norms see T x heads rows of
+# 128 (32768 for 2048 tokens): 256-row blocks meant 128 blocks of ~6 kernels each per norm, the
+# largest part of the trainer's cost in this mode (measured on an H100: 11.7x slower than default).
+_CUDA_ROWWISE_ELEMENTS, _CUDA_ROWWISE_MAX = 1 << 22, 8192
+
+
+@functools.cache
+def _triton() -> tuple[ModuleType, ModuleType] | None:
+    """The Triton kernels ``(matmul, attention)``, or ``None`` without Triton (or when
+    ``MILES_INVARIANT_KERNELS=torch``). Imported here, lazily: a CPU run never loads Triton."""
+    if os.environ.get("MILES_INVARIANT_KERNELS", "triton") == "torch":
+        return None
+    try:
+        from miles.kernels.triton import attention, matmul
+    except ImportError:
+        return None
+    return matmul, attention
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether the invariant ops on ``device`` run the Triton kernels (CUDA with Triton)."""
+    return device.type == "cuda" and _triton() is not None
 
 
 def blocks(device: torch.device) -> tuple[int, int, int]:
@@ -75,17 +107,29 @@ def batch_invariant(on: bool = True) -> Iterator[None]:
         set_batch_invariant(before)
 
 
-def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _row_block(device: torch.device, width: int) -> int:
+    """Rows per block of :func:`rowwise` for rows of ``width`` elements on ``device``."""
+    if device.type != "cuda":
+        return blocks(device)[0]
+    fit = max(1, _CUDA_ROWWISE_ELEMENTS // max(width, 1))
+    return max(blocks(device)[0], min(_CUDA_ROWWISE_MAX, 1 << (fit.bit_length() - 1)))
+
+
+def rowwise(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, block: int | None = None
+) -> torch.Tensor:
     """``fn`` (a row-wise op over the last dimension) applied to fixed-shape blocks of rows of
     ``x [..., C]`` (the last block zero-padded): every call has the same shape, so the kernel,
-    its launch configuration and its reduction order never depend on the number of rows."""
+    its launch configuration and its reduction order never depend on the number of rows.
+    ``block`` rows per call; by default ``ROW_BLOCK`` on the CPU and, on CUDA, a size set by the
+    row width (see ``_CUDA_ROWWISE_ELEMENTS``)."""
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     m = rows.shape[0]
     if m == 0:  # e.g. an MoE expert no token was routed to
         out = fn(rows)
         return out.reshape(*lead, out.shape[-1])
-    block = blocks(x.device)[0]
+    block = block or _row_block(x.device, rows.shape[1])
     pad = -m % block
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
@@ -96,7 +140,12 @@ def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` whose row ``i`` depends only on ``x[..., i, :]``: ``[..., K] -> [..., N]``."""
-    return rowwise(lambda rows: F.linear(rows, weight, bias), x)
+    kernels = _triton() if x.is_cuda else None
+    if kernels is not None and x.numel() > 0 and x.dtype == weight.dtype:
+        rows = kernels[0].linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        return rows.reshape(*x.shape[:-1], rows.shape[-1])
+    # a GEMM's block stays ROW_BLOCK: a decode step pads its rows to it
+    return rowwise(lambda rows: F.linear(rows, weight, bias), x, blocks(x.device)[0])
 
 
 def log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -148,6 +197,8 @@ def causal_attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if int(q_positions.max()) >= tk:
         raise ValueError(f"a query at position {int(q_positions.max())} needs keys up to it; only {tk} given")
+    if uses_triton(q.device):
+        return _triton()[1].causal_attention(q, k, v, q_positions, scale)  # type: ignore[index]
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
@@ -186,13 +237,48 @@ def varlen_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """The trainer's packed causal attention through :func:`causal_attention`, one sequence at a
-    time (same shapes as :func:`miles.kernels.attention.varlen_causal_attention`)."""
+    time (same shapes as :func:`miles.kernels.attention.varlen_causal_attention`; on CUDA with
+    Triton, all sequences in one launch of the same kernel)."""
+    if uses_triton(q.device):
+        return _triton()[1].varlen_causal_attention(q, k, v, cu_seqlens, scale)  # type: ignore[index]
     bounds = cu_seqlens.tolist()
     out = []
     for start, end in itertools.pairwise(bounds):
         if end > start:
             pos = torch.arange(end - start, device=q.device)
             out.append(causal_attention(q[start:end], k[start:end], v[start:end], pos, scale))
+    return torch.cat(out) if out else q.new_empty(q.shape)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    scale: float,
+) -> torch.Tensor:
+    """The engine's invariant attention over its paged cache ``[num_blocks, block_size, Hkv, D]``:
+    ``q [T, Hq, D]`` holds the ``query_lens[i]`` new (already stored) tokens of sequence ``i``,
+    which has ``seq_lens[i]`` cached tokens and block table ``block_tables[i]``. Bitwise equal to
+    :func:`causal_attention` over each sequence's gathered keys; on CUDA with Triton one launch
+    reads the cache in place, elsewhere one sequence at a time."""
+    if sum(query_lens) != q.shape[0]:
+        raise ValueError(f"query_lens sum to {sum(query_lens)} but q has {q.shape[0]} tokens")
+    if uses_triton(q.device):
+        return _triton()[1].paged_attention(  # type: ignore[index]
+            q, k_cache, v_cache, block_tables, query_lens, seq_lens, scale
+        )
+    _, block_size, hkv, d = k_cache.shape
+    out, start = [], 0
+    for i, (n, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        used = block_tables[i][: -(-seq_len // block_size)]
+        k_all = k_cache[used].reshape(-1, hkv, d)[:seq_len]
+        v_all = v_cache[used].reshape(-1, hkv, d)[:seq_len]
+        pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        out.append(causal_attention(q[start : start + n], k_all, v_all, pos, scale))
+        start += n
     return torch.cat(out) if out else q.new_empty(q.shape)
 
 
@@ -207,7 +293,9 @@ __all__ = [
     "linear",
     "log_softmax",
     "logprobs_and_entropy",
+    "paged_attention",
     "rowwise",
     "set_batch_invariant",
+    "uses_triton",
     "varlen_causal_attention",
 ]

@@ -179,9 +179,9 @@ class RayPlacement:
             address = os.environ.get("RAY_ADDRESS")
             if address:
                 ray.init(address=address, runtime_env={"env_vars": _env_vars()}, log_to_driver=False)
-            else:  # a local cluster; on CPU the bundles are logical CPUs, not cores
-                need = world + (0 if p.colocate else n_engines) + 1
-                ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+            else:  # a local cluster of our own (never a stale /tmp/ray/ray_current_cluster)
+                need = world + (0 if p.colocate else n_engines) + 1  # logical CPUs, not cores
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
                          runtime_env={"env_vars": _env_vars()}, log_to_driver=False)  # fmt: skip
             started = True
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0

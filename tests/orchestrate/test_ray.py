@@ -26,7 +26,7 @@ pytest.importorskip("sglang_router")
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local cluster for the module (logical CPUs: bundles, not cores)."""
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
     yield
     ray.shutdown()

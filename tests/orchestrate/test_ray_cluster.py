@@ -82,3 +82,8 @@ def test_ray_start_and_job_submit_run_miles_train(arith_world, tmp_path):
                 node.wait(60)
             except subprocess.TimeoutExpired:
                 node.kill()
+        # `ray stop` would also remove the pointer to this (now dead) cluster; later ray.init()
+        # calls without an address would try to join it.
+        pointer = Path("/tmp/ray/ray_current_cluster")
+        if pointer.is_file() and pointer.read_text().strip().endswith(f":{gcs}"):
+            pointer.unlink()

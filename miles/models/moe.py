@@ -16,6 +16,10 @@ Two expert implementations compute the same function (``SparseMoeBlock.expert_im
   compute time into ``[E, 2I, H]`` / ``[E, H, I]`` (parameters stay per expert, so checkpoints and
   FSDP see the HF layout), two grouped GEMMs (``torch._grouped_mm`` where it runs; one ``mm`` per
   expert segment otherwise), then a deterministic combine.
+
+Under expert parallelism (``miles.train.expert_parallel``) a block holds only its rank's experts
+and ``expert_dispatch`` computes the routed experts across ranks; routing (and any hook) still
+runs first, on the rank's own tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -181,12 +185,67 @@ def grouped_linear(a: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torc
     # torch._grouped_mm wants 16-byte aligned row strides for its operands and for the gradients
     # autograd feeds it back (``[M, N]`` contiguous), hence K and N.
     align = 16 // a.element_size()
-    if a.shape[1] % align == 0 and w.shape[1] % align == 0 and _grouped_mm_runs(a.device, a.dtype):
+    if (
+        a.shape[0]
+        and a.shape[1] % align == 0
+        and w.shape[1] % align == 0
+        and _grouped_mm_runs(a.device, a.dtype)
+    ):
         return torch._grouped_mm(a, w.transpose(-2, -1), offs=ends)
     bounds = [0, *ends.tolist()]
     # unbind (not w[e]): its backward stacks the E gradients once instead of E full-size scatters.
     ws = torch.unbind(w)
     return torch.cat([F.linear(a[s:e], ws[i]) for i, (s, e) in enumerate(itertools.pairwise(bounds))])
+
+
+def expert_ends(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int32 ``[E]``: ``ends[e]`` = number of entries of the sorted ``sorted_ids`` that are ``<= e``."""
+    arange_e = torch.arange(num_experts, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    return torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)
+
+
+def grouped_expert_mlp(xs: torch.Tensor, ends: torch.Tensor, experts: Sequence[SwiGLUMLP]) -> torch.Tensor:
+    """SwiGLU experts on rows sorted by expert: rows ``ends[e-1]:ends[e]`` of ``xs`` ``[n, H]`` go
+    through ``experts[e]``; returns ``[n, H]`` in the same (sorted) order.
+
+    The expert weights are stacked at compute time (parameters stay per expert, HF layout) and
+    every expert gets a gradient, zeros for one without rows."""
+    num_e, h = len(experts), xs.shape[1]
+    inter = experts[0].gate_proj.weight.shape[0]
+    # [E, 2I, H]: expert e's gate rows then its up rows, one GEMM for both (a single stack copy).
+    gate_up = torch.stack([w for m in experts for w in (m.gate_proj.weight, m.up_proj.weight)])
+    gate_up = gate_up.view(num_e, 2 * inter, h)
+    down = torch.stack([m.down_proj.weight for m in experts])  # [E, H, I]
+    if gate_up.requires_grad:
+        # Every expert parameter gets a gradient through the stack (zeros for an expert with no
+        # rows), so data-parallel ranks reduce the same set. Force those zeros: the Blackwell
+        # grouped GEMM has written non-zero weight gradients for empty groups
+        # (pytorch/pytorch#172439), and torch.where also keeps a NaN out.
+        empty = (torch.diff(ends, prepend=ends.new_zeros(1)) == 0)[:, None, None]
+        gate_up.register_hook(lambda g: torch.where(empty, 0, g))
+        down.register_hook(lambda g: torch.where(empty, 0, g))
+    gu = grouped_linear(xs, gate_up, ends)
+    return grouped_linear(F.silu(gu[:, :inter]) * gu[:, inter:], down, ends)
+
+
+def combine_slots(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[:, j] * y[(t, j)]`` ``[T, H]``, where row ``i`` of ``ys`` ``[T*k, H]`` is the
+    (token, slot) pair ``order[i]`` (flat index ``t * k + j``) and ``weights`` is ``[T, k]``."""
+    t, k = weights.shape
+    n = t * k
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
+    # A fixed-order sum over the k slots of each token (no atomics).
+    return (ys.index_select(0, inv).view(t, k, ys.shape[1]) * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class ExpertDispatch(Protocol):
+    """Computes a block's routed experts elsewhere: expert parallelism
+    (``miles.train.expert_parallel``) sends the (token, slot) rows to the ranks that own the
+    experts and brings the results back. Same contract as ``SparseMoeBlock._experts``."""
+
+    def __call__(
+        self, block: SparseMoeBlock, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 class SparseMoeBlock(nn.Module):
@@ -215,6 +274,8 @@ class SparseMoeBlock(nn.Module):
         if spec.shared_expert_intermediate_size:
             self.shared_expert = SwiGLUMLP(spec.hidden_size, spec.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(spec.hidden_size, 1, bias=False)
+        # Set by expert parallelism (then ``experts`` holds this rank's experts only).
+        self.expert_dispatch: ExpertDispatch | None = None
 
     def forward(self, x: torch.Tensor, routing: RoutingHook | None = None) -> torch.Tensor:
         router_logits = self.gate(x)
@@ -237,6 +298,8 @@ class SparseMoeBlock(nn.Module):
     def _experts(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.expert_impl not in ("grouped", "reference"):
             raise ValueError(f"expert_impl must be 'grouped' or 'reference', got {self.expert_impl!r}")
+        if self.expert_dispatch is not None:  # expert parallel: every rank takes part, always
+            return self.expert_dispatch(self, x, topk_ids, weights)
         # Batch-invariant mode: the per-expert Linear runs fixed-shape row blocks, which is what
         # tests/kernels and the true-on-policy tests cover. Inference with fewer (token, slot)
         # pairs than experts (decode): the loop touches only the chosen experts' weights, while
@@ -255,35 +318,17 @@ class SparseMoeBlock(nn.Module):
         """Same contract as :meth:`_experts_reference`: ``x`` ``[T, H]``, ``topk_ids`` ``[T, k]``,
         ``weights`` ``[T, k]`` in ``x.dtype``; returns ``sum_j weights[:, j] * expert_{ids[:, j]}(x)``."""
         t, k = topk_ids.shape
-        n, h, num_e = t * k, x.shape[1], self.num_experts
+        n, h = t * k, x.shape[1]
         # Stable sort: row i of the sorted problem is (token order[i] // k, slot order[i] % k).
         sorted_ids, order = torch.sort(topk_ids.reshape(-1).long(), stable=True)
-        arange_e = torch.arange(num_e, device=x.device, dtype=sorted_ids.dtype)
-        ends = torch.searchsorted(sorted_ids, arange_e, right=True, out_int32=True)  # [E]
+        ends = expert_ends(sorted_ids, self.num_experts)
         # (ids outside [0, E) never get here: gate_weights' gather rejects them.)
         # Dispatch by copy-then-permute rather than gathering token rows k times: the backward is
         # then a permutation scatter plus a sum over k, deterministic on every device (a gather
         # with repeated indices backpropagates through index_add, atomic on CUDA).
         xs = x.unsqueeze(1).expand(t, k, h).reshape(n, h).index_select(0, order)
-        experts: list[SwiGLUMLP] = list(self.experts)  # type: ignore[arg-type]
-        inter = experts[0].gate_proj.weight.shape[0]
-        # [E, 2I, H]: expert e's gate rows then its up rows, one GEMM for both (a single stack copy).
-        gate_up = torch.stack([w for m in experts for w in (m.gate_proj.weight, m.up_proj.weight)])
-        gate_up = gate_up.view(num_e, 2 * inter, h)
-        down = torch.stack([m.down_proj.weight for m in experts])  # [E, H, I]
-        if gate_up.requires_grad:
-            # Every expert parameter gets a gradient through the stack (zeros for an expert with no
-            # rows), so data-parallel ranks reduce the same set. Force those zeros: the Blackwell
-            # grouped GEMM has written non-zero weight gradients for empty groups
-            # (pytorch/pytorch#172439), and torch.where also keeps a NaN out.
-            empty = (torch.diff(ends, prepend=ends.new_zeros(1)) == 0)[:, None, None]
-            gate_up.register_hook(lambda g: torch.where(empty, 0, g))
-            down.register_hook(lambda g: torch.where(empty, 0, g))
-        gu = grouped_linear(xs, gate_up, ends)
-        ys = grouped_linear(F.silu(gu[:, :inter]) * gu[:, inter:], down, ends)  # [n, H], sorted
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=x.device))
-        # Combine: a fixed-order sum over the k slots of each token (no atomics).
-        return (ys.index_select(0, inv).view(t, k, h) * weights.unsqueeze(-1)).sum(dim=1)
+        ys = grouped_expert_mlp(xs, ends, list(self.experts))  # type: ignore[arg-type]
+        return combine_slots(ys, order, weights)
 
     def _experts_reference(
         self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor

@@ -75,6 +75,7 @@ def trainer_config(config: MilesConfig) -> TrainerConfig:
         correction_params=params,
         use_rollout_logprobs=a.use_rollout_logprobs,
         routing_replay=config.use_rollout_routing_replay,
+        own_routing_replay=t.use_routing_replay,
         moe_aux_loss_coef=t.moe_aux_loss_coeff,
         moe_z_loss_coef=t.moe_z_loss_coeff,
         temperature=r.rollout_temperature,
@@ -145,6 +146,7 @@ def build_trainer(config: MilesConfig, device: torch.device, *, fsdp: bool) -> T
             policy,
             param_dtype=getattr(torch, dtype),
             activation_checkpointing=config.train.gradient_checkpointing,
+            expert_parallel_size=config.train.expert_model_parallel_size,
         )
     elif config.train.gradient_checkpointing:
         apply_activation_checkpointing(policy)

@@ -95,11 +95,6 @@ def run_train(config: MilesConfig) -> int:
     """Run ``miles train`` (embedded, or on Ray with ``--placement ray``); returns the exit code."""
     if config.algo.advantage_estimator == "ppo" and config.train.loss_type != "policy_loss":
         raise LoopError("--advantage-estimator ppo needs --loss-type policy_loss (the critic's returns)")
-    t = config.train
-    missing = [flag for flag, on in (("--use-routing-replay (R2)", t.use_routing_replay),
-                                     ("--expert-model-parallel-size > 1", t.expert_model_parallel_size > 1)) if on]  # fmt: skip
-    if missing:  # accepted by the parser (slime's names), not built yet: refuse rather than ignore
-        raise LoopError(f"not implemented yet: {', '.join(missing)} (see docs/moe.md); drop the flag")
     run_dir = Path(config.log.run_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))

@@ -47,17 +47,17 @@ def partition(batch: TrainBatch, world_size: int) -> list[list[int]]:
 
 
 def gather_tokens(local: torch.Tensor, batch: TrainBatch, parts: list[list[int]]) -> torch.Tensor:
-    """The per-token tensor of the whole ``batch`` from each rank's ``local`` share (``[T_rank]``,
+    """The per-token tensor of the whole ``batch`` from each rank's ``local`` share (``[T_rank, ...]``,
     the tokens of ``parts[rank]`` in order), on every rank. Collective over the default group."""
     if len(parts) == 1:
         return local
     lengths = sequence_lengths(batch)
     sizes = [sum(lengths[i] for i in p) for p in parts]
-    padded = torch.zeros(max(sizes), dtype=local.dtype, device=local.device)
-    padded[: local.numel()] = local
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: local.shape[0]] = local
     pieces = [torch.empty_like(padded) for _ in parts]
     dist.all_gather(pieces, padded)
-    full = torch.empty(batch.num_tokens, dtype=local.dtype, device=local.device)
+    full = local.new_empty((batch.num_tokens, *local.shape[1:]))
     for piece, p, n in zip(pieces, parts, sizes):
         full[token_index(batch, p)] = piece[:n]
     return full
@@ -89,7 +89,7 @@ def train_on(
     local = select_sequences(batch, parts[rank]) if world_size > 1 else batch
     metrics: dict[str, float] = {}
     policy = config.train.loss_type == "policy_loss"
-    old = ref = values = None
+    old = ref = values = routing = None
     steps = config.rollout.num_steps_per_rollout or 1
     if batch.num_sequences % steps:
         raise ValueError(
@@ -102,10 +102,13 @@ def train_on(
     if policy:
         if not on_policy:
             old = gather_tokens(trainer.compute_logprobs(local), batch, parts)
+            if trainer.old_routing is not None:  # R2: the experts of this forward, replayed below
+                routing = gather_tokens(trainer.old_routing, batch, parts)
             for k, v in mismatch_metrics(old, batch.rollout_logprobs, batch.loss_mask).items():
                 metrics[f"train/{k}"] = float(v)
             if trainer.routing_mismatch_frac is not None:  # engine vs trainer experts (R3)
                 metrics["train/routing_mismatch_frac"] = trainer.routing_mismatch_frac
+                metrics["train/router_mismatch_frac"] = trainer.router_mismatch_frac
         if trainer.ref_model is not None:
             ref = gather_tokens(trainer.compute_ref_logprobs(local), batch, parts)
         kl = (
@@ -146,6 +149,7 @@ def train_on(
             ref_logprobs=None if ref is None else ref[idx],
             old_values=None if values is None else values[idx],
             on_policy=on_policy,
+            old_routing=None if routing is None else routing[idx],
         )
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value / steps
@@ -153,6 +157,7 @@ def train_on(
         sums.pop("train/train_rollout_logprob_abs_diff", None)  # measured above, before any update
         if "train/routing_mismatch_frac" in metrics:
             sums.pop("train/routing_mismatch_frac", None)
+            sums.pop("train/router_mismatch_frac", None)
     metrics.update(rename_critic_metrics(sums))
     metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
     return metrics

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from miles.models import CausalLM, ModelSpec
 from miles.models.loading import CheckpointError, build_model, load_config, save_hf
+from miles.train.expert_parallel import global_param_shapes
 from miles.train.optim import IMPL_FLAGS, CpuOffloadedOptimizer
 
 if TYPE_CHECKING:
@@ -91,8 +92,9 @@ def _units(trainer: Trainer) -> dict[str, tuple[nn.Module, torch.optim.Optimizer
 
 
 def _shapes(model: nn.Module) -> dict[str, list[int]]:
-    # DTensor.shape is the global shape, so sharded and plain models compare equal.
-    return {n: list(p.shape) for n, p in model.named_parameters()}
+    # DTensor.shape is the global shape, and an expert-parallel model lists every expert, so
+    # sharded and plain models compare equal.
+    return global_param_shapes(model)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -1,4 +1,12 @@
-"""Rollout routing replay (R3) in the trainer: a ``RoutingHook`` over ``TrainBatch.routed_experts``.
+"""Routing replay in the trainer: a ``RoutingHook`` over a record of experts per token and layer.
+
+Two records feed it (docs/moe.md):
+
+- R3, rollout routing replay: ``TrainBatch.routed_experts``, the experts the *engine* used;
+- R2, routing replay: the experts the trainer's own old-log-prob forward used, captured by that
+  forward (``capture=True``) and replayed in the training forwards of the same tokens
+  (:func:`trainer_routing_hook`). With both, R3 wins: R2 adds nothing when the old forward
+  already replayed the engine's experts.
 
 Row ``t`` of ``routed_experts`` ``[T, num_moe_layers, top_k]`` holds the experts the engine used
 for token ``t`` (negative ids: no record, e.g. the last token of each sequence, which the engine
@@ -15,6 +23,8 @@ backward) may route each layer once more and gets the same ids.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -23,7 +33,18 @@ from miles.types import TrainBatch
 
 
 class ReplayHook:
-    def __init__(self, record: Tensor, moe_layers: tuple[int, ...], *, replay: bool) -> None:
+    """``then``: a hook applied after this one (it sees the ids this one returns); ``capture``: keep
+    the ids finally used in the forward (:meth:`captured`)."""
+
+    def __init__(
+        self,
+        record: Tensor,
+        moe_layers: tuple[int, ...],
+        *,
+        replay: bool,
+        then: ReplayHook | None = None,
+        capture: bool = False,
+    ) -> None:
         if record.dim() != 3 or record.shape[1] != len(moe_layers):
             raise ValueError(
                 f"routed_experts has shape {tuple(record.shape)}; expected [T, {len(moe_layers)}, top_k] "
@@ -37,7 +58,17 @@ class ReplayHook:
         self.recomputed = [0] * len(moe_layers)  # calls in activation-checkpoint recomputation
         self.in_forward = True
         self.mismatched = torch.zeros((), dtype=torch.long, device=record.device)
+        self.router_mismatched = torch.zeros((), dtype=torch.long, device=record.device)
         self.compared = torch.zeros((), dtype=torch.long, device=record.device)
+        self.then, self.capture = then, capture
+        self._captured: list[Tensor | None] = [None] * len(moe_layers)
+
+    @classmethod
+    def blank(cls, model: CausalLM, num_tokens: int, device: torch.device, **kwargs: Any) -> ReplayHook:
+        """A hook with no record (it changes nothing, counts nothing): for ``then`` / ``capture``."""
+        return cls(
+            empty_record(model, num_tokens, device), model.spec.moe_layer_indices, replay=False, **kwargs
+        )
 
     @classmethod
     def for_batch(cls, model: CausalLM, mb: TrainBatch, *, replay: bool) -> ReplayHook | None:
@@ -66,15 +97,22 @@ class ReplayHook:
             self.routed[pos] += 1
             own = topk_ids.sort(dim=-1).values
             differs = (own != record.sort(dim=-1).values).any(dim=-1) & self.has_record
-            self.mismatched += differs.sum()
+            self.router_mismatched += differs.sum()
             self.compared += self.has_record.sum()
         else:
             if self.recomputed[pos]:
                 raise RuntimeError(f"MoE layer {layer_idx} was recomputed twice after its forward")
             self.recomputed[pos] += 1
-        if not self.replay:
-            return topk_ids
-        return torch.where(self.has_record[:, None], record, topk_ids)
+        if self.replay:
+            topk_ids = torch.where(self.has_record[:, None], record, topk_ids)
+        if self.then is not None:
+            topk_ids = self.then.route(layer_idx, router_logits, topk_ids)
+        if self.capture and self.in_forward:
+            self._captured[pos] = topk_ids.detach()
+        if self.in_forward:  # the experts this forward uses against the engine's: 0 under R3
+            used = topk_ids.sort(dim=-1).values
+            self.mismatched += ((used != record.sort(dim=-1).values).any(dim=-1) & self.has_record).sum()
+        return topk_ids
 
     def end_forward(self) -> None:
         """Check that every recorded layer was consumed exactly once; later calls are recomputation."""
@@ -82,7 +120,72 @@ class ReplayHook:
         if wrong:
             raise RuntimeError(f"MoE layers {wrong} were not routed exactly once in the forward")
         self.in_forward = False
+        if self.then is not None:
+            self.then.end_forward()
+
+    def captured(self) -> Tensor:
+        """int32 ``[T, num_moe_layers, top_k]``: the ids the forward used (needs ``capture``)."""
+        if not self.capture or self.in_forward or any(c is None for c in self._captured):
+            raise RuntimeError("captured() needs capture=True and a finished forward")
+        return torch.stack([c for c in self._captured if c is not None], dim=1).to(torch.int32)
 
     def counts(self) -> Tensor:
-        """``[mismatched, compared]`` (token, layer) pairs of the forward, as a float tensor."""
-        return torch.stack([self.mismatched, self.compared]).float()
+        """``[mismatched, compared, router_mismatched]`` (token, layer) pairs of the forward, as a
+        float tensor: ``mismatched`` compares the experts the forward *used* with the engine's (0
+        under R3 by construction), ``router_mismatched`` the router's own top-k (what replay
+        overrides; equal to ``mismatched`` without replay)."""
+        return torch.stack([self.mismatched, self.compared, self.router_mismatched]).float()
+
+
+def trainer_routing_hook(
+    model: CausalLM,
+    mb: TrainBatch,
+    *,
+    rollout_replay: bool,
+    own_record: Tensor | None = None,
+    capture: bool = False,
+) -> ReplayHook | None:
+    """The routing hook of one trainer forward of micro-batch ``mb`` (``None``: plain routing).
+
+    - ``mb.routed_experts`` (R3's engine record): replayed with ``rollout_replay``, else only
+      compared with the router's choice (``routing_mismatch_frac``); this hook comes first, so
+      its counts are the engine/trainer mismatch either way.
+    - ``own_record`` (R2): int32 ``[mb.num_tokens, num_moe_layers, top_k]``, the experts the old-
+      log-prob forward used for these tokens; replayed unless R3 already replays (R3 wins).
+    - ``capture``: the returned hook keeps the ids the forward finally used
+      (:meth:`ReplayHook.captured`): R2's record, taken in the old-log-prob forward.
+    """
+    r3 = ReplayHook.for_batch(model, mb, replay=rollout_replay)
+    r2: ReplayHook | None = None
+    hook: ReplayHook | None
+    if own_record is not None and not (r3 is not None and rollout_replay):
+        check_own_record(own_record, mb.num_tokens)
+        r2 = ReplayHook(own_record.to(mb.input_ids.device), model.spec.moe_layer_indices, replay=True)
+    if r3 is not None:
+        r3.then, hook = r2, r3
+    else:
+        hook = r2
+    if capture and model.spec.is_moe:
+        if hook is None:
+            hook = ReplayHook.blank(model, mb.num_tokens, mb.input_ids.device)
+        hook.capture = True
+    return hook
+
+
+def check_own_record(record: Tensor, num_tokens: int) -> Tensor:
+    """``record`` (R2), checked to hold one row of valid ids for each of ``num_tokens`` tokens."""
+    if record.dim() != 3 or record.shape[0] != num_tokens:
+        raise ValueError(
+            f"the R2 routing record has shape {tuple(record.shape)} for a batch of {num_tokens} tokens: "
+            "pass [tokens, moe_layers, top_k], sliced like the old log-probs"
+        )
+    if (record < 0).any():
+        raise ValueError("the R2 routing record has negative ids: every token needs its experts")
+    return record
+
+
+def empty_record(model: CausalLM, num_tokens: int, device: torch.device) -> Tensor:
+    """int32 ``[num_tokens, moe_layers, top_k]`` of -1 (no record)."""
+    spec = model.spec
+    shape = (num_tokens, len(spec.moe_layer_indices), spec.num_experts_per_tok)
+    return torch.full(shape, -1, dtype=torch.int32, device=device)

@@ -2,10 +2,9 @@
 
 ``Trainer`` runs on one data-parallel rank. It receives that rank's share of the global batch
 (:func:`miles.train.packing.shard_for_rank`), splits it into micro-batches, and accumulates
-gradients so that the result is the gradient of the *global-batch* loss, whatever the
-micro-batching and the number of ranks: each micro-batch loss is divided by the global
-normaliser (``loss_normalizer`` summed over the local batch, all-reduced over ranks), so the
-micro-batch losses of all ranks add up to the global reduction. See docs/trainer.md.
+gradients so that the result is the gradient of the *global-batch* loss, whatever the micro-batching
+and the number of ranks: each micro-batch loss is divided by the global normaliser (``loss_normalizer``
+summed over the local batch, all-reduced over ranks): the ranks' losses add up to the global one.
 
 Algorithms come from the :mod:`miles.algo` registries by name; nothing here branches on an
 algorithm beyond "SFT or policy loss" and "is a term switched on".
@@ -36,13 +35,15 @@ from miles.algo import (
     sft_loss,
 )
 from miles.models import CausalLM
-from miles.train.offload import move_module, move_optimizer_state
+from miles.train import trainer_sleep
+from miles.train.expert_parallel import clipped_step
+from miles.train.offload import move_module
 from miles.train.optim import LRSchedule, build_training_optimizer
 from miles.train.packing import batch_to, select_sequences, select_tokens
 from miles.train.parallelize import apply_activation_checkpointing, is_fsdp
 from miles.train.router_losses import RouterLossTracker
-from miles.train.routing import ReplayHook
-from miles.train.steps import aligned_bins, clipped_step, oom_halves, packed_logprobs
+from miles.train.routing import ReplayHook, check_own_record, empty_record, trainer_routing_hook
+from miles.train.steps import aligned_bins, oom_halves, packed_logprobs
 from miles.types import TrainBatch
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ class TrainerConfig:
     # Rollout routing replay (R3): forwards of a batch with routed_experts use the engine's
     # experts [--use-rollout-routing-replay]. Without it the record only feeds the mismatch metric.
     routing_replay: bool = False
+    # Routing replay (R2): compute_logprobs keeps the experts its forward used (old_routing) and
+    # the training forwards of those tokens replay them [--use-routing-replay]. R3 wins if both.
+    own_routing_replay: bool = False
     moe_aux_loss_coef: float = 0.0  # MoE load balancing, see router_losses [--moe-aux-loss-coeff]
     moe_z_loss_coef: float = 0.0  # MoE router z-loss [--moe-z-loss-coeff]
     temperature: float = 1.0  # the rollout temperature: log-probs are scored under it
@@ -118,6 +122,10 @@ class TrainerConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.max_oom_retries < 0 or self.num_critic_only_steps < 0:
             raise ValueError("max_oom_retries and num_critic_only_steps must be >= 0")
+        if self.own_routing_replay and self.use_rollout_logprobs:
+            raise ValueError(
+                "own_routing_replay (R2) needs the old-log-prob forward: no use_rollout_logprobs"
+            )
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(
@@ -172,17 +180,29 @@ class Trainer:
         self.asleep = False
         # train/routing_mismatch_frac of the last compute_logprobs on a batch with routed_experts.
         self.routing_mismatch_frac: float | None = None
+        self.router_mismatch_frac = 0.0  # the router's own top-k against the record (set with the above)
+        # R2: int32 [T, moe_layers, top_k] experts of the last compute_logprobs' batch, or None.
+        self.old_routing: Tensor | None = None
 
     # ----------------------------------------------------------------------------------------
     # Log-probs
     # ----------------------------------------------------------------------------------------
 
     def _forward_logprobs(
-        self, model: CausalLM, mb: TrainBatch, need_entropy_grad: bool, routing_counts: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``routing_counts`` ``[2]``: where to add the (token, layer) routing mismatch counts."""
+        self,
+        model: CausalLM,
+        mb: TrainBatch,
+        need_entropy_grad: bool,
+        routing_counts: Tensor | None = None,
+        own_routing: Tensor | None = None,
+        capture: bool = False,
+    ) -> tuple[Tensor, Tensor, ReplayHook | None]:
+        """``routing_counts`` ``[2]``: where to add the (token, layer) routing mismatch counts;
+        ``own_routing``/``capture``: R2's record to replay / to take (``trainer_routing_hook``)."""
         cfg = self.config
-        hook = ReplayHook.for_batch(model, mb, replay=cfg.routing_replay)
+        hook = trainer_routing_hook(
+            model, mb, rollout_replay=cfg.routing_replay, own_record=own_routing, capture=capture
+        )
         out = packed_logprobs(
             model,
             mb,
@@ -192,42 +212,53 @@ class Trainer:
             need_entropy_grad=need_entropy_grad,
             routing=hook,
         )
-        if hook is not None and routing_counts is not None:
+        if hook is not None and routing_counts is not None and mb.routed_experts is not None:
             routing_counts += hook.counts()
-        return out
+        return (*out, hook)
 
     def _routing_frac(self, counts: Tensor) -> float:
-        """The mismatch fraction over every rank's (token, layer) pairs."""
+        """Used-experts mismatch over every rank's (token, layer) pairs; the router's own: attribute."""
         self._all_reduce(counts)
+        self.router_mismatch_frac = float(counts[2]) / max(float(counts[1]), 1.0)
         return float(counts[0]) / max(float(counts[1]), 1.0)
 
     @torch.no_grad()
     def _no_grad_logprobs(
-        self, model: CausalLM, batch: TrainBatch, routing_counts: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self, model: CausalLM, batch: TrainBatch, routing_counts: Tensor | None = None, capture: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(logp, entropy, used experts [T, L, k] int32 if capture and MoE else None)``."""
         batch = batch_to(batch, self.device)
         logp = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
         entropy = torch.zeros_like(logp)
+        used = empty_record(model, batch.num_tokens, self.device) if capture and model.spec.is_moe else None
         token_ids = torch.arange(batch.num_tokens, device=self.device)
         for bin_ in self._bins(batch):
             # Empty bins exist only so that every FSDP rank runs the same number of forwards.
             counts = routing_counts if bin_ else None  # a padding bin repeats sequence 0
-            lp, ent = self._forward_logprobs(model, select_sequences(batch, bin_ or [0]), False, counts)
+            mb = select_sequences(batch, bin_ or [0])
+            lp, ent, hook = self._forward_logprobs(model, mb, False, counts, capture=used is not None)
             if bin_:
                 where = select_tokens(token_ids, batch.cu_seqlens, bin_)
                 logp[where], entropy[where] = lp, ent
+                if used is not None and hook is not None:
+                    used[where] = hook.captured()
         if is_fsdp(model):
             model.reshard()  # type: ignore[operator]  # the root stays gathered after a forward
-        return logp, entropy
+        return logp, entropy, used
 
     def compute_logprobs_and_entropy(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
         """Float32 ``(logp [T], entropy [T])`` of this rank's batch, micro-batched as in training.
 
-        With ``batch.routed_experts`` it also sets ``routing_mismatch_frac`` (else ``None``)."""
-        counts = torch.zeros(2, device=self.device)
-        out = self._no_grad_logprobs(self.model, batch, counts)
+        With ``batch.routed_experts`` it also sets ``routing_mismatch_frac`` (else ``None``). With
+        ``own_routing_replay`` (R2) it sets ``old_routing`` (else ``None``): int32 ``[T, moe_layers,
+        top_k]``, the experts this forward used for each token (R3's replayed ones included); hand
+        the rows of a sub-batch to :meth:`train_step` as ``old_routing``, like the log-probs."""
+        counts = torch.zeros(3, device=self.device)
+        logp, entropy, self.old_routing = self._no_grad_logprobs(
+            self.model, batch, counts, self.config.own_routing_replay
+        )
         self.routing_mismatch_frac = None if batch.routed_experts is None else self._routing_frac(counts)
-        return out
+        return logp, entropy
 
     def compute_logprobs(self, batch: TrainBatch) -> Tensor:
         """Float32 log-prob ``[T]`` of each token given its prefix (0 at each sequence's first token)."""
@@ -268,6 +299,7 @@ class Trainer:
         ref_logprobs: Tensor | None = None,
         *,
         on_policy: bool = False,
+        old_routing: Tensor | None = None,
     ) -> dict[str, float]:
         """Forward/backward over the micro-batches of ``batch``; ``.grad`` then holds the gradient
         of the global-batch loss (all ranks). No optimizer step. Returns metrics reduced over
@@ -287,6 +319,11 @@ class Trainer:
 
         With ``batch.routed_experts``, metric ``routing_mismatch_frac``: from the old-log-prob
         forward when this call runs it, else from the training forwards.
+
+        ``old_routing`` (R2, ``own_routing_replay``): int32 ``[T, moe_layers, top_k]`` aligned with
+        ``batch`` (rows of :attr:`old_routing`), replayed in every training forward and its
+        recomputation; required with ``old_logprobs`` of an MoE model, taken from this call's own
+        old-log-prob forward otherwise.
         """
         cfg = self.config
         batch = batch_to(batch, self.device)
@@ -312,7 +349,12 @@ class Trainer:
                     old_logprobs = batch.rollout_logprobs
                 else:
                     old_logprobs = self.compute_logprobs(batch)
-                    routing_frac = self.routing_mismatch_frac
+                    routing_frac, old_routing = self.routing_mismatch_frac, self.old_routing
+            elif cfg.own_routing_replay and old_routing is None and self.model.spec.is_moe:
+                raise ValueError(
+                    "own_routing_replay (R2) with old_logprobs needs old_routing: the rows of "
+                    "trainer.old_routing that compute_logprobs set with those log-probs"
+                )
             tokens["old"] = old_logprobs.to(self.device, torch.float32)
             corr = apply_correction(
                 cfg.correction,
@@ -323,6 +365,8 @@ class Trainer:
                 cfg.correction_params,
             )
             tokens["weights"], tokens["pg_mask"], corr_metrics = corr.weights, corr.loss_mask, corr.metrics
+        if cfg.own_routing_replay and old_routing is not None:
+            tokens["routing"] = check_own_record(old_routing.to(self.device), batch.num_tokens)
         if cfg.use_kl_loss:
             if ref_logprobs is None and self.ref_model is not None:
                 ref_logprobs = self.compute_ref_logprobs(batch)
@@ -341,7 +385,7 @@ class Trainer:
         plan, retries, i = self._bins(batch), 0, 0
         sums: dict[str, Tensor] = {}
         measure = batch.routed_experts is not None and routing_frac is None
-        routing_counts = torch.zeros(2, device=self.device) if measure else None
+        routing_counts = torch.zeros(3, device=self.device) if measure else None
         tracker = RouterLossTracker.for_model(self.model, cfg, batch.num_tokens, self._all_reduce)
         while i < len(plan):
             bin_ = plan[i]
@@ -393,7 +437,7 @@ class Trainer:
         if routing_counts is not None:
             routing_frac = self._routing_frac(routing_counts)
         if routing_frac is not None:
-            out["routing_mismatch_frac"] = routing_frac
+            out.update(routing_mismatch_frac=routing_frac, router_mismatch_frac=self.router_mismatch_frac)
         return out
 
     def _micro_batch_loss(
@@ -410,7 +454,10 @@ class Trainer:
         cfg = self.config
         red, norm = cfg.reduction, normalizer
         with tracker.forward(count=real) if tracker is not None else contextlib.nullcontext():
-            logp, entropy = self._forward_logprobs(self.model, mb, cfg.entropy_coef != 0, routing_counts)
+            own = tok.get("routing")
+            logp, entropy, _ = self._forward_logprobs(
+                self.model, mb, cfg.entropy_coef != 0, routing_counts, own
+            )
         if sft:
             loss, metrics = sft_loss(logp, mb.loss_mask, mb.cu_seqlens, reduction=red, normalizer=norm)
         else:
@@ -506,6 +553,7 @@ class Trainer:
         old_values: Tensor | None = None,
         *,
         on_policy: bool = False,
+        old_routing: Tensor | None = None,
     ) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch; slime-named metrics.
 
@@ -519,7 +567,7 @@ class Trainer:
         ``critic_grad_norm``, ``critic_lr``); during the first ``num_critic_only_steps`` steps
         the policy is not updated (``critic_only`` is 1). ``old_values`` ``[T]`` (the critic's
         values at rollout time) anchor the value clip; default: the critic's current values.
-        ``on_policy``: see :meth:`accumulate_gradients`.
+        ``on_policy``, ``old_routing`` (R2): see :meth:`accumulate_gradients`.
         """
         if self.asleep:
             raise RuntimeError("the trainer is asleep: call wake_up() before train_step()")
@@ -530,7 +578,9 @@ class Trainer:
             self.step += 1
             return {f"train/{k}": v for k, v in {**out, "critic_only": 1.0}.items()}
         self.model.train()
-        metrics = self.accumulate_gradients(batch, old_logprobs, ref_logprobs, on_policy=on_policy)
+        metrics = self.accumulate_gradients(
+            batch, old_logprobs, ref_logprobs, on_policy=on_policy, old_routing=old_routing
+        )
         metrics.update(self.clip_and_step(metrics["loss"]))
         self.step += 1
         if self.critic is not None:
@@ -541,50 +591,10 @@ class Trainer:
     # Offload (colocated mode: the engine takes the device while the trainer sleeps)
     # ----------------------------------------------------------------------------------------
 
-    def _offload_targets(self) -> tuple[list[torch.nn.Module], list[torch.optim.Optimizer]]:
-        modules: list[torch.nn.Module] = [self.model]
-        optimizers: list[torch.optim.Optimizer] = [self.optimizer]
-        if self.critic is not None:
-            modules.append(self.critic.model)
-            optimizers.append(self.critic.optimizer)
-        if self.ref_model is not None and not self.ref_offload:  # an offloaded ref is on CPU already
-            modules.append(self.ref_model)
-        return modules, optimizers
-
     def sleep(self) -> dict[str, float]:
-        """Move parameters, gradients and optimizer state (policy, critic, reference) to CPU
-        memory (pinned when the device is CUDA) and free the device. Idempotent. A
-        CPU-offloaded optimizer's state is in CPU memory already and stays where it is.
-
-        Returns ``{"perf/trainer_sleep_freed_bytes": n}``: the drop of
-        ``torch.cuda.memory_allocated`` (0 on CPU, where the round trip is a no-op).
-        """
-        if self.asleep:
-            return {"perf/trainer_sleep_freed_bytes": 0.0}
-        cuda = self.device.type == "cuda"
-        before = torch.cuda.memory_allocated(self.device) if cuda else 0
-        modules, optimizers = self._offload_targets()
-        cpu = torch.device("cpu")
-        for m in modules:
-            move_module(m, cpu, pin_memory=cuda)
-        for o in optimizers:
-            move_optimizer_state(o, cpu, pin_memory=cuda)
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-        self.asleep = True
-        after = torch.cuda.memory_allocated(self.device) if cuda else 0
-        return {"perf/trainer_sleep_freed_bytes": float(before - after)}
+        """Free the device: :func:`miles.train.trainer_sleep.sleep`. Idempotent."""
+        return trainer_sleep.sleep(self)
 
     def wake_up(self) -> None:
         """Move everything :meth:`sleep` offloaded back to the device. Idempotent."""
-        if not self.asleep:
-            return
-        modules, optimizers = self._offload_targets()
-        for m in modules:
-            move_module(m, self.device)
-        for o in optimizers:
-            move_optimizer_state(o, self.device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.asleep = False
+        trainer_sleep.wake_up(self)

@@ -10,6 +10,9 @@ shared model uses them, DESIGN.md §4) and yields lists of ``(name, tensor)``:
 - Tensors are cast to ``dtype`` (what the engine serves in) on the model's device.
 - Each bucket holds at most ``bucket_bytes`` bytes; a tensor larger than that gets a bucket of
   its own. Only one bucket's gathered tensors are alive at a time.
+- Under expert parallelism each rank holds some experts only: every expert of a layer is
+  gathered from its EP rank when the walk reaches that layer (:func:`~miles.train.expert_parallel.full_state_items`),
+  so the names and order are the unsharded model's.
 - A tied ``lm_head.weight`` (the same tensor as ``model.embed_tokens.weight``) is not sent: the
   engine re-ties it, as ``from_pretrained`` does.
 """
@@ -21,10 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-
-def _full(t: Tensor) -> Tensor:
-    full = getattr(t, "full_tensor", None)
-    return full() if full is not None else t  # a DTensor shard -> the whole tensor (collective)
+from miles.train.expert_parallel import full_state_items, full_state_names
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
@@ -34,7 +34,7 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 def weight_names(model: nn.Module) -> list[str]:
     """The names :func:`iter_weight_buckets` yields, in order."""
-    return [n for n in model.state_dict() if not _is_tied(model, n)]
+    return [n for n in full_state_names(model) if not _is_tied(model, n)]
 
 
 @torch.no_grad()
@@ -48,10 +48,9 @@ def iter_weight_buckets(
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     bucket: list[tuple[str, Tensor]] = []
     size = 0
-    for name, value in model.state_dict().items():
+    for name, t in full_state_items(model):
         if _is_tied(model, name):
             continue
-        t = _full(value.detach())
         if dtype is not None:
             t = t.to(dtype)
         nbytes = t.numel() * t.element_size()

@@ -194,3 +194,23 @@ def test_grouped_mm_cuda_bf16_matches_reference(case: str) -> None:
     for proj in ("gate_proj", "up_proj", "down_proj"):
         g = grads[f"experts.0.{proj}.weight"]
         assert g is not None and not g.any()
+
+
+def test_expert_dispatch_replaces_the_local_computation_in_every_mode() -> None:
+    """Expert parallelism plugs in through ``expert_dispatch``: every rank must take part in each
+    forward, so it runs whatever the mode (training, few-token no-grad, batch-invariant)."""
+    block = _block("qwen3_moe")
+    calls: list[int] = []
+
+    def dispatch(b: SparseMoeBlock, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return b._experts_reference(x, ids, w)
+
+    want = block(_x(5))
+    block.expert_dispatch = dispatch
+    torch.testing.assert_close(block(_x(5)), want, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        block(_x(1))
+    with batch_invariant.batch_invariant():
+        block(_x(2))
+    assert calls == [5, 1, 2]

@@ -181,12 +181,31 @@ def test_deterministic_mode_reruns_bit_for_bit(arith_world, tmp_path):
     assert len(first) == 2 and "train/loss" in first[1] and "rollout/raw_reward" in first[1]
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [["--use-routing-replay"], ["--expert-model-parallel-size", "2", "--actor-num-gpus-per-node", "2"]],
-)  # fmt: skip
-def test_flags_not_built_yet_are_refused_not_ignored(arith_world, tmp_path, flags):
-    from miles.orchestrate.loop import LoopError
+def test_r2_replays_the_old_forward_routing_in_the_loop(arith_world, tmp_path):
+    """--use-routing-replay: two optimizer steps per rollout, so the old-log-prob forward runs and
+    its experts are replayed in both training forwards."""
+    run_dir = tmp_path / "run"
+    argv = _argv(arith_world, run_dir, "--num-rollout", "2", "--global-batch-size", "8", "--use-routing-replay",
+                 "--custom-rm-path", f"{__name__}.digit_first_rm")  # fmt: skip
+    assert main(argv) == 0
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1] and all(r["train/grad_norm"] > 0 for r in rows)
 
-    with pytest.raises(LoopError, match="not implemented yet"):
-        main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags))
+
+def test_expert_parallel_needs_ranks_to_shard_over(arith_world, tmp_path, capsys):
+    """EP shards experts over trainer ranks: one rank (the embedded placement) has none to spare."""
+    assert (
+        main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", "--expert-model-parallel-size", "2"))
+        == 2
+    )
+    assert "must divide the trainer's 1 ranks" in capsys.readouterr().err
+    flags = (
+        "--expert-model-parallel-size",
+        "2",
+        "--actor-num-gpus-per-node",
+        "2",
+        "--placement-backend",
+        "local",
+    )
+    assert main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags)) == 2
+    assert "--placement-backend local runs one trainer rank" in capsys.readouterr().err

@@ -73,9 +73,10 @@ KEYS = ("rollout/raw_reward", "train/loss", "train/grad_norm", "train/train_roll
 
 
 def test_disaggregated_two_ranks_two_engines_broadcast_and_resume(arith_world, tmp_path, ray_cluster):
-    """2 trainer ranks (FSDP2 over gloo) + 2 engines behind sglang-router, weights by broadcast;
-    then a resumed run (``--load``) continues from the saved step."""
+    """2 trainer ranks (FSDP2 over gloo, experts sharded over both: EP 2) + 2 engines behind
+    sglang-router, weights by broadcast; then a resumed run (``--load``) continues from the saved step."""
     flags = ("--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "2", "--num-rollout", "2",
+             "--expert-model-parallel-size", "2",
              "--use-kl-loss", "--kl-loss-coef", "0.5", "--save", str(tmp_path / "ckpt"))  # fmt: skip
     rows, placement = _run(arith_world, tmp_path / "run", *flags)
     assert placement.router is not None and placement.transport == "distributed"

@@ -111,8 +111,10 @@ def test_replayed_forward_uses_exactly_the_record(moe, groups, monkeypatch):
     has = rec[:, 0, 0] >= 0
     for pos, ids in enumerate(used):
         assert torch.equal(ids[has], rec[has, pos])
-    # the natural mismatch (router vs record, before replacing) is reported: every pair differs
-    assert trainer.routing_mismatch_frac == pytest.approx(1.0)
+    # the experts used equal the engine's by construction (0), while the router's own choice,
+    # which replay overrode, differs on every pair
+    assert trainer.routing_mismatch_frac == 0.0
+    assert trainer.router_mismatch_frac == pytest.approx(1.0)
 
 
 def test_engine_record_matches_trainer_and_metric_counts_set_differences(moe, groups):
@@ -127,6 +129,7 @@ def test_engine_record_matches_trainer_and_metric_counts_set_differences(moe, gr
     trainer.compute_logprobs(replace(batch, routed_experts=rec))
     pairs = int((rec[:, 0, 0] >= 0).sum()) * len(moe.spec.moe_layer_indices)
     assert trainer.routing_mismatch_frac == pytest.approx(1 / pairs)
+    assert trainer.router_mismatch_frac == trainer.routing_mismatch_frac  # no replay: the same pairs
     trainer.compute_logprobs(replace(batch, routed_experts=None))
     assert trainer.routing_mismatch_frac is None
 
@@ -145,7 +148,9 @@ def test_router_gets_gradients_under_replay(moe, groups, checkpointing):
             TrainerConfig(routing_replay=True, micro_batch_size=2, gradient_checkpointing=ckpt),
         )
         metrics = trainer.accumulate_gradients(batch, on_policy=True)
-        assert metrics["routing_mismatch_frac"] == pytest.approx(1.0)
+        assert metrics["routing_mismatch_frac"] == 0.0 and metrics["router_mismatch_frac"] == pytest.approx(
+            1.0
+        )
         gate = trainer.model.model.layers[0].mlp.gate.weight.grad
         assert gate is not None and gate.abs().sum() > 0
         grads.append(gate)

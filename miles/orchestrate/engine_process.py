@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -97,20 +97,14 @@ class EngineProcess:
 
     def wait_healthy(self, timeout_s: float = 300.0) -> None:
         """Block until ``/health`` answers 200; raise if the process exits or time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise EngineProcessError(f"engine at {self.url} exited with {code}{self._log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise EngineProcessError(
-            f"engine at {self.url} not healthy after {timeout_s:.0f} s{self._log_tail()}"
-        )
+
+        def exited() -> str | None:
+            if self.proc is not None and self.proc.poll() is None:
+                return None
+            code = None if self.proc is None else self.proc.returncode
+            return f"engine at {self.url} exited with {code}{self._log_tail()}"
+
+        wait_healthy_url(self.url, timeout_s, exited=exited, poll_s=0.2, detail=self._log_tail)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -151,17 +145,28 @@ class EngineProcess:
         return f"; log {self.log_path}:\n{self.log_path.read_text(errors='replace')[-3000:]}"
 
 
-def wait_healthy_url(url: str, timeout_s: float) -> None:
-    """Block until ``url``'s ``/health`` answers 200 (an engine this process does not own)."""
+def wait_healthy_url(
+    url: str,
+    timeout_s: float,
+    *,
+    exited: Callable[[], str | None] | None = None,
+    poll_s: float = 0.5,
+    detail: Callable[[], str] = str,
+) -> None:
+    """Block until ``url``'s ``/health`` answers 200; ``exited`` (if given) returns a message when
+    the server's process is gone, which ends the wait at once; ``detail()`` ends the timeout message."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        gone = exited() if exited is not None else None
+        if gone is not None:
+            raise EngineProcessError(gone)
         try:
             if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
-    raise EngineProcessError(f"engine at {url} not healthy after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    raise EngineProcessError(f"engine at {url} not healthy after {timeout_s:.0f} s{detail()}")
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -188,8 +188,8 @@ def run_one(argv: list[str], *, replay: bool, engine_round: str = "none") -> lis
         round_engine_weights(engine_model, engine_round)
         push = placement.push_weights
 
-        def push_and_round(version: int) -> float:
-            seconds = push(version)
+        def push_and_round(version: int, *, send: bool = True) -> float:
+            seconds = push(version, send=send)
             round_engine_weights(engine_model, engine_round)  # the loop generates only after this returns
             return seconds
 

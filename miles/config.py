@@ -303,7 +303,7 @@ class PlacementConfig(_Section):
     update_weight_transport: Literal["auto", "tensor", "distributed", "disk"] = _f(
         "auto", "weight sync: in-memory/IPC tensors, a broadcast group, or files"
     )
-    update_weights_interval: int = _f(1, "push weights every N steps", ge=1)
+    update_weights_interval: int = _f(1, "push weights every N steps (and after the last)", ge=1)
     use_fault_tolerance: bool = _f(False, "restart dead engines and retry their requests")
     rollout_health_check_interval: float = _f(30.0, "seconds between engine health checks", gt=0)
     rollout_health_check_timeout: float = _f(30.0, "seconds before a health check fails", gt=0)

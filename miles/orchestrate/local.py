@@ -2,8 +2,10 @@
 
 With ``--advantage-estimator ppo`` the trainer also holds the critic (:mod:`miles.orchestrate.ppo`).
 
-Weights go from trainer to engine in memory (HF-named buckets); on a GPU the engine releases its
-memory while the trainer works and the trainer sleeps while the engine generates.
+Weights go from trainer to engine in memory (HF-named buckets). With ``--offload-rollout`` the
+engine releases its memory (weights and KV cache) while the trainer works, and with
+``--offload-train`` the trainer sleeps (state in CPU memory) while the engine generates; both are
+on with ``--colocate`` or ``--offload``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from miles.rollout.manager import RolloutManager
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
 from miles.train.parallelize import apply_activation_checkpointing, parallelize
 from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.trainer_sleep import awake
 from miles.train.weight_sync import iter_weight_buckets
 from miles.types import Group
 
@@ -223,21 +226,49 @@ class LocalPlacement:
         )
         return cls(config, trainer, async_engine, tokenizer, dataset, dict(evals), manager, device)
 
+    def _engine_memory(self, release: bool) -> None:
+        def call(engine: Engine) -> None:
+            (engine.release_memory_occupation if release else engine.resume_memory_occupation)(None)
+
+        asyncio.run(self.engine.call(call))
+
     def train(self, groups: list[Group], step: int) -> dict[str, float]:
+        """The engine gives its memory back (``--offload-rollout``) and the trainer wakes up
+        (``--offload-train``) for the trainer's half of the step."""
+        p = self.config.placement
+        if p.offload_rollout:
+            self._engine_memory(release=True)
+        if p.offload_train:
+            self.trainer.wake_up()
         return train_on(self.trainer, self.config, groups, step, self.device)
 
     def save_checkpoint(self, directory: str, step: int, extra: dict[str, Any]) -> None:
-        save_checkpoint(directory, self.trainer, step, extra)
+        with awake(self.trainer):
+            save_checkpoint(directory, self.trainer, step, extra)
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
-        return load_checkpoint(directory, self.trainer)
+        with awake(self.trainer):
+            return load_checkpoint(directory, self.trainer)
 
     def save_hf(self, directory: str) -> None:
         assert self.config.model.hf_checkpoint is not None
-        save_hf(self.trainer.model, directory, tokenizer_source=self.config.model.hf_checkpoint)
+        with awake(self.trainer):
+            save_hf(self.trainer.model, directory, tokenizer_source=self.config.model.hf_checkpoint)
 
-    def push_weights(self, version: int) -> float:
-        """Send the trainer's weights to the engine as ``version``; returns the seconds it took."""
+    def push_weights(self, version: int, *, send: bool = True) -> float:
+        """Send the trainer's weights to the engine as ``version`` (unless ``send`` is False:
+        ``--update-weights-interval``); returns the seconds the sync took. The engine takes its
+        memory back first (``--offload-rollout``) and the trainer sleeps after
+        (``--offload-train``): rollout and evaluation come next."""
+        p = self.config.placement
+        if p.offload_rollout:
+            self._engine_memory(release=False)
+        seconds = self._push(version) if send else 0.0
+        if p.offload_train:
+            self.trainer.sleep()
+        return seconds
+
+    def _push(self, version: int) -> float:
         start = time.perf_counter()
         dtype = self.engine.engine.model.dtype
         buckets = list(iter_weight_buckets(self.trainer.model, dtype, 512 * 1024**2))

@@ -160,7 +160,12 @@ def _loop(config: MilesConfig, placement: Placement, logger: MetricsLogger) -> N
             metrics["perf/tokens_per_s"] = (
                 metrics.pop("perf/tokens_per_s_train_tokens") / metrics["perf/train_time"]
             )
-            metrics["perf/update_weights_time"] = placement.push_weights(step + 1)
+            # --update-weights-interval k: the engines keep generating with weights up to k-1
+            # steps old (the samples' weight_versions say which); the last step always syncs.
+            send = (step + 1) % config.placement.update_weights_interval == 0 or step + 1 == total
+            seconds = placement.push_weights(step + 1, send=send)
+            if send:
+                metrics["perf/update_weights_time"] = seconds
         done = step + 1
         if r.eval_interval and placement.eval_datasets and (done % r.eval_interval == 0 or done == total):
             metrics.update(_evaluate(placement, done))

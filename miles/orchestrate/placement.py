@@ -28,8 +28,10 @@ class Placement(Protocol):
         """The trainer's half of step ``step`` (:func:`miles.orchestrate.train_step.train_on`)."""
         ...
 
-    def push_weights(self, version: int) -> float:
-        """Send the trainer's weights to every engine as ``version``; returns the seconds it took."""
+    def push_weights(self, version: int, *, send: bool = True) -> float:
+        """Send the trainer's weights to every engine as ``version``; returns the seconds it took.
+        ``send=False`` (a step between two syncs of ``--update-weights-interval``) only hands the
+        device back to the engines (offload)."""
         ...
 
     def save_checkpoint(self, directory: str, step: int, extra: dict[str, Any]) -> None: ...

@@ -284,13 +284,14 @@ class RayPlacement:
             metrics["rollout/engine_recoveries"] = float(self.monitor.recoveries)
         return metrics
 
-    def push_weights(self, version: int) -> float:
+    def push_weights(self, version: int, *, send: bool = True) -> float:
         colocated_gpu = self.config.placement.colocate and self.use_gpu
         if colocated_gpu and self.config.placement.offload_rollout:
             self._engine_post("/resume_memory_occupation")
-        targets = self._in_service_urls()
-        seconds = max(self._on_trainers("push_weights", version, targets))
-        self.version = version
+        seconds = 0.0
+        if send:
+            seconds = max(self._on_trainers("push_weights", version, self._in_service_urls()))
+            self.version = version
         if colocated_gpu and self.config.placement.offload_train:
             self._on_trainers("sleep")
         return float(seconds)

@@ -26,6 +26,7 @@ from miles.orchestrate.local import build_trainer, compute_dtype
 from miles.orchestrate.train_step import train_on
 from miles.orchestrate.weight_transfer import DiskSender, DistributedSender, TensorSender, WeightSender
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
+from miles.train.trainer_sleep import awake
 from miles.types import Group
 
 
@@ -114,14 +115,19 @@ class TrainerWorker:
     # ---- state ----------------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str, step: int, extra: dict[str, Any]) -> None:
-        save_checkpoint(directory, self.trainer, step, extra)
+        with awake(self.trainer):
+            save_checkpoint(directory, self.trainer, step, extra)
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
-        return load_checkpoint(directory, self.trainer)
+        with awake(self.trainer):
+            return load_checkpoint(directory, self.trainer)
 
     def save_hf(self, directory: str) -> None:
         """Rank 0 writes a Hugging Face directory (every rank gathers: collective)."""
-        out = Path(directory)
+        with awake(self.trainer):
+            self._save_hf(Path(directory))
+
+    def _save_hf(self, out: Path) -> None:
         writer = DiskSender(self.rank, self.config.placement.update_weight_buffer_size, directory=out.parent)
         writer.send(self.trainer.model, torch.float32, 0, [])
         if self.rank == 0:

@@ -2,11 +2,14 @@
 
 :func:`sleep` moves the parameters, gradients and optimizer state of the policy, the critic and
 an on-device reference model to CPU memory (pinned when the device is CUDA) and frees the device;
-:func:`wake_up` brings them back. Both are idempotent (``Trainer.asleep``).
+:func:`wake_up` brings them back. Both are idempotent (``Trainer.asleep``). :func:`awake` wakes it
+for a block (checkpoints, export) and puts it back to sleep after.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,3 +69,16 @@ def wake_up(trainer: Trainer) -> None:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
     trainer.asleep = False
+
+
+@contextlib.contextmanager
+def awake(trainer: Trainer) -> Iterator[None]:
+    """The trainer on its device for the block (checkpoint save/load, export), asleep again after
+    if it was asleep before."""
+    was_asleep = trainer.asleep
+    trainer.wake_up()
+    try:
+        yield
+    finally:
+        if was_asleep:
+            trainer.sleep()

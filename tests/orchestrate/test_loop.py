@@ -192,6 +192,31 @@ def test_r2_replays_the_old_forward_routing_in_the_loop(arith_world, tmp_path):
     assert [r["step"] for r in rows] == [0, 1] and all(r["train/grad_norm"] > 0 for r in rows)
 
 
+def test_update_weights_interval_and_offload(arith_world, tmp_path):
+    """--update-weights-interval 2: step 1 still samples with version 0, the last step syncs.
+    --offload: the engine releases its memory for training and the trainer sleeps for the rollout;
+    the numbers are those of the same run without offload."""
+    import torch
+
+    def run(name, *flags):
+        dump = tmp_path / f"dump_{name}"
+        argv = _argv(arith_world, tmp_path / name, "--num-rollout", "3", "--save-debug-rollout-data", str(dump),
+                     "--custom-rm-path", f"{__name__}.digit_first_rm", *flags)  # fmt: skip
+        assert main(argv) == 0
+        versions = [{v for g in torch.load(dump / f"rollout_{i}.pt", weights_only=False) for s in g.samples
+                     for v in s.weight_versions} for i in range(3)]  # fmt: skip
+        return read_metrics(tmp_path / name), versions
+
+    rows, versions = run("interval", "--update-weights-interval", "2")
+    assert versions == [{"0"}, {"0"}, {"2"}]
+    assert ["perf/update_weights_time" in r for r in rows] == [False, True, True]
+    plain, _ = run("plain")
+    offload, off_versions = run("offload", "--offload")
+    assert off_versions == [{"0"}, {"1"}, {"2"}]
+    for a, b in zip(plain, offload, strict=True):
+        assert a["train/loss"] == b["train/loss"] and a["rollout/raw_reward"] == b["rollout/raw_reward"]
+
+
 def test_expert_parallel_needs_ranks_to_shard_over(arith_world, tmp_path, capsys):
     """EP shards experts over trainer ranks: one rank (the embedded placement) has none to spare."""
     assert (

@@ -473,3 +473,11 @@ def test_rpp_baseline_needs_groups_and_decay_iters_default_to_the_run():
     no_rollouts = [a for a in REVIEW_BASE if a not in ("--num-rollout", "5")]
     with pytest.raises(ConfigError, match="--lr-decay-style cosine needs --lr-decay-iters, or --num-rollout"):
         parse_train_args([*no_rollouts, "--num-epoch", "1", "--lr-decay-style", "cosine"])
+
+
+def test_a_flag_named_no_something_can_be_switched_on() -> None:
+    """slime's ``--no-save-optim`` is a flag of its own; argparse's BooleanOptionalAction read
+    every ``--no-`` prefix as "False", so it could never be set."""
+    assert parse_train_args([*BASE, "--no-save-optim"]).checkpoint.no_save_optim is True
+    assert parse_train_args([*BASE, "--no-no-save-optim"]).checkpoint.no_save_optim is False
+    assert parse_train_args([*BASE, "--colocate", "--no-colocate"]).placement.colocate is False

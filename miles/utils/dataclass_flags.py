@@ -134,6 +134,23 @@ def parse_json_object(text: str) -> dict[str, Any]:
     return value
 
 
+class BooleanFlag(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no-flag``, where the first one given at registration means True.
+
+    ``argparse.BooleanOptionalAction`` decides by the prefix of the option used, so a flag named
+    ``--no-save-optim`` (slime's) could only ever be set to False."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: Any = None,
+    ) -> None:
+        if option_string in self.option_strings:
+            setattr(namespace, self.dest, option_string == self.option_strings[0])
+
+
 def add_flag(group: argparse._ActionsContainer, spec: FieldSpec) -> None:
     """Register ``spec`` as an option whose default is SUPPRESS, so that the namespace holds
     only the flags actually given: that is what lets flags override a config file."""
@@ -143,7 +160,7 @@ def add_flag(group: argparse._ActionsContainer, spec: FieldSpec) -> None:
         kwargs["help"] += f" (default: {shown})"
     kwargs["help"] = kwargs["help"].replace("%", "%%")
     if spec.kind == "bool":
-        kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs["action"] = BooleanFlag
     elif spec.kind == "tuple":
         kwargs.update(nargs="+", type={"int": int, "float": float}.get(spec.elem, str), metavar="X")
     elif spec.kind == "mapping":

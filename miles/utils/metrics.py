@@ -34,9 +34,15 @@ class MetricsLogger:
         use_wandb: bool = False,
         wandb_project: str | None = None,
         wandb_mode: str | None = None,
+        wandb_group: str | None = None,
         config: dict[str, Any] | None = None,
         stream: TextIO | None = None,
+        console_interval: int = 1,
     ) -> None:
+        """``console_interval``: print the summary line every N steps (the files get every step)."""
+        if console_interval < 1:
+            raise ValueError(f"console_interval must be >= 1, got {console_interval}")
+        self.console_interval = console_interval
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
@@ -58,6 +64,7 @@ class MetricsLogger:
                 project=wandb_project or "miles",
                 dir=str(self.run_dir),
                 mode=mode,
+                group=wandb_group,
                 config=config,
             )
 
@@ -70,7 +77,8 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
-        print(f"step {step}: {summary_line(clean)}", file=self._stream, flush=True)
+        if step % self.console_interval == 0:
+            print(f"step {step}: {summary_line(clean)}", file=self._stream, flush=True)
 
     def close(self) -> None:
         self._jsonl.close()

@@ -217,6 +217,19 @@ def test_update_weights_interval_and_offload(arith_world, tmp_path):
         assert a["train/loss"] == b["train/loss"] and a["rollout/raw_reward"] == b["rollout/raw_reward"]
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--partial-rollout"], "--partial-rollout"), (["--no-save-optim"], "--no-save-optim"),
+     (["--sglang-speculative-algorithm", "EAGLE"], "speculative"), (["--use-unbiased-kl"], "--use-unbiased-kl"),
+     (["--rollout-backend", "sglang"], "--rollout-backend sglang")],
+)  # fmt: skip
+def test_flags_not_built_yet_are_refused_not_ignored(arith_world, tmp_path, flags, named):
+    from miles.orchestrate.loop import LoopError
+
+    with pytest.raises(LoopError, match=f"not implemented yet: .*{named}"):
+        main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags))
+
+
 def test_expert_parallel_needs_ranks_to_shard_over(arith_world, tmp_path, capsys):
     """EP shards experts over trainer ranks: one rank (the embedded placement) has none to spare."""
     assert (

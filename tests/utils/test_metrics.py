@@ -89,6 +89,28 @@ def wandb_history(run_dir: Path) -> list[dict]:
 
 def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2 as pb
+
     monkeypatch.setenv("WANDB_SILENT", "true")
-    _write(tmp_path, use_wandb=True, wandb_mode="offline", wandb_project="miles-test")
+    _write(tmp_path, use_wandb=True, wandb_mode="offline", wandb_project="miles-test", wandb_group="sweep-1")
     assert wandb_history(tmp_path) == [{**m, "step": i} for i, m in enumerate(STEPS)]
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    groups = set()
+    for raw in _wandb_records(run_file):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "run":
+            groups.add(record.run.run_group)
+    assert groups == {"sweep-1"}  # --wandb-group
+
+
+def test_console_interval_prints_every_nth_step_and_files_keep_all(tmp_path):
+    out = io.StringIO()
+    logger = MetricsLogger(tmp_path, stream=out, console_interval=2)
+    for step in range(5):
+        logger.log(step, {"train/loss": float(step)})
+    logger.close()
+    assert [line.split(":")[0] for line in out.getvalue().splitlines()] == ["step 0", "step 2", "step 4"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="console_interval"):
+        MetricsLogger(tmp_path, console_interval=0)

@@ -82,30 +82,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Measured FLOP/s of an ``n x n`` matmul in ``dtype`` (best of ``repeats``)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def active_params(model: torch.nn.Module, cfg: dict[str, Any]) -> int:
-    """Parameters one token goes through: MoE experts count top_k / num_experts."""
-    total = 0
-    frac = cfg.get("num_experts_per_tok", 1) / cfg.get("num_experts", 1)
-    for name, p in model.named_parameters():
-        total += int(p.numel() * (frac if ".experts." in name else 1))
-    return total
-
-
 def _timed(step: Any, warmup: int, steps: int, device: torch.device) -> float:
     for _ in range(warmup):
         step()
@@ -135,6 +111,7 @@ def main() -> None:
 
     from miles.models import ModelSpec
     from miles.models.loading import build_model, save_hf
+    from miles.train.flops import active_params, matmul_peak_flops
     from miles.train.trainer import Trainer, TrainerConfig
     from miles.types import TrainBatch
 
@@ -171,7 +148,7 @@ def main() -> None:
     # experts on load, so a plain load_state_dict would not do).
     hf_dir = Path(tempfile.mkdtemp(prefix="miles-bench-"))
     save_hf(model, hf_dir / "model", dtype=dtype)
-    n_active = active_params(model, hf_cfg)
+    n_active = active_params(model)
     cfg = TrainerConfig(lr=1e-5, loss_type="sft_loss", max_tokens_per_gpu=args.tokens_per_micro_batch)
     trainer = Trainer(model, cfg, device)
 

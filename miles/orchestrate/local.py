@@ -27,7 +27,7 @@ from miles.kernels import batch_invariant
 from miles.models.loading import load_model, load_tokenizer, save_hf
 from miles.models.spec import ModelSpec
 from miles.orchestrate.ppo import build_critic, uses_critic
-from miles.orchestrate.train_step import train_on
+from miles.orchestrate.train_step import compute_dtype, train_on
 from miles.rollout.dataset import PromptDataset, load_eval_datasets
 from miles.rollout.manager import RolloutManager
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
@@ -127,12 +127,6 @@ def default_kv_tokens(
         available_bytes=available_memory_bytes(device),
         mem_fraction=config.engine.mem_fraction_static or 0.4,
     )
-
-
-def compute_dtype(config: MilesConfig, device: torch.device) -> str:
-    """The engine's (and the trainer's compute) dtype: fp32 on CPU, else ``--dtype`` (bf16 by default)."""
-    m = config.model
-    return "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
 
 
 def build_trainer(config: MilesConfig, device: torch.device, *, fsdp: bool) -> Trainer:

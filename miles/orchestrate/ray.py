@@ -39,8 +39,9 @@ from miles.engine.client import HttpEngineClient
 from miles.models.loading import load_config, load_tokenizer
 from miles.orchestrate.engine_process import EngineProcess, free_port, serve_arguments, wait_healthy_url
 from miles.orchestrate.health import HealthMonitor
-from miles.orchestrate.local import compute_dtype, default_kv_tokens, kv_demand
+from miles.orchestrate.local import default_kv_tokens, kv_demand
 from miles.orchestrate.router import SglangRouter
+from miles.orchestrate.train_step import compute_dtype
 from miles.orchestrate.trainer_worker import TrainerWorker, node_ip
 from miles.orchestrate.weight_transfer import _post
 from miles.rollout.dataset import PromptDataset, load_eval_datasets

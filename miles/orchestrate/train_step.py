@@ -15,6 +15,7 @@ the ranks again for its optimizer step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -26,9 +27,16 @@ from miles.algo.losses import kl_estimate
 from miles.buffer.batching import build_train_batch, with_advantages
 from miles.config import MilesConfig
 from miles.orchestrate.ppo import rename_critic_metrics, value_metrics
+from miles.train.flops import active_params, matmul_peak_flops, mfu
 from miles.train.packing import balanced_partition, batch_to, select_sequences, sequence_lengths
 from miles.train.trainer import Trainer
 from miles.types import Group, TrainBatch
+
+
+def compute_dtype(config: MilesConfig, device: torch.device) -> str:
+    """The engine's (and the trainer's compute) dtype: fp32 on CPU, else ``--dtype`` (bf16 by default)."""
+    m = config.model
+    return "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
 
 
 def token_index(batch: TrainBatch, seqs: Sequence[int]) -> torch.Tensor:
@@ -84,6 +92,7 @@ def train_on(
 
     Returns the step's metrics (identical on every rank: the trainer reduces its own)."""
     a = config.algo
+    started = time.perf_counter()
     batch = batch_to(build_train_batch(groups), device)
     parts = partition(batch, world_size)
     local = select_sequences(batch, parts[rank]) if world_size > 1 else batch
@@ -160,7 +169,13 @@ def train_on(
             sums.pop("train/router_mismatch_frac", None)
     metrics.update(rename_critic_metrics(sums))
     metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    # Every rank trained its share of the global batch in this time: per-device MFU.
+    peak = matmul_peak_flops(device, getattr(torch, compute_dtype(config, device)))
+    seconds = time.perf_counter() - started
+    metrics["perf/mfu"] = mfu(active_params(trainer.model), batch.num_tokens // world_size, seconds, peak)
     return metrics
 
 
-__all__ = ["gather_tokens", "partition", "reuses_own_logprobs", "token_index", "train_on"]
+__all__ = ["compute_dtype", "gather_tokens", "partition", "reuses_own_logprobs", "token_index", "train_on"]

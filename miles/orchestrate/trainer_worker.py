@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from miles.config import MilesConfig
 from miles.kernels import batch_invariant
-from miles.orchestrate.local import build_trainer, compute_dtype
-from miles.orchestrate.train_step import train_on
+from miles.orchestrate.local import build_trainer
+from miles.orchestrate.train_step import compute_dtype, train_on
 from miles.orchestrate.weight_transfer import DiskSender, DistributedSender, TensorSender, WeightSender
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
 from miles.train.trainer_sleep import awake

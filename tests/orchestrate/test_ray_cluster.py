@@ -5,6 +5,7 @@ the engine spread over the two nodes by Ray)."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -30,8 +31,11 @@ def _ray_bin() -> str:
 
 def test_ray_start_and_job_submit_run_miles_train(arith_world, tmp_path):
     ray = _ray_bin()
-    # Token authentication (the default of recent Ray) for every command, as the docs say.
-    env = dict(os.environ, RAY_AUTH_MODE="token", TOKENIZERS_PARALLELISM="false")
+    # Token authentication (the default of recent Ray) for every command, as the docs say; the
+    # token is this test's own (RAY_AUTH_TOKEN), not whatever ~/.ray/auth_token a machine has.
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     gcs, dashboard = free_port(), free_port()
     common = ["--block", "--disable-usage-stats", "--num-cpus", "3"]
     head = subprocess.Popen(

@@ -125,8 +125,10 @@ class TrainConfig(_Section):
     critic_lr_warmup_iters: int = _f(0, "critic warm-up steps", ge=0)
     num_critic_only_steps: int = _f(0, "train only the critic for the first N steps", ge=0)
     expert_model_parallel_size: int = _f(1, "expert-parallel size of MoE layers", ge=1)
-    moe_aux_loss_coeff: float = _f(0.0, "MoE load-balancing loss coefficient", ge=0)
-    moe_z_loss_coeff: float = _f(0.0, "MoE router z-loss coefficient", ge=0)
+    moe_aux_loss_coeff: float = _f(
+        0.0, "MoE load-balancing loss coefficient", ge=0, aliases=("--moe-aux-loss-coef",)
+    )
+    moe_z_loss_coeff: float = _f(0.0, "MoE router z-loss coefficient", ge=0, aliases=("--moe-z-loss-coef",))
     use_routing_replay: bool = _f(False, "R2: replay the trainer's own routing")
 
 

@@ -394,7 +394,7 @@ VALIDATION = [
     (["--save-interval", "5"], "--save-interval needs --save DIR"),
     # the parser itself
     (["--rollout-batchsize", "3"], "unrecognized argument --rollout-batchsize; did you mean --rollout-batch-size?"),
-    (["--moe-aux-loss-coef", "0.1"], "unrecognized argument --moe-aux-loss-coef; did you mean --moe-aux-loss-coeff?"),
+    (["--moe-aux-loss-cof", "0.1"], "unrecognized argument --moe-aux-loss-cof; did you mean --moe-aux-loss-coef?"),
     (["stray"], "unexpected argument 'stray'"),
     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
     (["--advantage-estimator", "a2c"], "argument --advantage-estimator: invalid choice: 'a2c'"),
@@ -481,3 +481,10 @@ def test_a_flag_named_no_something_can_be_switched_on() -> None:
     assert parse_train_args([*BASE, "--no-save-optim"]).checkpoint.no_save_optim is True
     assert parse_train_args([*BASE, "--no-no-save-optim"]).checkpoint.no_save_optim is False
     assert parse_train_args([*BASE, "--colocate", "--no-colocate"]).placement.colocate is False
+
+
+def test_moe_loss_flags_take_both_spellings() -> None:
+    """Megatron/slime spell ``--moe-aux-loss-coeff``; the MoE issue (and others) ``-coef``."""
+    c = parse_train_args([*BASE, "--moe-aux-loss-coef", "0.01", "--moe-z-loss-coef", "0.001"])
+    assert (c.train.moe_aux_loss_coeff, c.train.moe_z_loss_coeff) == (0.01, 0.001)
+    assert parse_train_args([*BASE, "--moe-aux-loss-coeff", "0.02"]).train.moe_aux_loss_coeff == 0.02

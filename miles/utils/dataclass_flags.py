@@ -42,6 +42,7 @@ class FieldSpec:
     help: str
     bounds: tuple[tuple[str, float], ...]  # (("gt", 0.0), ("le", 1.0))
     cli: bool
+    aliases: tuple[str, ...] = ()  # other spellings of the flag (``--moe-aux-loss-coef``)
 
     @property
     def flag(self) -> str:
@@ -98,6 +99,7 @@ def _spec(section: str, prefix: str, f: dataclasses.Field[Any], tp: Any) -> Fiel
         help=help_text,
         bounds=bounds,
         cli=meta.get("cli", True),
+        aliases=tuple(meta.get("aliases", ())),
     )
 
 
@@ -171,7 +173,7 @@ def add_flag(group: argparse._ActionsContainer, spec: FieldSpec) -> None:
             kwargs["choices"] = spec.choices
         else:
             kwargs["metavar"] = _metavar(spec)
-    group.add_argument(spec.flag, **kwargs)
+    group.add_argument(spec.flag, *spec.aliases, **kwargs)
 
 
 def _metavar(spec: FieldSpec) -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from miles.config import MilesConfig
@@ -139,7 +140,8 @@ class RayPlacement:
     started_ray: bool
     monitor: HealthMonitor | None = None
     version: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Reentrant: a recovery holds it across reading the current version and re-syncing.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
     _out_of_service: set[int] = field(default_factory=set)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -271,8 +273,22 @@ class RayPlacement:
             return list(ray.get([getattr(t, method).remote(*args, **kwargs) for t in self.trainers]))
 
     def _engine_post(self, path: str) -> None:
-        for url in self.engine_urls:
-            _post(url, path, {})
+        for url in self._in_service_urls():
+            try:
+                _post(url, path, {})
+            except Exception:
+                if self.monitor is None or self._alive(url):
+                    raise  # a dead engine is the monitor's; a live one refusing is an error
+
+    def _alive(self, url: str) -> bool:
+        """The engine at ``url`` runs (its actor says so) and answers ``/health``."""
+        i = self.engine_urls.index(url)
+        if self.engines and not _ray().get(self.engines[i].alive.remote(), timeout=60):
+            return False
+        try:
+            return httpx.get(f"{url}/health", timeout=5.0).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def train(self, groups: list[Group], step: int) -> dict[str, float]:
         colocated_gpu = self.config.placement.colocate and self.use_gpu
@@ -291,8 +307,9 @@ class RayPlacement:
             self._engine_post("/resume_memory_occupation")
         seconds = 0.0
         if send:
-            seconds = max(self._on_trainers("push_weights", version, self._in_service_urls()))
-            self.version = version
+            with self._lock:  # a recovery re-syncs either before (old version) or after (this one)
+                seconds = self._push_to_live(version)
+                self.version = version
         if colocated_gpu and self.config.placement.offload_train:
             self._on_trainers("sleep")
         return float(seconds)
@@ -311,6 +328,22 @@ class RayPlacement:
         return dict(self._on_trainers("weights")[0])
 
     # ---- fault tolerance ----------------------------------------------------------------------
+
+    def _push_to_live(self, version: int) -> float:
+        """Push to the engines in service. With fault tolerance, a failed sync is retried once on
+        the engines that are in service and alive now: one that died since the last health check
+        is the monitor's (it re-syncs the engine when it is back)."""
+        targets = self._in_service_urls()
+        try:
+            return float(max(self._on_trainers("push_weights", version, targets)))
+        except Exception:
+            if self.monitor is None:
+                raise
+            live = [u for u in self._in_service_urls() if self._alive(u)]
+            logger.warning("weight sync to %s failed; once more to the live engines %s", targets, live)
+            for url in targets:
+                self._on_trainers("forget_engine", url)
+            return float(max(self._on_trainers("push_weights", version, live)))
 
     def _in_service_urls(self) -> list[str]:
         return [u for i, u in enumerate(self.engine_urls) if i not in self._out_of_service]
@@ -334,13 +367,14 @@ class RayPlacement:
                 ray.get(self.engines[i].restart.remote(600.0))
             else:
                 wait_healthy_url(url, 600.0)
-            self._on_trainers("forget_engine", url)
-            # A restarted server holds the initial checkpoint's weights: version 0.
-            resynced = self.version == 0 or (
-                self.transport == "disk" and self._on_trainers("resync_from_disk", self.version, [url])[0]
-            )
-            if not resynced:
-                self._on_trainers("push_weights", self.version, [url])
+            with self._lock:  # the version read and the re-sync, with no push in between
+                self._on_trainers("forget_engine", url)
+                # A restarted server holds the initial checkpoint's weights: version 0.
+                resynced = self.version == 0 or (
+                    self.transport == "disk" and self._on_trainers("resync_from_disk", self.version, [url])[0]
+                )
+                if not resynced:
+                    self._on_trainers("push_weights", self.version, [url])
             if self.router is not None:
                 self.router.add(url)
         finally:

@@ -61,6 +61,13 @@ def _post(url: str, path: str, payload: dict[str, Any], timeout_s: float = 600.0
     return body if isinstance(body, dict) else {}
 
 
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _on_all(urls: Sequence[str], call: Callable[[str], Any]) -> list[Any]:
     """``call(url)`` for every engine at once (each may block in a collective with the others)."""
     if not urls:
@@ -102,6 +109,11 @@ class DistributedSender(WeightSender):
         if self.group is not None and self.group_engines == tuple(engines):
             return self.group
         self._destroy()
+        # Every engine must join or the rendezvous below waits out its timeout (and the live
+        # engines' threads with it): refuse at once when one is down.
+        down = [u for u in engines if not _healthy(u)]
+        if down:
+            raise WeightSyncError(f"engines {down} do not answer /health: no broadcast group with them")
         self._count += 1
         name = f"miles_weights_{os.getpid()}_{self._count}"
         port = free_port(self.master_address)

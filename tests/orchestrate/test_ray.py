@@ -184,3 +184,24 @@ def test_external_engines_synced_by_broadcast_and_disk(arith_world, tmp_path, ra
     finally:
         for s in servers:
             s.stop()
+
+
+def test_weight_sync_right_after_an_engine_died_goes_to_the_others(arith_world, tmp_path, ray_cluster):
+    """An engine dies between two health checks and a weight sync reaches it first: the live
+    engine gets the weights, the sync does not fail, and the dead one is re-synced on recovery."""
+    from miles.orchestrate.ray import RayPlacement
+
+    argv = _argv(arith_world, tmp_path / "run", "--placement-backend", "ray", "--rollout-num-gpus", "2",
+                 "--num-rollout", "1", "--use-fault-tolerance", "--rollout-health-check-interval", "5")  # fmt: skip
+    config = parse_train_args(argv[1:])
+    placement = RayPlacement.build(config, hook_args(config), run_dir=tmp_path / "run")
+    try:
+        placement.kill_engine(0)
+        assert placement.push_weights(1) > 0 and placement.version == 1
+        alive = placement.engine_urls[1]
+        assert httpx.get(f"{alive}/get_weight_version", timeout=10).json()["weight_version"] == "1"
+        placement.wait_in_service(120)  # the monitor restarts engine 0 and re-syncs version 1
+        assert placement.monitor.recoveries == 1 and not placement.monitor.errors
+        assert_engines_hold(placement)
+    finally:
+        placement.close()

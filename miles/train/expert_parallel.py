@@ -28,7 +28,6 @@ gloo (CPU) and NCCL both implement ``all_to_all_single`` in torch >= 2.11.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -172,11 +171,6 @@ def _expert_param_ids(model: CausalLM) -> set[int]:
     return {id(p) for block in moe_blocks(model) for p in block.experts.parameters()}
 
 
-def _local(t: Tensor) -> Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
-
-
 def global_grad_norm(model: CausalLM) -> Tensor:
     """The 2-norm of every gradient of the model over all ranks, each expert counted once.
 
@@ -211,22 +205,10 @@ def clipped_step(
 ) -> tuple[float, float, bool]:
     """:func:`miles.train.steps.clipped_step` for a model with or without EP (same contract:
     ``(grad_norm, lr used, stepped)``); under EP the norm is :func:`global_grad_norm`."""
-    if layout(model) is None:
-        return steps.clipped_step(model, optimizer, scheduler, clip_grad=clip_grad, loss=loss, device=device)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_norm = global_grad_norm(model)
-    norm = float(grad_norm)
-    lr = float(optimizer.param_groups[0]["lr"])
-    finite = math.isfinite(loss) and math.isfinite(norm)
-    if finite:
-        if clip_grad > 0:  # as torch.nn.utils.clip_grads_with_norm_
-            coef = torch.clamp(clip_grad / (grad_norm + 1e-6), max=1.0)
-            for g in grads:
-                _local(g).mul_(coef.to(g.dtype))
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm, lr, finite
+    norm = global_grad_norm(model) if layout(model) is not None else None
+    return steps.clipped_step(
+        model, optimizer, scheduler, clip_grad=clip_grad, loss=loss, device=device, grad_norm=norm
+    )
 
 
 def _full(t: Tensor) -> Tensor:

@@ -108,6 +108,12 @@ def aligned_bins(
     return bins
 
 
+def to_local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a plain tensor as is)."""
+    local = getattr(t, "to_local", None)
+    return local() if local is not None else t
+
+
 def clipped_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -116,22 +122,31 @@ def clipped_step(
     clip_grad: float,
     loss: float,
     device: torch.device,
+    grad_norm: Tensor | None = None,
 ) -> tuple[float, float, bool]:
     """Clip gradients, then step the optimizer and the LR schedule unless ``loss`` or the gradient
     norm is NaN/inf. Gradients are zeroed either way. Returns ``(grad_norm, lr used, stepped)``.
 
     Under FSDP2 the norm is a DTensor; ``full_tensor()`` makes it the norm over all shards.
+    ``grad_norm``: the global norm computed by the caller (expert parallelism: gradients on two
+    meshes, which ``clip_grads_with_norm_`` cannot mix); each rank then scales its local shards.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=device)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
+    given = grad_norm is not None
+    if grad_norm is None:
+        grad_norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=device)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
     norm = float(grad_norm)
     lr = float(optimizer.param_groups[0]["lr"])
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
-        if clip_grad > 0:
+        if clip_grad > 0 and given:  # as torch.nn.utils.clip_grads_with_norm_, shard by shard
+            coef = torch.clamp(clip_grad / (grad_norm + 1e-6), max=1.0)
+            for g in grads:
+                to_local(g).mul_(coef.to(g.dtype))
+        elif clip_grad > 0:
             torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm)
         optimizer.step()
         scheduler.step()

@@ -65,12 +65,6 @@ METRICS = ("rollout/raw_reward", "train/train_rollout_logprob_abs_diff", "train/
            "perf/update_weights_time")  # fmt: skip
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
               "num_attention_heads", "vocab_size")  # fmt: skip
-REWARD_PATH = "benchmarks.moe_routing_replay.digit_first_rm"
-
-
-async def digit_first_rm(args: Any, sample: Any) -> float:
-    """A reward a random model can learn: 1 when the response starts with a digit."""
-    return float(sample.response[:1].isdigit())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -223,7 +217,7 @@ def summarize(rows: list[dict[str, float]], name: str) -> dict[str, Any]:
 
 def recipe_argv(world: Path, run_dir: Path, steps: int, args: argparse.Namespace) -> list[str]:
     argv = ["--config", str(RECIPE), "--hf-checkpoint", str(world / "model"),
-            "--prompt-data", str(world / "train.jsonl"), "--custom-rm-path", REWARD_PATH,
+            "--prompt-data", str(world / "train.jsonl"),
             "--num-rollout", str(steps), "--run-dir", str(run_dir)]  # fmt: skip
     for flag, value in (
         ("--rollout-batch-size", args.prompts),

@@ -62,11 +62,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def digit_first(args: Any, sample: Any) -> float:
-    """Reward: 1 when the response starts with a digit."""
-    return float(sample.response[:1].isdigit())
-
-
 # ---- FSDP2 over 1 and 2 GPUs ---------------------------------------------------------------------
 
 
@@ -160,7 +155,7 @@ def _world(out: Path) -> Path:
 def _argv(world: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--hf-checkpoint", str(world / "model"), "--prompt-data", str(world / "train.jsonl"),
             "--input-key", "prompt", "--label-key", "label", "--apply-chat-template",
-            "--custom-rm-path", "benchmarks.multi_gpu.digit_first", "--rollout-batch-size", "16",
+            "--rm-type", "starts_with_digit", "--rollout-batch-size", "16",
             "--n-samples-per-prompt", "8", "--rollout-max-response-len", "8", "--lr", "1e-3",
             "--placement-backend", "ray", "--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
             "--run-dir", str(run_dir), *extra]  # fmt: skip

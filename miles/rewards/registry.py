@@ -33,6 +33,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "exact": "miles.rewards.simple:rm_exact",
     "exact_ci": "miles.rewards.simple:rm_exact_ci",
     "f1": "miles.rewards.simple:rm_f1",
+    "starts_with_digit": "miles.rewards.simple:rm_starts_with_digit",
     "remote_rm": "miles.rewards.remote:remote_rm",
 }
 

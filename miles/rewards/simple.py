@@ -1,9 +1,13 @@
-"""String rewards: ``exact`` / ``exact_ci`` (exact match) and ``f1`` (SQuAD token F1).
+"""String rewards: ``exact`` / ``exact_ci`` (exact match), ``f1`` (SQuAD token F1) and
+``starts_with_digit`` (a smoke-test reward a random model can learn).
 
 A list label means "any of these": exact match takes any, F1 the maximum (as SQuAD).
 
 - ``exact``: 1.0 if ``response.strip() == str(label).strip()``, else 0.0.
 - ``exact_ci``: the same after ``casefold()``.
+- ``starts_with_digit``: 1.0 if the response's first character is a digit, else 0.0; no label.
+  A random-weight model emits a digit first about as often as not, so the reward rises within a
+  few GRPO steps: the quickest check that a placement, a recipe or a GPU run learns at all.
 - ``f1``: the token F1 of SQuAD v1.1's ``evaluate.py``: both texts lower-cased, punctuation
   and the articles ``a an the`` removed, whitespace-split; F1 of the multiset overlap
   (0.0 when either side is empty, unless both are, then 1.0 as in SQuAD 2.0).
@@ -18,7 +22,15 @@ from typing import Any
 
 from miles.types import Sample
 
-__all__ = ["exact_match", "f1_score", "normalize_squad", "rm_exact", "rm_exact_ci", "rm_f1"]
+__all__ = [
+    "exact_match",
+    "f1_score",
+    "normalize_squad",
+    "rm_exact",
+    "rm_exact_ci",
+    "rm_f1",
+    "rm_starts_with_digit",
+]
 
 
 def _golds(label: Any) -> list[str]:
@@ -74,3 +86,7 @@ def rm_exact_ci(args: Any, sample: Sample) -> float:
 
 def rm_f1(args: Any, sample: Sample) -> float:
     return f1_score(sample.response, sample.label)
+
+
+def rm_starts_with_digit(args: Any, sample: Sample) -> float:
+    return float(sample.response[:1].isdigit())

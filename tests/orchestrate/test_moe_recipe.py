@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,8 +38,6 @@ def runs(tmp_path_factory):
     """Rows of three runs of the recipe on the same seed and data (GRPO without R3, with R3, GSPO
     with R3), the benchmark module and the world."""
     bench = _bench()
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # the recipe's reward hook: benchmarks.moe_routing_replay
     tmp = tmp_path_factory.mktemp("moe_recipe")
     world = bench.make_tiny_world(tmp / "world")
 
@@ -64,7 +61,7 @@ def runs(tmp_path_factory):
 def test_recipe_is_the_tiny_r3_grpo_config():
     config = parse_train_args(["--config", str(REPO / "recipes" / "qwen3_moe_grpo_r3.yaml")])
     assert config.use_rollout_routing_replay and config.algo.advantage_estimator == "grpo"
-    assert config.rollout.custom_rm_path == "benchmarks.moe_routing_replay.digit_first_rm"
+    assert config.rollout.rm_type == "starts_with_digit" and config.rollout.custom_rm_path is None
 
 
 def test_both_runs_log_the_mismatch_metrics_every_step(runs):

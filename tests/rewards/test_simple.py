@@ -26,3 +26,11 @@ def test_f1_matches_squad():
     assert f1_score("a b", ["c", "a b"]) == 1.0  # best of several golds
     assert f1_score("", "") == 1.0
     assert f1_score("the", "Paris") == 0.0
+
+
+def test_starts_with_digit_needs_no_label():
+    from miles.rewards import get_reward_function
+    from miles.types import Sample
+
+    rm = get_reward_function("starts_with_digit")
+    assert [rm(None, Sample(response=r)) for r in ("7+1", " 7", "x9", "")] == [1.0, 0.0, 0.0, 0.0]

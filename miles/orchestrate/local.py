@@ -237,12 +237,10 @@ class LocalPlacement:
         return train_on(self.trainer, self.config, groups, step, self.device)
 
     def save_checkpoint(self, directory: str, step: int, extra: dict[str, Any]) -> None:
-        with awake(self.trainer):
-            save_checkpoint(directory, self.trainer, step, extra)
+        save_checkpoint(directory, self.trainer, step, extra)  # wakes a sleeping trainer
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
-        with awake(self.trainer):
-            return load_checkpoint(directory, self.trainer)
+        return load_checkpoint(directory, self.trainer)
 
     def save_hf(self, directory: str) -> None:
         assert self.config.model.hf_checkpoint is not None

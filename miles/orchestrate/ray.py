@@ -97,14 +97,8 @@ class EngineServer:
         self.proc.wait_healthy(timeout_s)
         return self.proc.url
 
-    def url(self) -> str:
-        return self.proc.url
-
     def alive(self) -> bool:
         return self.proc.alive()
-
-    def pid(self) -> int | None:
-        return self.proc.pid()
 
     def kill(self) -> None:
         self.proc.kill()

@@ -21,6 +21,7 @@ HTTP and the engines' API only; nothing here imports Ray.
 
 from __future__ import annotations
 
+import abc
 import base64
 import contextlib
 import functools
@@ -76,21 +77,24 @@ def _on_all(urls: Sequence[str], call: Callable[[str], Any]) -> list[Any]:
         return list(pool.map(call, urls))
 
 
-class WeightSender:
+class WeightSender(abc.ABC):
     """One transport. ``send`` is called on every trainer rank with the same arguments."""
 
     def __init__(self, rank: int, bucket_bytes: int) -> None:
         self.rank = rank
         self.bucket_bytes = bucket_bytes
 
+    @abc.abstractmethod
     def send(self, model: nn.Module, dtype: torch.dtype, version: int, engines: Sequence[str]) -> None:
-        raise NotImplementedError
+        """Push ``model``'s weights as ``version`` to ``engines`` (collective over the ranks)."""
 
     def forget(self, url: str) -> None:
         """``url``'s server was restarted: drop whatever state referred to the old one."""
+        return None  # stateless transports keep nothing per engine
 
     def close(self) -> None:
         """Release groups and files."""
+        return None  # stateless transports hold nothing
 
 
 class DistributedSender(WeightSender):

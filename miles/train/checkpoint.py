@@ -26,15 +26,16 @@ masters from the loaded parameters. Implementation flags of the optimizer (``fus
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -51,12 +52,16 @@ from miles.models import CausalLM, ModelSpec
 from miles.models.loading import CheckpointError, build_model, load_config, save_hf
 from miles.train.expert_parallel import global_param_shapes
 from miles.train.optim import IMPL_FLAGS, CpuOffloadedOptimizer
+from miles.train.trainer_sleep import awake
 
 if TYPE_CHECKING:
     from miles.train.trainer import Trainer
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def iteration_dir(directory: str | os.PathLike[str], step: int) -> Path:
@@ -146,6 +151,20 @@ def _write_meta(path: Path, meta: dict[str, Any]) -> None:
     (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
+def _trainer_awake(fn: _F) -> _F:
+    """Run ``fn(directory, trainer, ...)`` with the trainer's state on its device: a trainer put
+    to sleep for the rollout (colocated offload) holds it in CPU memory, and DCP saves and loads
+    the device tensors. Asleep again afterwards if it was."""
+
+    @functools.wraps(fn)
+    def wrapper(directory: Any, trainer: Trainer, *args: Any, **kwargs: Any) -> Any:
+        with awake(trainer):
+            return fn(directory, trainer, *args, **kwargs)
+
+    return cast(_F, wrapper)
+
+
+@_trainer_awake
 def save_checkpoint(
     directory: str | os.PathLike[str],
     trainer: Trainer,
@@ -252,6 +271,7 @@ def _check_architecture(path: Path, meta: dict[str, Any], unit: str, model: nn.M
         )
 
 
+@_trainer_awake
 def load_checkpoint(
     directory: str | os.PathLike[str], trainer: Trainer, step: int | None = None
 ) -> dict[str, Any]:

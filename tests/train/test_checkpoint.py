@@ -95,6 +95,23 @@ def test_resume_reproduces_next_step_exactly(tmp_path: Path, critic: bool) -> No
     _assert_bitwise(_params(fresh), want_params)
 
 
+def test_a_sleeping_trainer_is_saved_and_loaded_and_stays_asleep(tmp_path: Path) -> None:
+    """Colocated offload puts the trainer to sleep for the rollout, when the loop saves: the save
+    and the load wake it for the call and put it back to sleep."""
+    trainer = _trainer()
+    trainer.train_step(_batch(1))
+    want = _params(trainer)
+    trainer.sleep()
+    save_checkpoint(tmp_path, trainer, 1)
+    assert trainer.asleep
+    fresh = _trainer(seed=7)
+    fresh.sleep()
+    load_checkpoint(tmp_path, fresh)
+    assert fresh.asleep and fresh.step == 1
+    fresh.wake_up()
+    _assert_bitwise(_params(fresh), want)
+
+
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = _trainer()
     trainer.train_step(_batch(1))

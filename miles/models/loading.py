@@ -237,11 +237,15 @@ def save_hf(
     dtype: str | torch.dtype | None = None,
     tokenizer_source: str | os.PathLike[str] | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``config.json`` + safetensors (sharded above ``max_shard_bytes``) that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Written to a temporary
     directory first and renamed, so a crash never leaves a half-written checkpoint at ``out_dir``.
     An existing ``out_dir`` is replaced only if it is empty or an HF checkpoint (has config.json).
+
+    ``tensors``: the full HF-named tensors to write instead of ``model.state_dict()`` (a sharded
+    model's, gathered by the caller: :func:`miles.train.weight_sync.save_trainer_hf`).
     """
     from safetensors.torch import save_file
 
@@ -261,7 +265,12 @@ def save_hf(
         cfg["torch_dtype"] = dtype_name
         cfg["dtype"] = dtype_name
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        shards = _shard(_export_tensors(model, torch_dtype), max_shard_bytes)
+        exported = (
+            _export_tensors(model, torch_dtype)
+            if tensors is None
+            else {n: t.detach().to("cpu", torch_dtype).contiguous() for n, t in tensors.items()}
+        )
+        shards = _shard(exported, max_shard_bytes)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

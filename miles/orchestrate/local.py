@@ -24,7 +24,7 @@ from miles.engine.client import LocalEngineClient
 from miles.engine.engine import Engine
 from miles.engine.kv_cache import available_memory_bytes, kv_bytes_per_token, kv_capacity_tokens
 from miles.kernels import batch_invariant
-from miles.models.loading import load_model, load_tokenizer, save_hf
+from miles.models.loading import load_model, load_tokenizer
 from miles.models.spec import ModelSpec
 from miles.orchestrate.ppo import build_critic, uses_critic
 from miles.orchestrate.train_step import compute_dtype, train_on
@@ -34,7 +34,7 @@ from miles.train.checkpoint import load_checkpoint, save_checkpoint
 from miles.train.parallelize import apply_activation_checkpointing, parallelize
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.train.trainer_sleep import awake
-from miles.train.weight_sync import iter_weight_buckets
+from miles.train.weight_sync import iter_weight_buckets, save_trainer_hf
 from miles.types import Group
 
 
@@ -244,8 +244,8 @@ class LocalPlacement:
 
     def save_hf(self, directory: str) -> None:
         assert self.config.model.hf_checkpoint is not None
-        with awake(self.trainer):
-            save_hf(self.trainer.model, directory, tokenizer_source=self.config.model.hf_checkpoint)
+        with awake(self.trainer):  # gathered when sharded (one-rank FSDP2 on CUDA)
+            save_trainer_hf(self.trainer.model, directory, tokenizer_source=self.config.model.hf_checkpoint)
 
     def push_weights(self, version: int, *, send: bool = True) -> float:
         """Send the trainer's weights to the engine as ``version`` (unless ``send`` is False:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from miles.orchestrate.train_step import compute_dtype, train_on
 from miles.orchestrate.weight_transfer import DiskSender, DistributedSender, TensorSender, WeightSender
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
 from miles.train.trainer_sleep import awake
+from miles.train.weight_sync import save_trainer_hf
 from miles.types import Group
 
 
@@ -123,27 +123,12 @@ class TrainerWorker:
     def save_hf(self, directory: str) -> None:
         """Rank 0 writes a Hugging Face directory (every rank gathers: collective)."""
         with awake(self.trainer):
-            self._save_hf(Path(directory))
-
-    def _save_hf(self, out: Path) -> None:
-        writer = DiskSender(self.rank, self.config.placement.update_weight_buffer_size, directory=out.parent)
-        writer.send(self.trainer.model, torch.float32, 0, [])
-        if self.rank == 0:
-            assert writer.latest is not None
-            if out.exists():
-                import shutil
-
-                shutil.rmtree(out)
-            writer.latest.rename(out)
-            self._copy_tokenizer(out)
-
-    def _copy_tokenizer(self, out: Path) -> None:
-        source = self.config.model.hf_checkpoint
-        if source is None:
-            return
-        from miles.models.loading import load_tokenizer
-
-        load_tokenizer(source).save_pretrained(str(out))
+            save_trainer_hf(
+                self.trainer.model,
+                directory,
+                tokenizer_source=self.config.model.hf_checkpoint,
+                write=self.rank == 0,
+            )
 
     def sleep(self) -> dict[str, float]:
         return self.trainer.sleep()

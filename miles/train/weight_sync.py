@@ -20,6 +20,7 @@ shared model uses them, DESIGN.md §4) and yields lists of ``(name, tensor)``:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -61,3 +62,20 @@ def iter_weight_buckets(
         size += nbytes
     if bucket:
         yield bucket
+
+
+def save_trainer_hf(
+    model: nn.Module, out_dir: str | Path, *, tokenizer_source: str | Path | None, write: bool = True
+) -> None:
+    """Export the trainer's policy as a Hugging Face directory, sharded or not (FSDP2, EP).
+
+    Collective like :func:`iter_weight_buckets`: every rank calls it; the ranks with ``write``
+    (rank 0) write the gathered fp32 master tensors through :func:`miles.models.loading.save_hf`."""
+    from miles.models.loading import save_hf
+
+    tensors: dict[str, Tensor] = {}
+    for bucket in iter_weight_buckets(model, None, 1 << 30):
+        if write:
+            tensors.update((n, t.to("cpu")) for n, t in bucket)
+    if write:
+        save_hf(model, out_dir, tokenizer_source=tokenizer_source, tensors=tensors)  # type: ignore[arg-type]

@@ -160,6 +160,13 @@ def test_one_rank_fsdp_mixed_precision_placement_stays_exact(arith_world, tmp_pa
         for name, p in placement.trainer.model.named_parameters():
             want = engine_params[name]
             assert torch.equal(p.full_tensor().to(want.dtype), want), name  # bf16 engine on a GPU
+        # --save-hf of the sharded policy: gathered, not the DTensor shards (the GPU's embedded path)
+        from miles.models.loading import load_model
+
+        placement.save_hf(str(tmp_path / "hf"))
+        exported = dict(load_model(tmp_path / "hf").named_parameters())
+        for name, p in placement.trainer.model.named_parameters():
+            assert torch.equal(exported[name], p.full_tensor()), name
     finally:
         logger.close()
         placement.close()

@@ -47,6 +47,7 @@ def _run(world: Path, run_dir: Path, *extra: str, during: Any = None) -> tuple[l
         _loop(config, placement, logger)
         placement.wait_in_service()  # a restart still in flight
         assert_engines_hold(placement)
+        placement.final_weights = placement.trainer_weights()
     finally:
         logger.close()
         placement.close()
@@ -104,8 +105,15 @@ def test_disaggregated_two_ranks_two_engines_broadcast_and_resume(arith_world, t
     assert set(read_metrics(tmp_path / "local")[0]) == set(rows[0])
     # a crashed trainer resumes from its last checkpoint: step 2 follows, weights re-pushed
     resumed, placement = _run(arith_world, tmp_path / "run2", *flags[:-2], "--num-rollout", "3",
-                              "--load", str(tmp_path / "ckpt"))  # fmt: skip
+                              "--load", str(tmp_path / "ckpt"), "--save-hf", str(tmp_path / "hf"))  # fmt: skip
+    resumed_weights = placement.final_weights
     assert [r["step"] for r in resumed] == [2] and placement.version == 3
+    # --save-hf gathered the FSDP2 + EP shards of both ranks: the export holds the trainer's weights
+    from miles.models.loading import load_model
+
+    exported = dict(load_model(tmp_path / "hf").named_parameters())
+    for name, tensor in resumed_weights.items():
+        assert torch.equal(exported[name], tensor), name
 
 
 def test_colocated_shared_memory_handover(arith_world, tmp_path, ray_cluster):

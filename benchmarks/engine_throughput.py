@@ -7,7 +7,17 @@ runs static batches of ``--hf-batch-size`` requests in the same order, each batc
 its longest request's length; only the tokens the requests asked for count as output for both.
 
     python benchmarks/engine_throughput.py --num-requests 64
-    python benchmarks/engine_throughput.py --model qwen3-0.6b-shape --device cuda
+    python benchmarks/engine_throughput.py --model qwen3-0.6b-shape --device cuda --dtype bfloat16 \
+        --num-requests 256 --min-input-len 100 --max-input-len 1024 --min-output-len 100 \
+        --max-output-len 1024 --hf-batch-size 128 --eager-too
+    python benchmarks/engine_throughput.py --batch1 --device cuda --dtype bfloat16
+
+On CUDA the table adds the decode roofline: for every decode step of the run (all requests
+start together), the bytes of the weights plus the K/V of every running sequence, over the HBM
+bandwidth measured here with a large device copy; Miles' fraction is that time over its time.
+``--eager-too`` also times Miles with ``disable_cuda_graph``. ``--batch1``: decode speed of one
+request (128 prompt tokens, 256 generated) for the SmolLM2-135M and Qwen3-0.6B shapes against
+``transformers`` batch 1 (results ``engine_decode_batch1``).
 """
 
 from __future__ import annotations
@@ -45,6 +55,26 @@ QWEN3_06B_SHAPE: dict[str, Any] = {
 }
 
 
+# SmolLM2-135M's config (a Llama): random weights of its shape for the batch-1 decode figure.
+SMOLLM2_135M_SHAPE: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "eos_token_id": 2,
+}
+SHAPES = {"qwen3-0.6b-shape": QWEN3_06B_SHAPE, "smollm2-135m-shape": SMOLLM2_135M_SHAPE}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint, alias, or qwen3-0.6b-shape")
@@ -60,8 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--eager-too", action="store_true", help="also time Miles without CUDA graphs")
+    p.add_argument("--batch1", action="store_true", help="batch-1 decode of the 135M and 0.6B shapes")
     p.add_argument("--no-write", action="store_true", help="print only, write no results JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for what in ("input", "output"):
+        lo, hi = getattr(args, f"min_{what}_len"), getattr(args, f"max_{what}_len")
+        if not 1 <= lo <= hi:
+            p.error(f"--min-{what}-len ({lo}) must be between 1 and --max-{what}-len ({hi})")
+    return args
 
 
 def make_checkpoint(model: str, dtype: str, out: Path) -> Path:
@@ -69,9 +106,9 @@ def make_checkpoint(model: str, dtype: str, out: Path) -> Path:
     from miles.models.loading import build_model, load_model, save_hf
     from miles.models.spec import ModelSpec
 
-    if model == "qwen3-0.6b-shape":
+    if model in SHAPES:
         torch.manual_seed(0)
-        m = build_model(ModelSpec.from_hf_config(QWEN3_06B_SHAPE), dtype=getattr(torch, dtype))
+        m = build_model(ModelSpec.from_hf_config(SHAPES[model]), dtype=getattr(torch, dtype))
     else:
         m = load_model(model, dtype=dtype)
     return save_hf(m, out / "ckpt", dtype=dtype)
@@ -93,7 +130,7 @@ def sync(device: str) -> None:
 
 
 def run_miles(
-    path: Path, args: argparse.Namespace, prompts: list[list[int]], outs: list[int]
+    path: Path, args: argparse.Namespace, prompts: list[list[int]], outs: list[int], graphs: bool = True
 ) -> dict[str, Any]:
     from miles.engine.engine import Engine
     from miles.engine.llm import derive_num_blocks
@@ -110,6 +147,7 @@ def run_miles(
         max_running_requests=max(args.num_requests, 1),
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
+        disable_cuda_graph=not graphs,
     )
     engine.generate(
         [prompts[0][:8]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
@@ -122,13 +160,57 @@ def run_miles(
     sync(args.device)
     elapsed = time.perf_counter() - t0
     tokens = sum(r.completion_tokens for r in results)
-    return {
+    res = {
         "output_tokens": tokens,
         "seconds": elapsed,
         "output_tokens_per_s": tokens / elapsed,
         "num_blocks": num_blocks,
         "num_preemptions": engine.stats().num_preemptions,
+        "cuda_graphs": engine.graphs is not None,
     }
+    if engine.graphs is not None:
+        res["graph_capture_seconds"] = engine.graphs.capture_seconds
+        res["graph_sizes_captured"] = len(engine.graphs.captured)
+    del engine, model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return res
+
+
+def hbm_bandwidth(device: str) -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write), best of 5."""
+    src = torch.empty(1 << 30, dtype=torch.uint16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * (2 << 30) / best
+
+
+def decode_roofline_seconds(
+    path: Path, dtype: str, prompts: list[list[int]], outs: list[int], bw: float
+) -> float:
+    """Lower bound of the decode time: every step reads all weights once plus the K/V of every
+    running sequence (all requests start together; a request decodes ``outs[i] - 1`` steps
+    after its prefill samples the first token)."""
+    from miles.models.loading import load_config
+
+    spec = load_config(path)
+    elem = torch.finfo(getattr(torch, dtype)).bits // 8
+    h, inter, layers = spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers
+    attn = h * spec.head_dim * (spec.num_attention_heads * 2 + spec.num_key_value_heads * 2)
+    weights = elem * (layers * (attn + 3 * h * inter + 2 * h) + spec.vocab_size * h + h)
+    kv_per_token = elem * layers * 2 * spec.num_key_value_heads * spec.head_dim
+    total = 0.0
+    for t in range(1, max(outs)):
+        kv = sum(len(p) + t for p, n in zip(prompts, outs) if n > t)
+        total += (weights + kv * kv_per_token) / bw
+    return total
 
 
 def run_transformers(
@@ -181,12 +263,38 @@ def main(argv: list[str] | None = None) -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from miles.models.loading import load_config
 
+    if args.batch1:
+        return batch1(args)
+    cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(args.model, args.dtype, Path(tmp))
         prompts, outs = make_workload(args, load_config(path).vocab_size)
-        miles = run_miles(path, args, prompts, outs)
+        try:
+            miles = run_miles(path, args, prompts, outs)
+        except Exception as e:  # a broken graph path must not cost the run its other figures
+            import traceback
+
+            traceback.print_exc()
+            miles = run_miles(path, args, prompts, outs, graphs=False)
+            miles["graph_error"] = f"{type(e).__name__}: {e}"
+        print(f"miles: {miles}", flush=True)
+        if args.eager_too and cuda and miles["cuda_graphs"]:
+            miles["eager"] = run_miles(path, args, prompts, outs, graphs=False)
+            print(f"miles eager: {miles['eager']}", flush=True)
+        if cuda:
+            bw = hbm_bandwidth(args.device)
+            roof = decode_roofline_seconds(path, args.dtype, prompts, outs, bw)
+            miles["hbm_bytes_per_s"] = bw
+            miles["decode_roofline_seconds"] = roof
+            miles["roofline_fraction"] = roof / miles["seconds"]
         base = None if args.skip_baseline else run_transformers(path, args, prompts, outs)
     rows = [["miles engine", miles["output_tokens"], miles["seconds"], miles["output_tokens_per_s"]]]
+    if "eager" in miles:
+        e = miles["eager"]
+        rows.append(["miles, no CUDA graphs", e["output_tokens"], e["seconds"], e["output_tokens_per_s"]])
+    if cuda:
+        rows.append(["decode roofline", miles["output_tokens"], miles["decode_roofline_seconds"],
+                     miles["output_tokens"] / miles["decode_roofline_seconds"]])  # fmt: skip
     if base is not None:
         rows.append([base["name"], base["output_tokens"], base["seconds"], base["output_tokens_per_s"]])
     device = device_string(args.device)
@@ -196,6 +304,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     ratio = miles["output_tokens_per_s"] / base["output_tokens_per_s"]
     print(f"ratio (miles / transformers): {ratio:.2f}x")
+    if cuda:
+        print(
+            f"HBM {miles['hbm_bytes_per_s'] / 1e12:.2f} TB/s; Miles at {miles['roofline_fraction']:.0%} of the decode roofline"
+        )
     if not args.no_write:
         config = {k: v for k, v in vars(args).items() if k not in ("no_write", "skip_baseline")}
         config["torch_threads"] = torch.get_num_threads()
@@ -208,6 +320,41 @@ def main(argv: list[str] | None = None) -> None:
             "output_tokens_per_s",
             packages=("transformers",),
         )
+        print(f"wrote {path_out}")
+
+
+def batch1(args: argparse.Namespace) -> None:
+    """Batch-1 decode tok/s of the 135M and 0.6B shapes: Miles against ``transformers``."""
+    results: dict[str, Any] = {}
+    base: dict[str, Any] = {}
+    rows = []
+    for shape in ("smollm2-135m-shape", "qwen3-0.6b-shape"):
+        args.model = shape
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_checkpoint(shape, args.dtype, Path(tmp))
+            rng = random.Random(args.seed)
+            prompt = [[rng.randrange(1000) for _ in range(128)]]
+            args.num_requests, args.max_input_len, args.max_output_len = 1, 128, 256
+            m = run_miles(path, args, prompt, [256])
+            b = run_transformers(path, args, prompt, [256])
+        results[shape] = m["output_tokens_per_s"]
+        base[shape] = b["output_tokens_per_s"]
+        rows.append(
+            [
+                shape,
+                m["output_tokens_per_s"],
+                b["output_tokens_per_s"],
+                m["output_tokens_per_s"] / b["output_tokens_per_s"],
+            ]
+        )
+    device = device_string(args.device)
+    print(f"engine_decode_batch1 on {device}, {args.dtype}: 128 prompt tokens, 256 generated")
+    print_table(["model", "miles tok/s", "transformers tok/s", "ratio"], rows)
+    if not args.no_write:
+        results["qwen3_0_6b_tokens_per_s"] = results["qwen3-0.6b-shape"]
+        base["qwen3_0_6b_tokens_per_s"] = base["qwen3-0.6b-shape"]
+        path_out = write_results("engine_decode_batch1", device, {"dtype": args.dtype, "prompt": 128, "output": 256},
+                                 results, base, "qwen3_0_6b_tokens_per_s", packages=("transformers",))  # fmt: skip
         print(f"wrote {path_out}")
 
 

@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--peak-matmul-n", type=int, default=None)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--profile", action="store_true", help="print the top ops of one Miles step")
     args = ap.parse_args()
 
     import transformers
@@ -156,6 +157,15 @@ def main() -> None:
         trainer.train_step(batch)
 
     miles_s = _timed(miles_step, args.warmup, args.steps, device)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            miles_step()
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
     trainer.model = trainer.optimizer = None  # type: ignore[assignment]  # free before the baseline
     del model
     if device.type == "cuda":

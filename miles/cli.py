@@ -311,6 +311,13 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sglang-disable-radix-cache", action="store_true", help="no prefix reuse")
     parser.add_argument("--sglang-random-seed", type=int, default=None, help="seed of unseeded requests")
     parser.add_argument(
+        "--sglang-cuda-graph-max-bs",
+        type=int,
+        default=None,
+        help="largest decode batch in a CUDA graph (256)",
+    )
+    parser.add_argument("--sglang-disable-cuda-graph", action="store_true", help="run decode eagerly")
+    parser.add_argument(
         "--sglang-enable-deterministic-inference",
         action="store_true",
         help="batch-invariant kernels: a request's tokens and log-probs do not depend on its batch",
@@ -322,6 +329,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     for flag in ("port", "sglang_max_total_tokens", "sglang_page_size", "sglang_max_running_requests"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.sglang_cuda_graph_max_bs is not None and args.sglang_cuda_graph_max_bs < 1:
+        raise ConfigError(f"--sglang-cuda-graph-max-bs must be >= 1, got {args.sglang_cuda_graph_max_bs}")
     if args.sglang_max_prefill_tokens < 1:
         raise ConfigError(f"--sglang-max-prefill-tokens must be >= 1, got {args.sglang_max_prefill_tokens}")
     if args.api_key is not None and not args.api_key:
@@ -347,6 +356,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         context_length=args.sglang_context_length,
         disable_radix_cache=args.sglang_disable_radix_cache,
         random_seed=args.sglang_random_seed,
+        cuda_graph_max_bs=args.sglang_cuda_graph_max_bs,
+        disable_cuda_graph=args.sglang_disable_cuda_graph,
         log_level=args.log_level,
     )
     if args.sglang_enable_deterministic_inference:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from miles.engine.cuda_graph import DecodeGraphs
 from miles.engine.kv_cache import BlockAllocator, KVCache
 from miles.engine.model_runner import ModelRunner, ScheduledRequest
 from miles.engine.request import FinishReason, Request, RequestOutput, RequestStatus
@@ -84,6 +85,8 @@ class Engine:
         kv_dtype: torch.dtype | None = None,
         seed: int | None = None,
         weight_version: str | int | None = None,
+        cuda_graph_max_bs: int | None = None,
+        disable_cuda_graph: bool = False,
     ) -> None:
         spec = model.spec
         self.model = model.eval()
@@ -98,9 +101,17 @@ class Engine:
             eos_token_ids = eos
         self.eos_token_ids = tuple(eos_token_ids)
         self.kv_cache_dtype = kv_dtype or model.dtype
+        # Decode CUDA graphs: dense models on CUDA (an MoE step's expert groups and dynamic RoPE's
+        # scaling depend on the data, read on the host). Their padding rows need a scratch block.
+        graphs = (
+            model.device.type == "cuda"
+            and not disable_cuda_graph
+            and not spec.is_moe
+            and spec.rope.type != "dynamic"
+        )
         self.kv_cache = KVCache(
             spec.num_hidden_layers,
-            num_blocks,
+            num_blocks + 1 if graphs else num_blocks,
             block_size,
             spec.num_key_value_heads,
             spec.head_dim,
@@ -113,7 +124,18 @@ class Engine:
         self.routing = (
             RoutingStore(spec, num_blocks * block_size, block_size, model.device) if spec.is_moe else None
         )
-        self.runner = ModelRunner(model, self.kv_cache, self.routing)
+        self.graphs = (
+            DecodeGraphs(
+                model,
+                self.kv_cache,
+                max_bs=min(cuda_graph_max_bs or 256, max_running_requests),
+                max_blocks=-(-self.context_length // block_size),
+                scratch_block=num_blocks,
+            )
+            if graphs
+            else None
+        )
+        self.runner = ModelRunner(model, self.kv_cache, self.routing, self.graphs)
         generator = torch.Generator(device=model.device)
         if seed is not None:
             generator.manual_seed(seed)
@@ -458,6 +480,8 @@ class Engine:
                 f"{len(self.scheduler.waiting)} waiting requests: abort them or let them finish"
             )
         cuda = self.model.device.type == "cuda"
+        if self.graphs is not None:
+            self.graphs.reset()  # they hold the addresses of what is released; recaptured on use
         for tag in tags:
             if tag in self._released:
                 continue

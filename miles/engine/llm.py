@@ -87,6 +87,8 @@ class LLM:
         seed: int | None = None,
         skip_tokenizer_init: bool = False,
         enable_prefix_caching: bool = True,
+        cuda_graph_max_bs: int | None = None,
+        disable_cuda_graph: bool = False,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,6 +110,8 @@ class LLM:
             context_length=ctx,
             enable_prefix_caching=enable_prefix_caching,
             seed=seed,
+            cuda_graph_max_bs=cuda_graph_max_bs,
+            disable_cuda_graph=disable_cuda_graph,
         )
 
     # ---- generation --------------------------------------------------------------------------

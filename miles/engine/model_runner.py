@@ -13,13 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
+from miles.engine.cuda_graph import DecodeGraphs
 from miles.engine.kv_cache import KVCache
 from miles.engine.request import Request
 from miles.engine.routing import RoutingStore
 from miles.kernels import batch_invariant
 from miles.kernels.paged_attention import (
+    PagedAttentionPlan,
     batched_paged_attention,
     gather_kv,
+    paged_decode_attention,
     plan_paged_attention,
     store_kv,
 )
@@ -33,7 +36,9 @@ class PagedAttentionContext:
     int64 ``[B, W]``: row ``i`` starts with the blocks of sequence ``i`` (the rest is padding);
     ``query_lens[i]`` new tokens of sequence ``i`` come in the forward, and it has
     ``seq_lens[i]`` tokens in the cache once they are stored. The attention plan (gather
-    indices and masks) is built here, once, and shared by every layer.
+    indices and masks) is built once, by the first layer, and shared by every layer. A decode
+    step on CUDA (one new token per sequence) needs no plan: the paged decode kernel reads the
+    pages in place.
     """
 
     def __init__(
@@ -49,7 +54,17 @@ class PagedAttentionContext:
         self.block_tables = block_tables
         self.query_lens = query_lens
         self.seq_lens = seq_lens
-        self.plan = plan_paged_attention(block_tables, query_lens, seq_lens, kv_cache.block_size)
+        self._plan: PagedAttentionPlan | None = None
+        self._seq_lens_t: torch.Tensor | None = None
+        self.decode_kernel = block_tables.is_cuda and all(n == 1 for n in query_lens)
+
+    @property
+    def plan(self) -> PagedAttentionPlan:
+        if self._plan is None:
+            self._plan = plan_paged_attention(
+                self.block_tables, self.query_lens, self.seq_lens, self.kv_cache.block_size
+            )
+        return self._plan
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -58,6 +73,10 @@ class PagedAttentionContext:
         store_kv(k_cache, v_cache, k, v, self.slot_mapping)
         if batch_invariant.enabled():
             return self._attend_invariant(q, k_cache, v_cache, scale)
+        if self.decode_kernel:
+            if self._seq_lens_t is None:
+                self._seq_lens_t = torch.tensor(self.seq_lens, dtype=torch.long).to(q.device)
+            return paged_decode_attention(q, k_cache, v_cache, self.block_tables, self._seq_lens_t, scale)
         return batched_paged_attention(q, k_cache, v_cache, self.plan, scale)
 
     def _attend_invariant(
@@ -106,15 +125,24 @@ class ModelRunner:
     """Owns the model and the KV cache; runs one scheduled batch per call.
 
     With a ``routing`` store (MoE models), every forward records each token's experts at its
-    KV slot (an observing ``RoutingHook``; see ``miles.engine.routing``).
+    KV slot (an observing ``RoutingHook``; see ``miles.engine.routing``). With ``graphs``, a
+    decode step (one new token per request, no prompt log-probs, default kernels) replays a CUDA
+    graph instead (see ``miles.engine.cuda_graph``).
     """
 
-    def __init__(self, model: CausalLM, kv_cache: KVCache, routing: RoutingStore | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_cache: KVCache,
+        routing: RoutingStore | None = None,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = model.device
         self.routing = routing
+        self.graphs = graphs
 
     def prepare(
         self, batch: Sequence[ScheduledRequest]
@@ -134,7 +162,7 @@ class ModelRunner:
                     f"request {req.request_id}: cannot feed tokens [{start}, {end}) with "
                     f"{req.num_tokens} tokens and {len(req.block_table)} blocks"
                 )
-            ids += req.all_token_ids[start:end]
+            ids += req.token_slice(start, end)
             starts.append(start)
             tables.append(req.block_table)
             query_lens.append(n)
@@ -162,6 +190,8 @@ class ModelRunner:
 
         Does not advance ``num_computed_tokens``: the engine does that after sampling.
         """
+        if self.graphs is not None and self._graphable(batch):
+            return self._run_graph(batch)
         input_ids, positions, ctx = self.prepare(batch)
         hook = None if self.routing is None else self.routing.recorder(ctx.slot_mapping)
         hidden = self.model(input_ids, positions, ctx, hook)
@@ -176,3 +206,31 @@ class ModelRunner:
                 all_logits.append(None)
             start += n
         return ModelOutput(last_logits, all_logits)
+
+    def _graphable(self, batch: Sequence[ScheduledRequest]) -> bool:
+        assert self.graphs is not None
+        if batch_invariant.enabled() or self.routing is not None:
+            return False
+        for item in batch:
+            if item.num_tokens != 1 or item.request.return_prompt_logprobs:
+                return False
+        return self.graphs.supports(len(batch), max(len(item.request.block_table) for item in batch))
+
+    def _run_graph(self, batch: Sequence[ScheduledRequest]) -> ModelOutput:
+        assert self.graphs is not None
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for item in batch:
+            req, p = item.request, item.request.num_computed_tokens
+            if p >= req.num_tokens or p // bs >= len(req.block_table):
+                raise RuntimeError(
+                    f"request {req.request_id}: cannot feed token {p} with {req.num_tokens} tokens "
+                    f"and {len(req.block_table)} blocks"
+                )
+            ids += req.token_slice(p, p + 1)
+            pos.append(p)
+            slots.append(req.block_table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(req.block_table)
+        logits = self.graphs.run(ids, pos, slots, lens, tables)
+        return ModelOutput(logits, [None] * len(batch))

@@ -79,6 +79,8 @@ class ServerConfig:
     context_length: int | None = None
     disable_radix_cache: bool = False
     random_seed: int | None = None
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
     log_level: str = "info"
 
 
@@ -102,6 +104,8 @@ def build_engine(config: ServerConfig) -> Engine:
         context_length=config.context_length,
         enable_prefix_caching=not config.disable_radix_cache,
         seed=config.random_seed,
+        cuda_graph_max_bs=config.cuda_graph_max_bs,
+        disable_cuda_graph=config.disable_cuda_graph,
     )
 
 

@@ -29,6 +29,43 @@ def varlen_causal_attention(
     return out
 
 
+def padded_varlen_plan(bounds: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors of :func:`padded_varlen_causal_attention` for sequence ``bounds`` (the host
+    copy of ``cu_seqlens``): ``gather`` int64 ``[B, L]`` (the packed row of each padded position;
+    a sequence's padding repeats its last token) and ``valid`` int64 ``[T]`` (the padded row of
+    each packed token, in order). Built once per forward, shared by every layer."""
+    spans = [(a, b - a) for a, b in itertools.pairwise(bounds) if b > a]  # empty sequences: no row
+    starts = torch.tensor([a for a, _ in spans] or [0], dtype=torch.long)
+    lens = torch.tensor([n for _, n in spans] or [0], dtype=torch.long)
+    width = max(1, int(lens.max()))
+    col = torch.arange(width)[None, :]
+    gather = starts[:, None] + torch.minimum(col, (lens[:, None] - 1).clamp(min=0))
+    valid = (torch.arange(len(lens))[:, None] * width + col)[col < lens[:, None]]
+    return gather.to(device), valid.to(device)
+
+
+def padded_varlen_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """:func:`varlen_causal_attention` as one causal SDPA call over the sequences padded to the
+    longest (the flash kernel on CUDA, with GQA). Padding sits after each sequence's tokens, so
+    causality keeps it out of every real query's view; padded rows are dropped. Differentiable
+    (gathers and SDPA). ``plan`` from :func:`padded_varlen_plan`. Equal to the reference up to
+    summation order."""
+    gather, valid = plan
+    b, width = gather.shape
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    qp = q[gather].transpose(1, 2)  # [B, Hq, L, D]
+    kp = k[gather].transpose(1, 2)
+    vp = v[gather].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=hq != hkv)
+    return out.transpose(1, 2).reshape(b * width, hq, d)[valid]
+
+
 def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of ``Tq`` new tokens over ``Tk >= Tq`` keys whose last ``Tq`` are the new ones.
 

@@ -18,7 +18,9 @@ Two implementations with the same semantics:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -266,3 +268,57 @@ def _gather(
         buf = torch.empty(shape, dtype=flat.dtype, device=flat.device)
         workspace[key] = buf
     return torch.index_select(flat, 0, slots, out=buf)
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per sequence over its paged cache, from device tensors only (no host sync:
+    capturable in a CUDA graph). ``q`` ``[B, Hq, D]``; ``block_tables`` int ``[B, W]``;
+    ``seq_lens`` int ``[B]`` (>= 1, counting the new token, whose K/V are stored) -> ``[B, Hq, D]``.
+    Gathers all ``W`` blocks of every row and masks past ``seq_lens``: the reference (and the
+    fallback without Triton), not the fast path."""
+    b, hq, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    width = block_tables.shape[1] * page
+    k = k_cache[block_tables.long()].reshape(b, width, hkv, d).transpose(1, 2).to(q.dtype)
+    v = v_cache[block_tables.long()].reshape(b, width, hkv, d).transpose(1, 2).to(q.dtype)
+    mask = (torch.arange(width, device=q.device)[None, :] < seq_lens[:, None].long())[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv
+    )
+    return out[:, :, 0, :]
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`paged_decode_reference`'s result; on CUDA with Triton, the kernel of
+    ``miles.kernels.triton.paged_decode`` that reads the pages in place (flash-decoding splits)."""
+    kernel = _triton_decode() if q.is_cuda else None
+    if kernel is not None:
+        return kernel(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+@functools.cache
+def _triton_decode() -> Callable[..., torch.Tensor] | None:
+    """The Triton decode kernel, imported lazily (a CPU run never loads Triton); ``None`` without
+    Triton or with ``MILES_DECODE_KERNEL=torch``."""
+    if os.environ.get("MILES_DECODE_KERNEL", "triton") == "torch":
+        return None
+    try:
+        from miles.kernels.triton.paged_decode import paged_decode_attention as kernel
+    except ImportError:
+        return None
+    return kernel

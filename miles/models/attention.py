@@ -13,7 +13,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from miles.kernels import batch_invariant
-from miles.kernels.attention import varlen_causal_attention
+from miles.kernels.attention import (
+    padded_varlen_causal_attention,
+    padded_varlen_plan,
+    varlen_causal_attention,
+)
 
 
 @runtime_checkable
@@ -44,6 +48,9 @@ class VarlenContext:
         if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
         self.cu_seqlens = cu_seqlens
+        # One host read of the boundaries per forward, not one per layer (each a device sync).
+        self.bounds: list[int] = cu_seqlens.tolist()
+        self._padded_plan: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def single(cls, length: int, device: torch.device | str = "cpu") -> VarlenContext:
@@ -52,12 +59,16 @@ class VarlenContext:
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        if int(self.cu_seqlens[-1]) != q.shape[0]:
-            raise ValueError(
-                f"cu_seqlens covers {int(self.cu_seqlens[-1])} tokens but the forward has {q.shape[0]}"
-            )
+        if self.bounds[-1] != q.shape[0]:
+            raise ValueError(f"cu_seqlens covers {self.bounds[-1]} tokens but the forward has {q.shape[0]}")
         if batch_invariant.enabled():
             return batch_invariant.varlen_causal_attention(q, k, v, self.cu_seqlens, scale)
+        if q.is_cuda:
+            # One flash-attention call over the padded sequences instead of a Python loop of
+            # per-sequence calls (the trainer's attention was most of its host time on a GPU).
+            if self._padded_plan is None:
+                self._padded_plan = padded_varlen_plan(self.bounds, q.device)
+            return padded_varlen_causal_attention(q, k, v, self._padded_plan, scale)
         return varlen_causal_attention(q, k, v, self.cu_seqlens, scale)
 
 

@@ -45,6 +45,10 @@ def serve_arguments(config: MilesConfig, dtype: str, max_total_tokens: int) -> l
         args.append("--sglang-disable-radix-cache")
     if e.random_seed is not None:
         args += ["--sglang-random-seed", str(e.random_seed)]
+    if e.cuda_graph_max_bs is not None:
+        args += ["--sglang-cuda-graph-max-bs", str(e.cuda_graph_max_bs)]
+    if e.disable_cuda_graph:
+        args.append("--sglang-disable-cuda-graph")
     if config.deterministic_mode or e.enable_deterministic_inference:
         args.append("--sglang-enable-deterministic-inference")
     return args

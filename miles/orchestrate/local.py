@@ -206,6 +206,8 @@ class LocalPlacement:
             context_length=context,
             enable_prefix_caching=not e.disable_radix_cache,
             seed=e.random_seed,
+            cuda_graph_max_bs=e.cuda_graph_max_bs,
+            disable_cuda_graph=e.disable_cuda_graph,
         )
         async_engine = AsyncEngine(engine).start()
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -108,7 +108,6 @@ def unbuilt_flags(config: MilesConfig) -> list[str]:
         (r.rollout_max_context_len is not None, "--rollout-max-context-len (use --rollout-max-response-len)"),
         (r.partial_rollout, "--partial-rollout"),
         (e.chunked_prefill_size is not None, "--sglang-chunked-prefill-size (use --sglang-max-prefill-tokens)"),
-        (e.cuda_graph_max_bs is not None, "--sglang-cuda-graph-max-bs (no CUDA graphs yet)"),
         (e.speculative_algorithm is not None, "--sglang-speculative-algorithm (speculative rollouts)"),
         (e.router_ip is not None or e.router_port is not None, "--sglang-router-ip/--sglang-router-port "
          "(an existing router; Miles starts its own)"),

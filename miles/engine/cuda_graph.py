@@ -1,0 +1,189 @@
+"""CUDA graphs for decode steps: one captured forward (model + LM head) per padded batch size.
+
+A decode step of ``n`` sequences (one new token each) replays the graph of the smallest captured
+size ``bs >= n`` (:func:`capture_sizes`: 1, 2, 4, 8, then every 8 up to ``max_bs``). The graph
+reads its inputs from static device buffers that each step overwrites: token ids, positions, KV
+slots, sequence lengths and block tables. Rows ``n..bs`` are padding: length 1, block table
+``[scratch]``, slot ``scratch * block_size``, so they write and read only the scratch block, a
+block of the KV cache the allocator never hands out. Attention reads lengths and tables from
+the device (:class:`DecodeContext`), so one graph serves every step of its size.
+
+Lifecycle: graphs are captured lazily, the first time a size is needed (the first step of that
+size runs inside the capture's warm-up), and dropped by :meth:`DecodeGraphs.reset`. A graph
+holds the addresses of the weights and of the KV cache, so the engine resets it whenever either
+is reallocated (memory release / resume); in-place weight updates (``copy_``) keep it valid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from miles.engine.kv_cache import KVCache
+from miles.kernels.paged_attention import paged_decode_attention, store_kv
+from miles.models.transformer import CausalLM
+
+
+def capture_sizes(max_bs: int) -> list[int]:
+    """Padded batch sizes with a graph: 1, 2, 4, 8, 16, 24 ... and ``max_bs`` itself."""
+    sizes = [s for s in (1, 2, 4) if s < max_bs] + list(range(8, max_bs, 8))
+    return sorted({*sizes, max_bs})
+
+
+class DecodeContext:
+    """``AttentionContext`` of a decode step from device tensors only (no host sync, capturable).
+
+    ``slot_mapping`` int64 ``[B]``: the cache slot of each new token; ``block_tables`` int
+    ``[B, W]``; ``seq_lens`` int ``[B]`` (counting the new token).
+    """
+
+    def __init__(
+        self,
+        kv_cache: KVCache,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.seq_lens = seq_lens
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
+        store_kv(k_cache, v_cache, k, v, self.slot_mapping)
+        return paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens, scale)
+
+
+class DecodeGraphs:
+    """The captured decode graphs of one model and KV cache (see the module docstring).
+
+    ``max_blocks``: block-table width, enough for the context length. ``scratch_block``: a block
+    id of ``kv_cache`` outside the allocator's range.
+    """
+
+    def __init__(
+        self, model: CausalLM, kv_cache: KVCache, max_bs: int, max_blocks: int, scratch_block: int
+    ) -> None:
+        if not 0 <= scratch_block < kv_cache.num_blocks:
+            raise ValueError(
+                f"scratch block {scratch_block} is outside the cache's {kv_cache.num_blocks} blocks"
+            )
+        self.model = model
+        self.kv_cache = kv_cache
+        self.max_bs = max_bs
+        self.sizes = capture_sizes(max_bs)
+        self.max_blocks = max_blocks
+        self.scratch_block = scratch_block
+        device = model.device
+        # Rows of ``vec``: token ids, positions, slots, sequence lengths.
+        self.vec = torch.zeros((4, max_bs), dtype=torch.long, device=device)
+        self.tables = torch.full((max_bs, max_blocks), scratch_block, dtype=torch.long, device=device)
+        self.logits = torch.empty((max_bs, model.spec.vocab_size), dtype=torch.float32, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool: Any = None  # the graphs' shared memory pool handle
+        self._captured_on: tuple[int, ...] = ()
+        self.capture_seconds = 0.0  # total time spent capturing since the last reset
+
+    @property
+    def captured(self) -> list[int]:
+        return sorted(self._graphs)
+
+    def padded_size(self, n: int) -> int:
+        for s in self.sizes:
+            if s >= n:
+                return s
+        raise ValueError(f"a decode batch of {n} exceeds the largest graph ({self.max_bs})")
+
+    def supports(self, n: int, width: int) -> bool:
+        return 1 <= n <= self.max_bs and width <= self.max_blocks
+
+    def reset(self) -> None:
+        """Drop every graph and its memory pool (after the weights or the cache moved)."""
+        self._graphs.clear()
+        self._pool = None
+        self.capture_seconds = 0.0
+
+    def run(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Logits fp32 ``[n, V]`` of one decode step of ``n = len(token_ids)`` sequences. The new
+        tokens' K/V are stored at ``slots``; sequence ``i`` then has ``seq_lens[i]`` tokens."""
+        bs = self.load_inputs(token_ids, positions, slots, seq_lens, block_tables)
+        if self._graphs and self._fingerprint() != self._captured_on:
+            self.reset()  # a parameter or the cache was reallocated behind the engine's back
+        graph = self._graphs.get(bs)
+        if graph is None:
+            graph = self._capture(bs)
+        graph.replay()
+        return self.logits[: len(token_ids)]
+
+    def load_inputs(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> int:
+        """Write one step's inputs, padded, into the static buffers; return the padded size."""
+        n = len(token_ids)
+        width = max(len(t) for t in block_tables)
+        if not self.supports(n, width):
+            raise ValueError(f"decode batch of {n} with {width} blocks is not graph-capturable")
+        bs = self.padded_size(n)
+        pad = bs - n
+        scratch_slot = self.scratch_block * self.kv_cache.block_size
+        vec = torch.tensor(
+            [
+                [*token_ids, *([0] * pad)],
+                [*positions, *([0] * pad)],
+                [*slots, *([scratch_slot] * pad)],
+                [*seq_lens, *([1] * pad)],
+            ],
+            dtype=torch.long,
+        )
+        fill = [self.scratch_block] * width
+        tables = torch.tensor([[*t, *fill[len(t) :]] for t in block_tables] + [fill] * pad, dtype=torch.long)
+        self.vec[:, :bs].copy_(vec)
+        self.tables[:bs, :width].copy_(tables)
+        return bs
+
+    def _fingerprint(self) -> tuple[int, ...]:
+        """The addresses a graph holds: every parameter's and the first layer's K/V cache."""
+        cache = (self.kv_cache.k[0].data_ptr(), self.kv_cache.v[0].data_ptr()) if self.kv_cache.k else ()
+        return (*cache, *(p.data_ptr() for p in self.model.parameters()))
+
+    def forward(self, bs: int) -> None:
+        """The captured computation, eagerly: the padded step in the buffers -> ``logits[:bs]``."""
+        ctx = DecodeContext(self.kv_cache, self.vec[2, :bs], self.tables[:bs], self.vec[3, :bs])
+        hidden = self.model(self.vec[0, :bs], self.vec[1, :bs], ctx)
+        self.logits[:bs].copy_(self.model.compute_logits(hidden))
+
+    def _capture(self, bs: int) -> torch.cuda.CUDAGraph:
+        start = time.perf_counter()
+        # Warm-up on a side stream (as torch.cuda.graph requires): it compiles the Triton kernels
+        # and creates the cuBLAS workspaces, and runs this very step (the inputs are in place).
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.forward(bs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self.forward(bs)
+        self._pool = graph.pool()
+        self._graphs[bs] = graph
+        self._captured_on = self._fingerprint()
+        self.capture_seconds += time.perf_counter() - start
+        return graph

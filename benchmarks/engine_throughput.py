@@ -92,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--eager-too", action="store_true", help="also time Miles without CUDA graphs")
     p.add_argument("--batch1", action="store_true", help="batch-1 decode of the 135M and 0.6B shapes")
+    p.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="after the timed run, profile 10 decode steps of --num-requests requests",
+    )
     p.add_argument("--no-write", action="store_true", help="print only, write no results JSON")
     args = p.parse_args(argv)
     for what in ("input", "output"):
@@ -171,10 +176,51 @@ def run_miles(
     if engine.graphs is not None:
         res["graph_capture_seconds"] = engine.graphs.capture_seconds
         res["graph_sizes_captured"] = len(engine.graphs.captured)
+    if args.profile_decode:
+        try:
+            res["profile"] = profile_decode(engine, args)
+        except Exception as e:  # the profile is extra: never lose the measurement to it
+            res["profile"] = {"error": f"{type(e).__name__}: {e}"}
     del engine, model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return res
+
+
+def profile_decode(engine: Any, args: argparse.Namespace, steps: int = 10) -> dict[str, float]:
+    """Wall and GPU-busy milliseconds per decode step with ``--num-requests`` requests running
+    (prompts of half ``--max-input-len``), and the top kernels: host- or GPU-bound?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from miles.types import SamplingParams
+
+    rng = random.Random(1)
+    params = SamplingParams(temperature=1.0, max_new_tokens=steps + 8, ignore_eos=True)
+    for _ in range(args.num_requests):
+        engine.add_request([rng.randrange(1000) for _ in range(max(1, args.max_input_len // 2))], params)
+    while any(r.num_computed_tokens < len(r.prompt_ids) for r in engine._requests.values()):
+        engine.step()
+    engine.step()  # the first decode step of this batch size may capture its graph
+    sync(args.device)
+    t0 = time.perf_counter()
+    cuda = args.device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(args.device)
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    events = prof.key_averages()
+    gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps / 1e3
+    print(f"decode step with {args.num_requests} requests: wall {wall:.2f} ms, GPU busy {gpu:.2f} ms")
+    if cuda:
+        print(
+            events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50), flush=True
+        )
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50), flush=True)
+    while engine.has_unfinished():
+        engine.step()
+    return {"requests": args.num_requests, "wall_ms_per_step": wall, "gpu_busy_ms_per_step": gpu}
 
 
 def hbm_bandwidth(device: str) -> float:
@@ -237,20 +283,36 @@ def run_transformers(
                 pad_token_id=pad,
             )
 
+    def run_all(bs: int) -> int | None:
+        """Tokens generated with static batches of ``bs``; ``None`` if the GPU ran out of memory."""
+        generated = 0
+        try:
+            for i in range(0, len(prompts), bs):
+                n = max(outs[i : i + bs])
+                batch_generate(prompts[i : i + bs], n)
+                generated += n * len(prompts[i : i + bs])
+        except torch.OutOfMemoryError:
+            return None
+        return generated
+
     batch_generate([prompts[0][:8]], 4)  # warm-up
     bs = args.hf_batch_size
-    sync(args.device)
-    t0 = time.perf_counter()
-    generated = 0
-    for i in range(0, len(prompts), bs):
-        n = max(outs[i : i + bs])
-        batch_generate(prompts[i : i + bs], n)
-        generated += n * len(prompts[i : i + bs])
-    sync(args.device)
+    while True:
+        sync(args.device)
+        t0 = time.perf_counter()
+        result = run_all(bs)
+        sync(args.device)
+        if result is not None or bs == 1:
+            break
+        torch.cuda.empty_cache()  # outside the handler: the failed batch's frames are gone
+        bs //= 2
+        print(f"transformers ran out of memory: static batches of {bs}", flush=True)
+    generated = result or 0
     elapsed = time.perf_counter() - t0
     tokens = sum(outs)
     return {
         "name": "transformers generate",
+        "batch_size": bs,
         "output_tokens": tokens,
         "generated_tokens_incl_padding": generated,
         "seconds": elapsed,

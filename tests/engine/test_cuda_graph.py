@@ -35,6 +35,7 @@ def test_capture_sizes():
     assert capture_sizes(6) == [1, 2, 4, 6]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert capture_sizes(256) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]
 
 
 def _decode_ready_requests(engine: Engine, lengths: list[int]) -> list[Request]:

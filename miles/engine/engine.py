@@ -13,6 +13,7 @@ in buckets; a checkpoint on disk; a torch.distributed broadcast from the trainer
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,8 +37,11 @@ from miles.engine.weights import (
     read_checkpoint_tensors,
     restore_parameters,
 )
+from miles.kernels import batch_invariant
 from miles.models.transformer import CausalLM
 from miles.types import SamplingParams, WeightVersion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,10 @@ class Engine:
             if graphs
             else None
         )
+        if self.graphs is not None and not batch_invariant.enabled():
+            # (In deterministic mode decode runs eagerly: capture lazily if it is ever left.)
+            seconds = self.graphs.capture_all()
+            log.info("captured %d decode CUDA graphs in %.2f s", len(self.graphs.captured), seconds)
         self.runner = ModelRunner(model, self.kv_cache, self.routing, self.graphs)
         generator = torch.Generator(device=model.device)
         if seed is not None:

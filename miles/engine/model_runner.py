@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from miles.engine.cuda_graph import DecodeGraphs
+from miles.engine.cuda_graph import DecodeGraphs, block_table_array
 from miles.engine.kv_cache import KVCache
 from miles.engine.request import Request
 from miles.engine.routing import RoutingStore
@@ -172,7 +172,7 @@ class ModelRunner:
         # A few tensor ops for the whole batch instead of several per request: each small op has
         # a fixed cost, and on CUDA each per-request ``torch.tensor`` was a host-to-device copy.
         width = max(len(t) for t in tables)
-        table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        table_t = block_table_array(tables, len(tables), width, 0)
         qlen_t = torch.tensor(query_lens, dtype=torch.long)
         seq_of = torch.repeat_interleave(torch.arange(len(batch)), qlen_t, output_size=len(ids))
         first = torch.cumsum(qlen_t, 0) - qlen_t  # index of each request's first token

@@ -83,6 +83,24 @@ def test_padded_static_step_equals_the_eager_step(llama_dir, n):
         )
 
 
+def test_padding_only_step_touches_only_the_scratch_block(llama_dir):
+    """What capture_all runs at start-up: every row is padding, and the cache outside the
+    scratch block is left as it was."""
+    model = load_model(llama_dir)
+    engine = Engine(model, num_blocks=16, block_size=4)
+    _decode_ready_requests(engine, [5, 9])
+    cache = engine.kv_cache
+    before = [t.clone() for t in cache.k + cache.v]
+    graphs = DecodeGraphs(model, cache, max_bs=8, max_blocks=8, scratch_block=15)
+    graphs.load_padding(8)
+    with torch.no_grad():
+        graphs.forward(8)
+    for old, new in zip(before, cache.k + cache.v):
+        assert torch.equal(old[:15], new[:15])
+    assert not torch.equal(before[0][15], cache.k[0][15])  # the scratch block was written
+    assert torch.isfinite(graphs.logits[:8]).all()
+
+
 def test_scratch_block_must_be_in_the_cache(llama_dir):
     model = load_model(llama_dir)
     engine = Engine(model, num_blocks=8, block_size=4)

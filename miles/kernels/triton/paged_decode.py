@@ -83,9 +83,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Key splits per sequence so that ``batch * kv_heads * splits`` fills the GPU about twice."""
-    sms = _sm_count(device)
-    return max(1, min(16, -(-2 * sms // max(1, batch * kv_heads))))
+    """Key splits per sequence so that ``batch * kv_heads * splits`` fills the GPU about twice: a
+    power of two up to 16 (each value is a separate compilation of the kernel)."""
+    want = -(-2 * _sm_count(device) // max(1, batch * kv_heads))
+    return min(16, 1 << max(0, want - 1).bit_length())
 
 
 def paged_decode_attention(

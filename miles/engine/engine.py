@@ -38,6 +38,7 @@ from miles.engine.weights import (
     restore_parameters,
 )
 from miles.kernels import batch_invariant
+from miles.models.layers import use_inference_kernels
 from miles.models.transformer import CausalLM
 from miles.types import SamplingParams, WeightVersion
 
@@ -94,6 +95,7 @@ class Engine:
     ) -> None:
         spec = model.spec
         self.model = model.eval()
+        use_inference_kernels(model)
         self.tokenizer = tokenizer
         self.vocab_size = spec.vocab_size
         self.context_length = context_length or spec.max_position_embeddings

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles.kernels import batch_invariant
+from miles.kernels import batch_invariant, fused
 from miles.models.attention import AttentionContext
 from miles.models.rope import apply_rotary
 from miles.models.spec import ModelSpec
@@ -34,10 +34,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.inference_kernels = False  # see use_inference_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if batch_invariant.enabled():  # a reduction's launch shape can depend on the row count
             return batch_invariant.rowwise(self._norm, x)
+        if self.inference_kernels and (k := fused.kernels_for(x)) is not None:
+            return k.rms_norm(x, self.weight, self.eps)
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +88,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * d, h, bias=False)
         self.q_norm: RMSNorm | None = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.inference_kernels = False  # see use_inference_kernels
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
@@ -95,6 +99,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.inference_kernels and (kern := fused.kernels_for(q)) is not None:
+            q, k = kern.rotary(q, cos, sin), kern.rotary(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = ctx.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+def use_inference_kernels(model: nn.Module, on: bool = True) -> None:
+    """Let ``model``'s RMSNorms and rotary embeddings run the fused kernels of
+    ``miles.kernels.fused`` in its no-grad CUDA forwards (the engine's model; never the
+    trainer's)."""
+    for m in model.modules():
+        if isinstance(m, RMSNorm | Attention):
+            m.inference_kernels = on

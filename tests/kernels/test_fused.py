@@ -1,0 +1,79 @@
+"""Fused inference kernels (RMSNorm, rotary): who gets them, and (GPU) that they compute what the
+torch ops compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miles.engine.engine import Engine
+from miles.kernels import batch_invariant, fused
+from miles.models.layers import Attention, RMSNorm, use_inference_kernels
+from miles.models.loading import load_model
+from miles.models.rope import apply_rotary
+from tests.models.conftest import CASES, make_hf_model
+
+
+def test_only_the_engine_model_is_switched(tmp_path):
+    prefix, kwargs = CASES["qwen3"]
+    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    engine_model, trainer_model = load_model(tmp_path), load_model(tmp_path)
+    Engine(engine_model, num_blocks=8, block_size=4)
+    flags = [m.inference_kernels for m in engine_model.modules() if isinstance(m, RMSNorm | Attention)]
+    assert flags and all(flags)
+    assert not any(m.inference_kernels for m in trainer_model.modules() if isinstance(m, RMSNorm | Attention))
+    use_inference_kernels(engine_model, on=False)
+    assert not any(m.inference_kernels for m in engine_model.modules() if isinstance(m, RMSNorm | Attention))
+
+
+def test_no_fused_kernels_on_cpu_with_grad_or_in_deterministic_mode():
+    x = torch.randn(2, 4)
+    assert fused.kernels_for(x) is None  # CPU
+    if torch.cuda.is_available():
+        y = x.cuda()
+        assert fused.kernels_for(y) is not None or fused._triton_fused() is None
+        with torch.enable_grad():
+            assert fused.kernels_for(y) is None
+        with batch_invariant.batch_invariant():
+            assert fused.kernels_for(y) is None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 16, 128), (37, 8, 128), (300, 9, 64), (5, 3, 80)])
+def test_fused_rotary_has_the_bits_of_apply_rotary(shape, dtype):
+    from miles.kernels.triton.fused import rotary
+
+    gen = torch.Generator().manual_seed(0)
+    t, heads, d = shape
+    x = torch.randn(t, heads, d, generator=gen).to("cuda", dtype)
+    cos, sin = (torch.randn(t, d, generator=gen).to("cuda", dtype) for _ in range(2))
+    ref = apply_rotary(x, cos, sin)
+    out = rotary(x, cos, sin)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, ref)
+    else:  # fp32: the compiler may contract a product and the sum into one FMA
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1024), (256, 1024), (33, 16, 128), (7, 2048)])
+def test_fused_rms_norm_matches_the_module(shape, dtype):
+    from miles.kernels.triton.fused import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen))
+    x = torch.randn(shape, generator=gen).to("cuda", dtype)
+    with torch.no_grad():
+        ref = norm(x)
+        out = rms_norm(x, norm.weight, norm.eps)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: at most a last-bit difference
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)

@@ -124,6 +124,7 @@ class DecodeGraphs:
         self._pool = None
         self.capture_seconds = 0.0
 
+    @torch.no_grad()
     def capture_all(self) -> float:
         """Capture every size now (largest first: the smaller ones reuse its memory pool) on
         padding-only inputs; return the seconds it took."""
@@ -200,6 +201,7 @@ class DecodeGraphs:
         hidden = self.model(self.vec[0, :bs], self.vec[1, :bs], ctx)
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
+    @torch.no_grad()  # as every decode step runs: a capture with autograd on recorded other kernels
     def _capture(self, bs: int) -> torch.cuda.CUDAGraph:
         start = time.perf_counter()
         # Warm-up on a side stream (as torch.cuda.graph requires): it compiles the Triton kernels

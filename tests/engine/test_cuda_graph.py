@@ -224,7 +224,9 @@ def test_graph_replay_sees_in_place_weight_updates(llama_dir):
 @pytest.mark.gpu
 @cuda
 def test_graph_replay_equals_its_eager_computation(llama_dir):
-    """A replay computes exactly the captured step on new inputs (same kernels, same shapes)."""
+    """A replay computes the captured step on new inputs: the eager step's result (cuBLAS may pick
+    other GEMM algorithms under capture, so within fp32 rounding, not bit for bit). This test
+    caught the start-up capture running with autograd on (other kernels than every step's)."""
     model = load_model(llama_dir, device="cuda")
     engine = Engine(model, num_blocks=256, block_size=16, cuda_graph_max_bs=8)
     assert engine.graphs is not None
@@ -241,4 +243,4 @@ def test_graph_replay_equals_its_eager_computation(llama_dir):
     bs = engine.graphs.load_inputs(*args)
     with torch.no_grad():
         engine.graphs.forward(bs)
-    assert torch.equal(replayed, engine.graphs.logits[:3])
+    torch.testing.assert_close(replayed, engine.graphs.logits[:3], rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from miles import __version__
 from miles.cli import COMMANDS, main, read_prompts
 from miles.config import ConfigError, parse_train_args
 
-TRAIN = ["train", "--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rollout-batch-size", "4",
+TRAIN = ["train", "--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rollout-batch-size", "4", "--num-rollout", "1", "--n-samples-per-prompt", "2",
          "--n-samples-per-prompt", "2", "--num-rollout", "3"]  # fmt: skip
 
 
@@ -236,3 +236,21 @@ def test_convert(tmp_path: Path, capsys: pytest.CaptureFixture[str], smollm2: st
         ["convert", "--hf-checkpoint", smollm2, "--to-hf", str(tmp_path / "o"), "--dtype", "fp8"], capsys
     )
     assert code == 2 and "argument --dtype: invalid choice: 'fp8'" in err
+
+
+def test_serve_cuda_graph_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad sizes are refused before anything loads; the engine process passes both flags on."""
+    base = ["serve", "--hf-checkpoint", "m"]
+    code, _, err = run([*base, "--sglang-cuda-graph-max-bs", "0"], capsys)
+    assert (code, err) == (2, "miles: error: --sglang-cuda-graph-max-bs must be >= 1, got 0\n")
+
+    from miles.config import parse_train_args
+    from miles.orchestrate.engine_process import serve_arguments
+
+    config = parse_train_args(
+        ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rollout-batch-size", "4", "--num-rollout", "1", "--n-samples-per-prompt", "2",
+         "--sglang-cuda-graph-max-bs", "64", "--sglang-disable-cuda-graph"]
+    )  # fmt: skip
+    args = serve_arguments(config, "bfloat16", 4096)
+    assert args[args.index("--sglang-cuda-graph-max-bs") + 1] == "64"
+    assert "--sglang-disable-cuda-graph" in args

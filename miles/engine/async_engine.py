@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -51,6 +52,7 @@ class RequestSpec:
     return_prompt_logprobs: bool = False
     top_logprobs_num: int = 0
     return_routed_experts: bool = False
+    stream: bool = True  # every step's cumulative output, or the final one only
 
 
 class _Sink:
@@ -62,7 +64,6 @@ class _Sink:
         self.queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
         self.index_of = index_of
         self.unfinished = set(index_of)
-        self.seen: dict[str, int] = {}  # completion tokens reported so far (engine thread only)
 
     def put(self, index: int, item: RequestOutput | BaseException | None) -> None:
         # RuntimeError: the consumer's loop is closed, nobody is listening any more.
@@ -124,6 +125,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         # Counters read by /metrics; written by the engine thread only (ints are atomic enough).
         self.generated_tokens_total = 0
+        self._tokens_seen = engine.tokens_generated
         self.prompt_tokens_total = 0
         self.requests_total = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
@@ -179,8 +181,8 @@ class AsyncEngine:
         return stream
 
     async def generate(self, specs: Sequence[RequestSpec]) -> list[RequestOutput]:
-        """The final output of every spec, in order."""
-        stream = await self.submit(specs)
+        """The final output of every spec, in order (its requests are not streamed)."""
+        stream = await self.submit([dataclasses.replace(s, stream=False) for s in specs])
         final: dict[int, RequestOutput] = {}
         async for index, out in stream:
             if out.finished:
@@ -248,6 +250,7 @@ class AsyncEngine:
                     return_prompt_logprobs=spec.return_prompt_logprobs,
                     top_logprobs_num=spec.top_logprobs_num,
                     return_routed_experts=spec.return_routed_experts,
+                    stream=spec.stream,
                 )
                 added.append(spec.request_id)
                 self._sinks[spec.request_id] = sink
@@ -304,21 +307,21 @@ class AsyncEngine:
             except Exception:
                 logger.exception("could not abort after a failed step")
             return
-        new_tokens = 0
-        for out in outputs:
-            sink = self._sinks.get(out.request_id)
-            if out.finished:
-                self._sinks.pop(out.request_id, None)
-            if sink is not None:
-                new_tokens += out.completion_tokens - sink.seen.get(out.request_id, 0)
-                sink.seen[out.request_id] = out.completion_tokens
-                sink.put(sink.index_of[out.request_id], out)
+        # Counters first: a consumer woken by its output then reads totals that include it.
+        new_tokens = self.engine.tokens_generated - self._tokens_seen
+        self._tokens_seen = self.engine.tokens_generated
         if new_tokens:
             self.generated_tokens_total += new_tokens
             now = time.monotonic()
             self._recent.append((now, new_tokens))
             while self._recent and now - self._recent[0][0] > _THROUGHPUT_WINDOW_S:
                 self._recent.popleft()
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if out.finished:
+                self._sinks.pop(out.request_id, None)
+            if sink is not None:
+                sink.put(sink.index_of[out.request_id], out)
 
     def _fail_all(self, error: BaseException) -> None:
         sinks, self._sinks = self._sinks, {}

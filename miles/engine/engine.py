@@ -161,6 +161,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._counter = itertools.count()
+        self.tokens_generated = 0  # output tokens sampled since start (streamed or not)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -173,8 +174,14 @@ class Engine:
         return_prompt_logprobs: bool = False,
         top_logprobs_num: int = 0,
         return_routed_experts: bool = False,
+        stream: bool = True,
     ) -> str:
         """Queue a request and return its id. Raises ``ValueError`` for input it cannot serve.
+
+        ``stream``: :meth:`step` returns the request's cumulative output after every token it
+        gets; with ``False`` only its final output (and its text is decoded once, at the end,
+        unless stop strings need it earlier: decoding the whole output every step for every
+        request was the largest host cost of a long rollout).
 
         ``return_prompt_logprobs`` computes the whole prompt (no prefix reuse for it) and reports
         the log-probability of each prompt token after the first, under the raw model.
@@ -223,6 +230,7 @@ class Engine:
             top_logprobs_num=top_logprobs_num,
             arrival_index=index,
             return_routed_experts=return_routed_experts,
+            stream=stream,
         )
         if self.routing is not None and return_routed_experts:
             req.routed_experts = self.routing.new_buffer(len(ids) + 64)
@@ -246,6 +254,8 @@ class Engine:
         aborted = self.scheduler.abort(request_id)
         for req in aborted:
             self._requests.pop(req.request_id, None)
+            if self.tokenizer is not None and req.decoded_upto != len(req.output_ids):
+                self._decode_text(req)
             self._pending_outputs.append(RequestOutput.of(req))
         return [r.request_id for r in aborted]
 
@@ -288,7 +298,8 @@ class Engine:
                     self._finish(req, FinishReason("length", matched=0))
                 else:
                     self._append_token(req, tok, lp, top)
-                outputs.append(RequestOutput.of(req))
+                if req.stream or req.is_finished:
+                    outputs.append(RequestOutput.of(req))
         return outputs
 
     def generate(
@@ -305,7 +316,7 @@ class Engine:
                 raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling_params")
         if self._paused:
             raise EngineStateError("generation is paused: call continue_generation() first")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self.add_request(p, sp, stream=False) for p, sp in zip(prompts, params_list)]
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
@@ -555,6 +566,7 @@ class Engine:
 
     def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
         p = req.sampling_params
+        self.tokens_generated += 1
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
         if req.top_logprobs_num > 0:
@@ -563,16 +575,22 @@ class Engine:
         is_stop = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         if is_stop and len(req.output_ids) >= p.min_new_tokens:
             reason = FinishReason("stop", matched=token)
-        if self.tokenizer is not None:
-            # As SGLang: a matched stop token is trimmed from the text (not from output_ids).
-            trim = reason is not None and not p.no_stop_trim
-            req.text = self._decode(req.output_ids[:-1] if trim else req.output_ids, p.skip_special_tokens)
-            if reason is None and p.stop and len(req.output_ids) >= p.min_new_tokens:
-                reason = self._check_stop_strings(req)
+        stop_token = reason is not None
+        if (
+            self.tokenizer is not None
+            and reason is None
+            and p.stop
+            and len(req.output_ids) >= p.min_new_tokens
+        ):
+            self._decode_text(req)
+            reason = self._check_stop_strings(req)
         if reason is None and len(req.output_ids) >= p.max_new_tokens:
             reason = FinishReason("length", matched=len(req.output_ids))
         if reason is None and req.num_tokens >= self.context_length:
             reason = FinishReason("length", matched=len(req.output_ids))
+        if self.tokenizer is not None and req.decoded_upto != len(req.output_ids) and (req.stream or reason):
+            # As SGLang: a matched stop token is trimmed from the text (not from output_ids).
+            self._decode_text(req, trim_last=stop_token and not p.no_stop_trim)
         if reason is not None:
             self._finish(req, reason)
 
@@ -581,6 +599,11 @@ class Engine:
             return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
         except TypeError:  # a minimal tokenizer with decode(ids) only
             return str(self.tokenizer.decode(ids))
+
+    def _decode_text(self, req: Request, trim_last: bool = False) -> None:
+        ids = req.output_ids[:-1] if trim_last else req.output_ids
+        req.text = self._decode(ids, req.sampling_params.skip_special_tokens)
+        req.decoded_upto = len(req.output_ids)
 
     def _check_stop_strings(self, req: Request) -> FinishReason | None:
         text = req.text or ""
@@ -593,5 +616,7 @@ class Engine:
         return FinishReason("stop", matched=stop)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        if self.tokenizer is not None and req.decoded_upto != len(req.output_ids):
+            self._decode_text(req)  # a non-streamed request ended before its text was decoded
         self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)

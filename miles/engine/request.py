@@ -79,6 +79,10 @@ class Request:
     cached_tokens: int = 0
     num_preemptions: int = 0
     text: str | None = None
+    # Whether every step's cumulative output is wanted (streaming) or only the final one; a
+    # non-streamed request's text is decoded when needed (stop strings, finish), not every step.
+    stream: bool = True
+    decoded_upto: int = 0  # output tokens ``text`` covers
     # Rollout routing replay: host buffer int32 [capacity, moe_layers, top_k] whose first
     # num_routed_rows rows are the experts of tokens 0.. (see miles.engine.routing).
     return_routed_experts: bool = False

@@ -17,6 +17,7 @@ from miles.config import parse_train_args
 from miles.orchestrate.train_step import gather_tokens, partition, token_index
 from miles.types import Group, Sample, SampleStatus
 from tests.orchestrate.test_loop import _argv
+from tests.spawn import exits_cleanly
 
 FLAGS = ("--use-kl-loss", "--kl-loss-coef", "0.5", "--use-tis", "--rollout-batch-size", "3",
          "--n-samples-per-prompt", "3", "--global-batch-size", "3", "--num-rollout", "1")  # fmt: skip
@@ -38,6 +39,7 @@ def _groups(vocab: int) -> list[Group]:
     return groups
 
 
+@exits_cleanly
 def _run(rank: int, world: int, init_file: str, model: str, out: str) -> None:
     from miles.orchestrate.local import build_trainer
     from miles.orchestrate.train_step import train_on
@@ -52,7 +54,6 @@ def _run(rank: int, world: int, init_file: str, model: str, out: str) -> None:
             for n, p in trainer.model.named_parameters()}  # fmt: skip
     if rank == 0:
         torch.save({"metrics": metrics, "params": full}, f"{out}/result_{world}.pt")
-    dist.destroy_process_group()
 
 
 def _spawn(world: int, tmp: Path, model: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.types import TrainBatch
 from tests.models.conftest import CASES
+from tests.spawn import exits_cleanly
 from tests.train.test_trainer import make_batch, make_model
 
 CONFIG: dict[str, Any] = dict(
@@ -172,6 +173,7 @@ def test_export_hf_loads_in_transformers(tmp_path: Path) -> None:
 WORLD = 2
 
 
+@exits_cleanly
 def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:

@@ -24,6 +24,7 @@ from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.train.weight_sync import iter_weight_buckets, weight_names
+from tests.spawn import exits_cleanly
 from tests.train.test_trainer import make_batch, make_model
 
 WORLD = 2
@@ -54,6 +55,7 @@ def _exported(model: Any) -> dict[str, torch.Tensor]:
     return {n: t.clone() for bucket in iter_weight_buckets(model, None, 1 << 14) for n, t in bucket}
 
 
+@exits_cleanly
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     out = Path(out_dir)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer, TrainerConfig
+from tests.spawn import exits_cleanly
 from tests.train.test_trainer import make_batch, make_model
 
 WORLD = 2
@@ -45,6 +46,7 @@ def _slice_tokens(x: torch.Tensor, batch: Any, rank: int) -> torch.Tensor:
     return select_tokens(x, batch.cu_seqlens, idx)
 
 
+@exits_cleanly
 def _worker(rank: int, init_file: str, out_dir: str, case: str, checkpointing: bool, split: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:

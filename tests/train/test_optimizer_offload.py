@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.types import TrainBatch
 from tests.models.conftest import COMMON
+from tests.spawn import exits_cleanly
 from tests.train.test_oom import _inject_oom
 from tests.train.test_trainer import make_batch, make_model
 
@@ -205,6 +205,7 @@ def test_low_precision_params_keep_fp32_masters(tmp_path: Path) -> None:
 WORLD = 2
 
 
+@exits_cleanly
 def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -237,10 +238,6 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         # Every rank reaches this point before any tears gloo down (see test_checkpoint.py).
         dist.barrier()
         dist.destroy_process_group()
-    # Success only (an exception above propagates to mp.spawn): skip the interpreter's teardown,
-    # where a gloo thread still joinable aborted one rank once ("terminate called without an
-    # active exception", SIGABRT) after its work was done, on a loaded 2-core machine.
-    os._exit(0)
 
 
 def test_fsdp2_two_ranks_offload_equals_plain_and_cross_loads(tmp_path: Path) -> None:

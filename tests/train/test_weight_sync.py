@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from miles.train.parallelize import parallelize
 from miles.train.weight_sync import iter_weight_buckets, weight_names
+from tests.spawn import exits_cleanly
 from tests.train.test_trainer import make_model
 
 
@@ -51,6 +52,7 @@ def test_buckets_cast_to_the_engine_dtype() -> None:
 WORLD = 2
 
 
+@exits_cleanly
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:

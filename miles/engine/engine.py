@@ -27,6 +27,7 @@ from miles.engine.request import FinishReason, Request, RequestOutput, RequestSt
 from miles.engine.routing import RoutingStore
 from miles.engine.sampler import Sampler
 from miles.engine.scheduler import Scheduler
+from miles.engine.stopping import append_token, decode_text
 from miles.engine.weights import (
     UpdateGroup,
     WeightUpdateError,
@@ -255,7 +256,7 @@ class Engine:
         for req in aborted:
             self._requests.pop(req.request_id, None)
             if self.tokenizer is not None and req.decoded_upto != len(req.output_ids):
-                self._decode_text(req)
+                decode_text(req, self.tokenizer)
             self._pending_outputs.append(RequestOutput.of(req))
         return [r.request_id for r in aborted]
 
@@ -565,58 +566,21 @@ class Engine:
         req.prompt_logprobs += logp.gather(1, targets[:, None])[:, 0].tolist()
 
     def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
-        p = req.sampling_params
         self.tokens_generated += 1
-        req.output_ids.append(token)
-        req.output_logprobs.append(logprob)
-        if req.top_logprobs_num > 0:
-            req.output_top_logprobs.append(top)
-        reason: FinishReason | None = None
-        is_stop = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        if is_stop and len(req.output_ids) >= p.min_new_tokens:
-            reason = FinishReason("stop", matched=token)
-        stop_token = reason is not None
-        if (
-            self.tokenizer is not None
-            and reason is None
-            and p.stop
-            and len(req.output_ids) >= p.min_new_tokens
-        ):
-            self._decode_text(req)
-            reason = self._check_stop_strings(req)
-        if reason is None and len(req.output_ids) >= p.max_new_tokens:
-            reason = FinishReason("length", matched=len(req.output_ids))
-        if reason is None and req.num_tokens >= self.context_length:
-            reason = FinishReason("length", matched=len(req.output_ids))
-        if self.tokenizer is not None and req.decoded_upto != len(req.output_ids) and (req.stream or reason):
-            # As SGLang: a matched stop token is trimmed from the text (not from output_ids).
-            self._decode_text(req, trim_last=stop_token and not p.no_stop_trim)
+        reason = append_token(
+            req,
+            token,
+            logprob,
+            top,
+            eos_token_ids=self.eos_token_ids,
+            tokenizer=self.tokenizer,
+            context_length=self.context_length,
+        )
         if reason is not None:
             self._finish(req, reason)
 
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        try:
-            return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
-        except TypeError:  # a minimal tokenizer with decode(ids) only
-            return str(self.tokenizer.decode(ids))
-
-    def _decode_text(self, req: Request, trim_last: bool = False) -> None:
-        ids = req.output_ids[:-1] if trim_last else req.output_ids
-        req.text = self._decode(ids, req.sampling_params.skip_special_tokens)
-        req.decoded_upto = len(req.output_ids)
-
-    def _check_stop_strings(self, req: Request) -> FinishReason | None:
-        text = req.text or ""
-        hits = [(text.find(s), s) for s in req.sampling_params.stop if s in text]
-        if not hits:
-            return None
-        pos, stop = min(hits)
-        if not req.sampling_params.no_stop_trim:
-            req.text = text[:pos]
-        return FinishReason("stop", matched=stop)
-
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if self.tokenizer is not None and req.decoded_upto != len(req.output_ids):
-            self._decode_text(req)  # a non-streamed request ended before its text was decoded
+            decode_text(req, self.tokenizer)  # a non-streamed request, finished before any decode
         self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)

@@ -266,6 +266,12 @@ def test_text_trims_the_matched_stop_token_and_honours_skip_special_tokens(arith
     assert out.finish_reason.type == "stop" and list(out.output_ids) == [first] and out.text == ""
     kept = engine.generate([prompt], dataclasses.replace(stop, no_stop_trim=True))[0]
     assert kept.text == tok.decode([first], skip_special_tokens=False)
+    from miles.engine.request import Request as _Request
+    from miles.engine.stopping import decode_text
+
     eos = tok.eos_token_id
-    assert engine._decode([9, eos], skip_special_tokens=False) == "3<eos>"
-    assert engine._decode([9, eos], skip_special_tokens=True) == "3"
+    for skip, text in ((False, "3<eos>"), (True, "3")):
+        req = _Request("d", [1], _SP(skip_special_tokens=skip))
+        req.output_ids = [9, eos]
+        decode_text(req, tok)
+        assert (req.text, req.decoded_upto) == (text, 2)

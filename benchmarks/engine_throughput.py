@@ -337,11 +337,11 @@ def main(argv: list[str] | None = None) -> None:
             import os
             import traceback
 
-            from miles.kernels import fused
+            from miles.kernels.triton_loader import triton_module
 
             traceback.print_exc()
             os.environ["MILES_FUSED_KERNELS"] = "torch"  # retry without the fused kernels
-            fused._triton_fused.cache_clear()
+            triton_module.cache_clear()
             miles = run_miles(path, args, prompts, outs)
             miles["fused_kernels_error"] = f"{type(e).__name__}: {e}"
         print(f"miles: {miles}", flush=True)

@@ -205,39 +205,28 @@ def part_grpo(out: Path, steps: int, *extra: str, name: str = "grpo") -> dict[st
 
 
 def part_kill(out: Path) -> dict[str, Any]:
-    import httpx
 
     world = _world(out)
-    fired: dict[str, Any] = {}
+    done = threading.Event()
+    fired: list[int | None] = []
 
     def watch(placement: Any) -> None:
-        def loop() -> None:
-            url = placement.engine_urls[0]
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and "version" not in fired:
-                if placement.version == 1:
-                    try:
-                        state = httpx.get(f"{url}/get_server_info", timeout=5).json()["internal_states"][0]
-                    except httpx.HTTPError:
-                        continue
-                    if state["num_running"] + state["num_waiting"] > 0:
-                        placement.kill_engine(0)
-                        fired["version"] = placement.version
-                        return
-                time.sleep(0.002)
+        def kill() -> None:
+            fired.append(placement.kill_engine_when_busy(0, 1, done))
 
-        threading.Thread(target=loop, daemon=True).start()
+        threading.Thread(target=kill, daemon=True).start()
 
     dump = out / "kill_dump"
     rows, placement = _run(_argv(world, out / "kill", "--num-rollout", "3", "--use-fault-tolerance",
                                  "--rollout-health-check-interval", "0.5", "--rollout-health-check-timeout", "5",
                                  "--rollout-max-response-len", "64", "--save-debug-rollout-data", str(dump)),
                            during=watch)  # fmt: skip
+    done.set()
     samples = [s for step in range(3) for g in torch.load(dump / f"rollout_{step}.pt", weights_only=False)
                for s in g.samples]  # fmt: skip
     indices = sorted(s.index for s in samples)
     return {
-        "killed_at_version": fired.get("version"), "recoveries": placement.monitor.recoveries,
+        "killed_at_version": fired[0] if fired else None, "recoveries": placement.monitor.recoveries,
         "failed_samples": sum(r["rollout/failed_samples"] for r in rows), "samples": len(samples),
         "every_sample_once": indices == list(range(len(samples))),
     }  # fmt: skip

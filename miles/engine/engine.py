@@ -27,7 +27,7 @@ from miles.engine.request import FinishReason, Request, RequestOutput, RequestSt
 from miles.engine.routing import RoutingStore
 from miles.engine.sampler import Sampler
 from miles.engine.scheduler import Scheduler
-from miles.engine.stopping import append_token, decode_text
+from miles.engine.stopping import append_token, ensure_text
 from miles.engine.weights import (
     UpdateGroup,
     WeightUpdateError,
@@ -255,8 +255,7 @@ class Engine:
         aborted = self.scheduler.abort(request_id)
         for req in aborted:
             self._requests.pop(req.request_id, None)
-            if self.tokenizer is not None and req.decoded_upto != len(req.output_ids):
-                decode_text(req, self.tokenizer)
+            ensure_text(req, self.tokenizer)
             self._pending_outputs.append(RequestOutput.of(req))
         return [r.request_id for r in aborted]
 
@@ -580,7 +579,6 @@ class Engine:
             self._finish(req, reason)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        if self.tokenizer is not None and req.decoded_upto != len(req.output_ids):
-            decode_text(req, self.tokenizer)  # a non-streamed request, finished before any decode
+        ensure_text(req, self.tokenizer)  # a non-streamed request's text, decoded once at the end
         self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)

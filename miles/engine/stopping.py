@@ -27,6 +27,13 @@ def decode_text(req: Request, tokenizer: Any, trim_last: bool = False) -> None:
     req.decoded_upto = len(req.output_ids)
 
 
+def ensure_text(req: Request, tokenizer: Any) -> None:
+    """Decode ``req``'s text if it lags its output (a non-streamed request that finishes or is
+    aborted). No tokenizer: no text."""
+    if tokenizer is not None and req.decoded_upto != len(req.output_ids):
+        decode_text(req, tokenizer)
+
+
 def check_stop_strings(req: Request) -> FinishReason | None:
     """The earliest stop string in ``req.text``, which is cut before it unless ``no_stop_trim``."""
     text = req.text or ""

@@ -38,14 +38,14 @@ The mode is process-wide (the engine runs its steps on another thread of the sam
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
-import os
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from miles.kernels.triton_loader import triton_module
 
 # Block sizes per device type: small on the CPU (padding a decode row to the block costs compute
 # there), large on CUDA (one cuBLAS call per block; a [256, K] x [K, N] GEMM keeps tensor cores
@@ -59,17 +59,12 @@ ROW_BLOCK, Q_BLOCK, KV_CHUNK = _BLOCKS["cpu"]
 _CUDA_ROWWISE_ELEMENTS, _CUDA_ROWWISE_MAX = 1 << 22, 8192
 
 
-@functools.cache
 def _triton() -> tuple[ModuleType, ModuleType] | None:
     """The Triton kernels ``(matmul, attention)``, or ``None`` without Triton (or when
-    ``MILES_INVARIANT_KERNELS=torch``). Imported here, lazily: a CPU run never loads Triton."""
-    if os.environ.get("MILES_INVARIANT_KERNELS", "triton") == "torch":
-        return None
-    try:
-        from miles.kernels.triton import attention, matmul
-    except ImportError:
-        return None
-    return matmul, attention
+    ``MILES_INVARIANT_KERNELS=torch``); imported on first use (``triton_loader``)."""
+    matmul = triton_module("matmul", "MILES_INVARIANT_KERNELS")
+    attention = triton_module("attention", "MILES_INVARIANT_KERNELS")
+    return None if matmul is None or attention is None else (matmul, attention)
 
 
 def uses_triton(device: torch.device) -> bool:

@@ -8,28 +8,16 @@ lazily, on first use on CUDA; ``MILES_FUSED_KERNELS=torch`` turns the kernels of
 
 from __future__ import annotations
 
-import functools
-import os
 from types import ModuleType
 
 import torch
 
 from miles.kernels import batch_invariant
-
-
-@functools.cache
-def _triton_fused() -> ModuleType | None:
-    if os.environ.get("MILES_FUSED_KERNELS", "triton") == "torch":
-        return None
-    try:
-        from miles.kernels.triton import fused
-    except ImportError:
-        return None
-    return fused
+from miles.kernels.triton_loader import triton_module
 
 
 def kernels_for(x: torch.Tensor) -> ModuleType | None:
     """The fused-kernel module when ``x`` may use it now (CUDA, no autograd, default mode)."""
     if not x.is_cuda or torch.is_grad_enabled() or batch_invariant.enabled():
         return None
-    return _triton_fused()
+    return triton_module("fused", "MILES_FUSED_KERNELS")

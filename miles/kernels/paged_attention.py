@@ -18,15 +18,14 @@ Two implementations with the same semantics:
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from miles.kernels.attention import prefix_causal_attention
+from miles.kernels.triton_loader import triton_module
 
 # With a ratio r > 0 a new chunk starts when a sequence is shorter than r times the chunk's
 # longest, trading padding for more (smaller) SDPA calls. Measured on a 2-core CPU with 32 decode
@@ -305,20 +304,8 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """:func:`paged_decode_reference`'s result; on CUDA with Triton, the kernel of
     ``miles.kernels.triton.paged_decode`` that reads the pages in place (flash-decoding splits)."""
-    kernel = _triton_decode() if q.is_cuda else None
-    if kernel is not None:
-        return kernel(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    kernels = triton_module("paged_decode", "MILES_DECODE_KERNEL") if q.is_cuda else None
+    if kernels is not None:
+        out: torch.Tensor = kernels.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return out
     return paged_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
-
-
-@functools.cache
-def _triton_decode() -> Callable[..., torch.Tensor] | None:
-    """The Triton decode kernel, imported lazily (a CPU run never loads Triton); ``None`` without
-    Triton or with ``MILES_DECODE_KERNEL=torch``."""
-    if os.environ.get("MILES_DECODE_KERNEL", "triton") == "torch":
-        return None
-    try:
-        from miles.kernels.triton.paged_decode import paged_decode_attention as kernel
-    except ImportError:
-        return None
-    return kernel

@@ -389,6 +389,26 @@ class RayPlacement:
         """SIGKILL engine ``index``'s server (fault-injection in tests and drills)."""
         _ray().get(self.engines[index].kill.remote())
 
+    def kill_engine_when_busy(
+        self, index: int, version: int, stop: threading.Event, timeout_s: float = 300.0
+    ) -> int | None:
+        """Fault injection: wait until the weights are at ``version`` and engine ``index`` has
+        requests in flight, then SIGKILL it; return the version it was killed at, or ``None``
+        if ``stop`` was set or ``timeout_s`` passed first. Run it in a thread beside the loop."""
+        url = self.engine_urls[index]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not stop.is_set():
+            if self.version == version:
+                try:
+                    state = httpx.get(f"{url}/get_server_info", timeout=5).json()["internal_states"][0]
+                except httpx.HTTPError:
+                    continue
+                if state["num_running"] + state["num_waiting"] > 0:
+                    self.kill_engine(index)
+                    return self.version
+            time.sleep(0.002)
+        return None
+
     def close(self) -> None:
         ray = _ray()
         if self.monitor is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,37 +131,25 @@ def test_disk_transport_one_rank_one_engine(arith_world, tmp_path, ray_cluster):
     assert [p.name for p in written] == ["version_2"]  # older versions are removed
 
 
-def _kill_engine_0_mid_step_1(placement: Any, done: threading.Event) -> None:
-    """Watch engine 0 during step 1's rollout and SIGKILL it while it has requests in flight."""
-    url = placement.engine_urls[0]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not done.is_set():
-        if placement.version == 1:
-            try:
-                state = httpx.get(f"{url}/get_server_info", timeout=5).json()["internal_states"][0]
-            except httpx.HTTPError:
-                continue
-            if state["num_running"] + state["num_waiting"] > 0:
-                placement.kill_engine(0)
-                placement.killed_at_version = placement.version
-                return
-        time.sleep(0.002)
-
-
 def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost(arith_world, tmp_path, ray_cluster):
     dump = tmp_path / "dump"
     flags = ("--placement-backend", "ray", "--rollout-num-gpus", "2", "--num-rollout", "3",
              "--rollout-batch-size", "8", "--rollout-max-response-len", "64",
              "--use-fault-tolerance", "--rollout-health-check-interval", "0.5", "--rollout-health-check-timeout", "2",
              "--save-debug-rollout-data", str(dump))  # fmt: skip
-    killed = threading.Event()
+    done = threading.Event()
+    fired: list[int | None] = []
 
     def watch(placement: Any) -> None:
-        threading.Thread(target=_kill_engine_0_mid_step_1, args=(placement, killed), daemon=True).start()
+        # Engine 0 is SIGKILLed during step 1's rollout, while it has requests in flight.
+        def kill() -> None:
+            fired.append(placement.kill_engine_when_busy(0, 1, done))
+
+        threading.Thread(target=kill, daemon=True).start()
 
     rows, placement = _run(arith_world, tmp_path / "run", *flags, during=watch)
-    killed.set()  # stops the watcher if it never fired
-    assert getattr(placement, "killed_at_version", None) == 1, "engine 0 was never killed mid-rollout"
+    done.set()  # stops the watcher if it never fired
+    assert fired == [1], "engine 0 was never killed mid-rollout"
     assert placement.version == 3 and placement.monitor.recoveries >= 1
     assert not placement.monitor.errors
     for step, r in enumerate(rows):

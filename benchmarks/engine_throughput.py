@@ -15,7 +15,8 @@ its longest request's length; only the tokens the requests asked for count as ou
 On CUDA the table adds the decode roofline: for every decode step of the run (all requests
 start together), the bytes of the weights plus the K/V of every running sequence, over the HBM
 bandwidth measured here with a large device copy; Miles' fraction is that time over its time.
-``--eager-too`` also times Miles with ``disable_cuda_graph``. ``--batch1``: decode speed of one
+``--eager-too`` also times Miles with ``disable_cuda_graph``, ``--serial-too`` with the serial
+(not overlapped) decode schedule. ``--batch1``: decode speed of one
 request (128 prompt tokens, 256 generated) for the SmolLM2-135M and Qwen3-0.6B shapes against
 ``transformers`` batch 1 (results ``engine_decode_batch1``).
 """
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--eager-too", action="store_true", help="also time Miles without CUDA graphs")
+    p.add_argument(
+        "--serial-too", action="store_true", help="also time Miles without the overlapped decode schedule"
+    )
     p.add_argument("--batch1", action="store_true", help="batch-1 decode of the 135M and 0.6B shapes")
     p.add_argument(
         "--profile-decode",
@@ -135,8 +139,9 @@ def sync(device: str) -> None:
 
 
 def run_miles(
-    path: Path, args: argparse.Namespace, prompts: list[list[int]], outs: list[int], graphs: bool = True
+    path: Path, args: argparse.Namespace, prompts: list[list[int]], outs: list[int], **engine_kw: Any
 ) -> dict[str, Any]:
+    """Time one Miles engine (``engine_kw``: extra ``Engine`` arguments, e.g. the serial schedule)."""
     from miles.engine.engine import Engine
     from miles.engine.llm import derive_num_blocks
     from miles.models.loading import load_model
@@ -152,7 +157,7 @@ def run_miles(
         max_running_requests=max(args.num_requests, 1),
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
-        disable_cuda_graph=not graphs,
+        **engine_kw,
     )
     engine.generate(
         [prompts[0][:8]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
@@ -172,6 +177,7 @@ def run_miles(
         "num_blocks": num_blocks,
         "num_preemptions": engine.stats().num_preemptions,
         "cuda_graphs": engine.graphs is not None,
+        "overlap_schedule": engine.overlap,
     }
     if engine.graphs is not None:
         res["graph_capture_seconds"] = engine.graphs.capture_seconds
@@ -346,8 +352,11 @@ def main(argv: list[str] | None = None) -> None:
             miles["fused_kernels_error"] = f"{type(e).__name__}: {e}"
         print(f"miles: {miles}", flush=True)
         if args.eager_too and cuda and miles["cuda_graphs"]:
-            miles["eager"] = run_miles(path, args, prompts, outs, graphs=False)
+            miles["eager"] = run_miles(path, args, prompts, outs, disable_cuda_graph=True)
             print(f"miles eager: {miles['eager']}", flush=True)
+        if args.serial_too and miles["overlap_schedule"]:
+            miles["serial"] = run_miles(path, args, prompts, outs, overlap_schedule=False)
+            print(f"miles serial: {miles['serial']}", flush=True)
         if cuda:
             bw = hbm_bandwidth(args.device)
             roof = decode_roofline_seconds(path, args.dtype, prompts, outs, bw)
@@ -359,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     if "eager" in miles:
         e = miles["eager"]
         rows.append(["miles, no CUDA graphs", e["output_tokens"], e["seconds"], e["output_tokens_per_s"]])
+    if "serial" in miles:
+        e = miles["serial"]
+        rows.append(["miles, serial schedule", e["output_tokens"], e["seconds"], e["output_tokens_per_s"]])
     if cuda:
         rows.append(["decode roofline", miles["output_tokens"], miles["decode_roofline_seconds"],
                      miles["output_tokens"] / miles["decode_roofline_seconds"]])  # fmt: skip

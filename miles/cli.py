@@ -318,6 +318,11 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sglang-disable-cuda-graph", action="store_true", help="run decode eagerly")
     parser.add_argument(
+        "--sglang-disable-overlap-schedule",
+        action="store_true",
+        help="read each decode step's tokens before queuing the next (default on CUDA: overlap)",
+    )
+    parser.add_argument(
         "--sglang-enable-deterministic-inference",
         action="store_true",
         help="batch-invariant kernels: a request's tokens and log-probs do not depend on its batch",
@@ -358,6 +363,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         random_seed=args.sglang_random_seed,
         cuda_graph_max_bs=args.sglang_cuda_graph_max_bs,
         disable_cuda_graph=args.sglang_disable_cuda_graph,
+        disable_overlap_schedule=args.sglang_disable_overlap_schedule,
         log_level=args.log_level,
     )
     if args.sglang_enable_deterministic_inference:

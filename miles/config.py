@@ -249,6 +249,7 @@ class EngineConfig(_Section):
     chunked_prefill_size: int | None = _f(None, "prefill chunk in tokens (-1 = off)", ge=-1)
     cuda_graph_max_bs: int | None = _f(None, "largest decode batch in a CUDA graph", ge=1)
     disable_cuda_graph: bool = _f(False, "run decode eagerly")
+    disable_overlap_schedule: bool = _f(False, "read each decode step's tokens before queuing the next")
     context_length: int | None = _f(None, "max context length (default: the model's)", ge=1)
     disable_radix_cache: bool = _f(False, "no prefix reuse in the KV cache")
     random_seed: int | None = _f(None, "engine seed (default: --seed)")

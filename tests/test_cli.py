@@ -249,8 +249,9 @@ def test_serve_cuda_graph_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
     config = parse_train_args(
         ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rollout-batch-size", "4", "--num-rollout", "1", "--n-samples-per-prompt", "2",
-         "--sglang-cuda-graph-max-bs", "64", "--sglang-disable-cuda-graph"]
+         "--sglang-cuda-graph-max-bs", "64", "--sglang-disable-cuda-graph", "--sglang-disable-overlap-schedule"]
     )  # fmt: skip
     args = serve_arguments(config, "bfloat16", 4096)
     assert args[args.index("--sglang-cuda-graph-max-bs") + 1] == "64"
-    assert "--sglang-disable-cuda-graph" in args
+    assert "--sglang-disable-cuda-graph" in args and "--sglang-disable-overlap-schedule" in args
+    assert config.engine.disable_overlap_schedule

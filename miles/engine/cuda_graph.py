@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from miles.engine.kv_cache import KVCache
+from miles.engine.transfer import copy_to
 from miles.kernels.paged_attention import paged_decode_attention, store_kv
 from miles.models.transformer import CausalLM
 
@@ -148,10 +149,17 @@ class DecodeGraphs:
         slots: Sequence[int],
         seq_lens: Sequence[int],
         block_tables: Sequence[Sequence[int]],
+        device_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits fp32 ``[n, V]`` of one decode step of ``n = len(token_ids)`` sequences. The new
-        tokens' K/V are stored at ``slots``; sequence ``i`` then has ``seq_lens[i]`` tokens."""
+        tokens' K/V are stored at ``slots``; sequence ``i`` then has ``seq_lens[i]`` tokens.
+        ``device_tokens = (rows, ids)``, both on the device: row ``rows[j]`` feeds ``ids[j]``
+        instead of its entry in ``token_ids`` (a token not on the host yet). Nothing here waits
+        for the device: the returned logits are a view of the graph's output buffer, valid until
+        the next replay is queued."""
         bs = self.load_inputs(token_ids, positions, slots, seq_lens, block_tables)
+        if device_tokens is not None:
+            self.vec[0].index_copy_(0, device_tokens[0], device_tokens[1])
         if self._graphs and self._fingerprint() != self._captured_on:
             self.reset()  # a parameter or the cache was reallocated behind the engine's back
         graph = self._graphs.get(bs)
@@ -185,8 +193,8 @@ class DecodeGraphs:
             ],
             dtype=torch.long,
         )
-        self.vec[:, :bs].copy_(vec)
-        self.tables[:bs, :width].copy_(block_table_array(block_tables, bs, width, self.scratch_block))
+        copy_to(self.vec[:, :bs], vec)
+        copy_to(self.tables[:bs, :width], block_table_array(block_tables, bs, width, self.scratch_block))
         return bs
 
     def _fingerprint(self) -> tuple[int, ...]:

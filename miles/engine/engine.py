@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,21 +23,14 @@ import torch
 from miles.engine.cuda_graph import DecodeGraphs
 from miles.engine.kv_cache import BlockAllocator, KVCache
 from miles.engine.model_runner import ModelRunner, ScheduledRequest
+from miles.engine.overlap import InflightStep, launch_ahead, plan_ahead
 from miles.engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from miles.engine.routing import RoutingStore
 from miles.engine.sampler import Sampler
 from miles.engine.scheduler import Scheduler
 from miles.engine.stopping import append_token, ensure_text
-from miles.engine.weights import (
-    UpdateGroup,
-    WeightUpdateError,
-    WeightUpdater,
-    broadcast_receive,
-    init_custom_process_group,
-    offload_parameters,
-    read_checkpoint_tensors,
-    restore_parameters,
-)
+from miles.engine.weight_sync import EngineStateError, WeightSyncMixin
+from miles.engine.weights import UpdateGroup, WeightUpdater, offload_parameters, restore_parameters
 from miles.kernels import batch_invariant
 from miles.models.layers import use_inference_kernels
 from miles.models.transformer import CausalLM
@@ -61,11 +54,7 @@ class EngineStats:
 MEMORY_TAGS = ("weights", "kv_cache")
 
 
-class EngineStateError(RuntimeError):
-    """The engine cannot do this now (busy, memory released, ...); the message says why."""
-
-
-class Engine:
+class Engine(WeightSyncMixin):
     """Continuous-batching generation for one ``CausalLM``.
 
     ``num_blocks`` x ``block_size`` token slots of KV cache are allocated up front.
@@ -74,6 +63,9 @@ class Engine:
     (anything with ``decode(ids) -> str``) is needed for stop strings and ``text`` in outputs.
     ``seed`` seeds the generator of unseeded requests. ``weight_version`` (default ``"0"``) is
     the version of the weights given; every output reports the version it was generated under.
+    ``overlap_schedule`` (default: on for dense models on CUDA, off on the CPU where it gains
+    nothing) queues each decode step before reading the previous one's tokens (see
+    ``miles.engine.overlap``); MoE models never overlap (their steps read expert counts on the host).
     """
 
     def __init__(
@@ -93,6 +85,7 @@ class Engine:
         weight_version: str | int | None = None,
         cuda_graph_max_bs: int | None = None,
         disable_cuda_graph: bool = False,
+        overlap_schedule: bool | None = None,
     ) -> None:
         spec = model.spec
         self.model = model.eval()
@@ -153,6 +146,14 @@ class Engine:
         else:
             generator.seed()
         self.sampler = Sampler(self.eos_token_ids, generator)
+        if overlap_schedule and spec.is_moe:
+            raise ValueError(
+                "overlap_schedule needs a dense model: an MoE step reads its expert counts on the host"
+            )
+        self.overlap = (
+            model.device.type == "cuda" if overlap_schedule is None else overlap_schedule
+        ) and not spec.is_moe
+        self._inflight: InflightStep | None = None
         self._version = WeightVersion() if weight_version is None else WeightVersion.parse(weight_version)
         self._weights = WeightUpdater(model)
         self._groups: dict[str, UpdateGroup] = {}
@@ -252,6 +253,7 @@ class Engine:
         Their final outputs (reason ``abort``, tokens so far) come with the next ``step()``.
         Returns the ids aborted; an unknown or finished id is ignored.
         """
+        self._drain()
         aborted = self.scheduler.abort(request_id)
         for req in aborted:
             self._requests.pop(req.request_id, None)
@@ -265,7 +267,20 @@ class Engine:
     # ---- stepping ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; return outputs of requests that got a token or finished."""
+        """Run one scheduled forward; return outputs of requests that got a token or finished.
+
+        With the overlapped schedule a decode step's tokens are reported by the next ``step``
+        (the one that queues the following forward first)."""
+        if self.overlap and not self._paused and not self._released:
+            batch = plan_ahead(self.scheduler, self._inflight)
+            if batch is not None:
+                prev = self._inflight
+                self._inflight = launch_ahead(self.runner, self.sampler, batch, prev, self._version)
+                if prev is not None:
+                    self._resolve(prev)
+                outputs, self._pending_outputs = self._pending_outputs, []
+                return outputs
+        self._drain()
         outputs, self._pending_outputs = self._pending_outputs, []
         if self._paused or not self.has_unfinished():
             return outputs  # paused: no forward; in-place paused requests keep their state
@@ -296,8 +311,8 @@ class Engine:
             for req, tok, lp, top in zip(reqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs):
                 if req.sampling_params.max_new_tokens == 0:  # only prompt logprobs were wanted
                     self._finish(req, FinishReason("length", matched=0))
-                else:
-                    self._append_token(req, tok, lp, top)
+                elif (reason := self._append_token(req, tok, lp, top)) is not None:
+                    self._finish(req, reason)
                 if req.stream or req.is_finished:
                     outputs.append(RequestOutput.of(req))
         return outputs
@@ -332,6 +347,7 @@ class Engine:
 
     def flush_cache(self) -> bool:
         """Forget all cached prefixes; only when idle (returns ``False`` and does nothing else)."""
+        self._drain()
         if self.has_unfinished():
             return False
         self.allocator.reset_prefix_cache()
@@ -350,127 +366,6 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
         )
 
-    # ---- weight updates ----------------------------------------------------------------------
-
-    @property
-    def weight_version(self) -> str:
-        """The version of the weights in use (SGLang's ``weight_version``, a decimal string)."""
-        return str(self._version)
-
-    def get_weight_version(self) -> str:
-        return self.weight_version
-
-    def update_weights_from_tensors(
-        self,
-        named_tensors: Iterable[Any],
-        weight_version: str | None = None,
-        flush_cache: bool = True,
-    ) -> None:
-        """Set parameters from ``(HF name, tensor)`` pairs (or a sequence of buckets of pairs).
-
-        All-or-nothing: an unknown name, a wrong shape or a non-floating dtype raises
-        ``WeightUpdateError`` naming the tensor, and no parameter changes. Floating tensors are cast
-        to the model's dtype. A subset of the parameters may be given. ``weight_version`` defaults
-        to the current one plus one.
-        """
-        self._check_updatable()
-        if self._weights.in_session:
-            raise WeightUpdateError("a bucketed weight update is in progress: commit or abort it first")
-        self._weights.apply(named_tensors)
-        self._after_update(weight_version, flush_cache)
-
-    def begin_weight_update(self) -> None:
-        """Start a bucketed update: ``update_weights_bucket`` stages, ``commit`` applies all."""
-        self._check_updatable()
-        self._weights.begin()
-
-    def update_weights_bucket(self, named_tensors: Iterable[Any]) -> None:
-        """Validate and stage one bucket (a copy: the caller may reuse its buffers).
-
-        A bad bucket raises ``WeightUpdateError``, stages nothing, and makes ``commit`` refuse:
-        the caller then calls ``abort_weight_update``.
-        """
-        self._weights.stage(named_tensors)
-
-    def commit_weight_update(self, weight_version: str | None = None, flush_cache: bool = True) -> None:
-        """Apply every staged bucket at once, then flush the prefix cache and set the version."""
-        self._check_updatable()
-        self._weights.commit()
-        self._after_update(weight_version, flush_cache)
-
-    def abort_weight_update(self) -> None:
-        """Drop the staged buckets; the weights stay as they were."""
-        self._weights.abort()
-
-    def update_weights_from_disk(
-        self, model_path: str, weight_version: str | None = None, flush_cache: bool = True
-    ) -> None:
-        """Load every parameter from an HF directory (or GGUF) and apply it atomically.
-
-        The checkpoint must hold the whole model (missing or unexpected tensors are refused).
-        """
-        self._check_updatable()
-        tensors = read_checkpoint_tensors(self.model, model_path)
-        self._weights.apply(tensors)
-        self._after_update(weight_version, flush_cache)
-
-    def init_weights_update_group(
-        self,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        group_name: str,
-        backend: str = "gloo",
-    ) -> None:
-        """Join the trainer's broadcast group as rank ``rank_offset`` (the trainer is rank 0)."""
-        if group_name in self._groups:
-            raise ValueError(f"weights update group {group_name!r} already exists")
-        self._groups[group_name] = init_custom_process_group(
-            master_address, master_port, rank_offset, world_size, group_name, backend
-        )
-
-    def update_weights_from_distributed(
-        self,
-        names: Sequence[str],
-        dtypes: Sequence[str],
-        shapes: Sequence[Sequence[int]],
-        group_name: str,
-        weight_version: str | None = None,
-        flush_cache: bool = True,
-    ) -> None:
-        """Receive each tensor by broadcast from rank 0 of ``group_name``, then apply atomically.
-
-        Every tensor is received before validation, so a refused update never leaves the trainer
-        blocked in a broadcast nobody joins.
-        """
-        group = self._groups.get(group_name)
-        if group is None:
-            raise ValueError(f"no weights update group {group_name!r}: call init_weights_update_group first")
-        self._check_updatable()
-        received = broadcast_receive(group, names, dtypes, shapes)
-        self._weights.apply(received)
-        self._after_update(weight_version, flush_cache)
-
-    def destroy_weights_update_group(self, group_name: str) -> None:
-        """Forget the group (unknown names are ignored, as SGLang callers expect)."""
-        group = self._groups.pop(group_name, None)
-        if group is not None and hasattr(group.backend, "shutdown"):
-            group.backend.shutdown()
-
-    def _check_updatable(self) -> None:
-        if "weights" in self._released:
-            raise EngineStateError("weights are released: resume_memory_occupation(['weights']) first")
-
-    def _after_update(self, weight_version: str | None, flush_cache: bool) -> None:
-        if flush_cache:
-            # K/V computed under the old weights must not serve new requests. Running (paused
-            # in place) requests keep their own blocks; only the prefix map is dropped.
-            self.allocator.reset_prefix_cache()
-        self._version = (
-            self._version.next() if weight_version is None else WeightVersion.parse(weight_version)
-        )
-
     # ---- pause and memory ----------------------------------------------------------------------
 
     @property
@@ -484,6 +379,7 @@ class Engine:
         if mode not in ("abort", "in_place"):
             raise ValueError(f"pause mode must be 'abort' or 'in_place', got {mode!r}")
         self._paused = True
+        self._drain()
         if mode == "abort":
             self.abort()
 
@@ -495,6 +391,7 @@ class Engine:
         flushed), ``weights`` moves the parameters to (pinned) CPU memory. Already released
         tags are skipped. Raises ``EngineStateError`` while requests are running or waiting."""
         tags = self._check_tags(tags)
+        self._drain()  # the step in flight still writes the K/V cache
         if self.has_unfinished():
             raise EngineStateError(
                 f"cannot release memory with {len(self.scheduler.running)} running and "
@@ -564,7 +461,32 @@ class Engine:
         targets = torch.tensor(req.prompt_ids[first + 1 : last + 1], device=logp.device)
         req.prompt_logprobs += logp.gather(1, targets[:, None])[:, 0].tolist()
 
-    def _append_token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+    def _drain(self) -> None:
+        """Read the step in flight, if any: its outputs join those the next ``step`` reports."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._resolve(inflight)
+
+    def _resolve(self, inflight: InflightStep) -> None:
+        """Append an overlapped step's tokens (waiting for them). Requests finished or aborted
+        since it was queued are skipped: a finished request's extra row is dropped."""
+        sampled = inflight.sample.result()
+        for req, tok, lp, top in zip(
+            inflight.requests, sampled.token_ids, sampled.logprobs, sampled.top_logprobs
+        ):
+            if req.status != RequestStatus.RUNNING:
+                continue
+            reason = self._append_token(req, tok, lp, top)
+            self.allocator.mark_computed(req)  # only now is the block's last token id known
+            if reason is not None:
+                self._finish(req, reason)
+            if req.stream or req.is_finished:
+                self._pending_outputs.append(RequestOutput.of(req))
+
+    def _append_token(
+        self, req: Request, token: int, logprob: float, top: list[tuple[int, float]]
+    ) -> FinishReason | None:
+        """Append a sampled token; return why ``req`` must now finish (the caller finishes it)."""
         self.tokens_generated += 1
         reason = append_token(
             req,
@@ -575,8 +497,7 @@ class Engine:
             tokenizer=self.tokenizer,
             context_length=self.context_length,
         )
-        if reason is not None:
-            self._finish(req, reason)
+        return reason
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         ensure_text(req, self.tokenizer)  # a non-streamed request's text, decoded once at the end

@@ -167,9 +167,10 @@ class BlockAllocator:
                 self._register_next(req, i, ready=False)
         return AllocStatus.OK
 
-    def append_slot(self, req: Request) -> bool:
-        """Make room for one more token of ``req`` (a new block when the last one is full)."""
-        if len(req.block_table) * self.block_size >= req.num_tokens:
+    def append_slot(self, req: Request, num_tokens: int | None = None) -> bool:
+        """Make room for ``req``'s last known token, number ``num_tokens`` (default: all it has;
+        more while a sampled token is not appended yet): a new block when the last is full."""
+        if len(req.block_table) * self.block_size >= (req.num_tokens if num_tokens is None else num_tokens):
             return True
         if self.num_free_blocks == 0:
             return False
@@ -178,7 +179,8 @@ class BlockAllocator:
 
     def mark_computed(self, req: Request) -> None:
         """After a forward: mark ``req``'s newly completed full blocks ready (and register them)."""
-        full = min(req.num_computed_tokens // self.block_size, len(req.block_table))
+        # (A computed token whose id the host does not have yet, in an overlapped step, waits.)
+        full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(req.block_table))
         for i in range(req.num_ready_blocks, full):
             if i < len(req.block_hashes):
                 block = self.blocks[req.block_table[i]]

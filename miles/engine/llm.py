@@ -89,6 +89,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         cuda_graph_max_bs: int | None = None,
         disable_cuda_graph: bool = False,
+        overlap_schedule: bool | None = None,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,6 +113,7 @@ class LLM:
             seed=seed,
             cuda_graph_max_bs=cuda_graph_max_bs,
             disable_cuda_graph=disable_cuda_graph,
+            overlap_schedule=overlap_schedule,
         )
 
     # ---- generation --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from miles.engine.cuda_graph import DecodeGraphs, block_table_array
 from miles.engine.kv_cache import KVCache
 from miles.engine.request import Request
 from miles.engine.routing import RoutingStore
+from miles.engine.transfer import to_device
 from miles.kernels import batch_invariant
 from miles.kernels.paged_attention import (
     PagedAttentionPlan,
@@ -75,7 +76,7 @@ class PagedAttentionContext:
             return self._attend_invariant(q, k_cache, v_cache, scale)
         if self.decode_kernel:
             if self._seq_lens_t is None:
-                self._seq_lens_t = torch.tensor(self.seq_lens, dtype=torch.long).to(q.device)
+                self._seq_lens_t = to_device(self.seq_lens, q.device)
             return paged_decode_attention(q, k_cache, v_cache, self.block_tables, self._seq_lens_t, scale)
         return batched_paged_attention(q, k_cache, v_cache, self.plan, scale)
 
@@ -107,6 +108,17 @@ class ScheduledRequest:
     def completes_prompt(self) -> bool:
         """After this chunk every known token is computed: the request samples a token."""
         return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class DeviceTokens:
+    """Decode inputs still on the device (the overlapped schedule): row ``rows[i]`` of the batch
+    feeds ``tokens[src[i]]``, a token the step before sampled and the host has not appended to
+    its request yet. Such a row feeds position ``num_computed_tokens == num_tokens``."""
+
+    tokens: torch.Tensor
+    rows: list[int]
+    src: list[int]
 
 
 @dataclass
@@ -145,24 +157,26 @@ class ModelRunner:
         self.graphs = graphs
 
     def prepare(
-        self, batch: Sequence[ScheduledRequest]
+        self, batch: Sequence[ScheduledRequest], pending: DeviceTokens | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, PagedAttentionContext]:
         """Flat ``input_ids``/``positions`` ``[T]`` and the attention context for ``batch``."""
+        unknown = _pending_rows(batch, pending)
         ids: list[int] = []
         starts: list[int] = []
         tables: list[list[int]] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         bs = self.block_size
-        for item in batch:
+        for i, item in enumerate(batch):
             req, start, n = item.request, item.request.num_computed_tokens, item.num_tokens
             end = start + n
-            if n < 1 or end > req.num_tokens or -(-end // bs) > len(req.block_table):
+            known = req.num_tokens + (i in unknown)
+            if n < 1 or end > known or -(-end // bs) > len(req.block_table):
                 raise RuntimeError(
                     f"request {req.request_id}: cannot feed tokens [{start}, {end}) with "
-                    f"{req.num_tokens} tokens and {len(req.block_table)} blocks"
+                    f"{known} tokens and {len(req.block_table)} blocks"
                 )
-            ids += req.token_slice(start, end)
+            ids += [0] if i in unknown else req.token_slice(start, end)
             starts.append(start)
             tables.append(req.block_table)
             query_lens.append(n)
@@ -178,25 +192,33 @@ class ModelRunner:
         first = torch.cumsum(qlen_t, 0) - qlen_t  # index of each request's first token
         pos = torch.tensor(starts, dtype=torch.long)[seq_of] + torch.arange(len(ids)) - first[seq_of]
         slots = table_t[seq_of, pos // bs] * bs + pos % bs
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+        dev = self.device
+        input_ids = to_device(ids, dev)
+        if pending is not None:
+            # One token per row in a step with pending rows (decode), so row i is token i.
+            input_ids[to_device(pending.rows, dev)] = pending.tokens[to_device(pending.src, dev)]
         ctx = PagedAttentionContext(
-            self.kv_cache, slots.to(self.device), table_t.to(self.device), query_lens, seq_lens
+            self.kv_cache, to_device(slots, dev), to_device(table_t, dev), query_lens, seq_lens
         )
-        return input_ids, pos.to(self.device), ctx
+        return input_ids, to_device(pos, dev), ctx
 
     @torch.no_grad()
-    def run(self, batch: Sequence[ScheduledRequest]) -> ModelOutput:
+    def run(self, batch: Sequence[ScheduledRequest], pending: DeviceTokens | None = None) -> ModelOutput:
         """Forward ``batch`` (storing its K/V) and return the logits the engine needs.
 
-        Does not advance ``num_computed_tokens``: the engine does that after sampling.
+        Does not advance ``num_computed_tokens``: the engine does that after sampling. Queues
+        the work without waiting for the device (the logits are on it).
         """
         if self.graphs is not None and self._graphable(batch):
-            return self._run_graph(batch)
-        input_ids, positions, ctx = self.prepare(batch)
+            return self._run_graph(batch, pending)
+        input_ids, positions, ctx = self.prepare(batch, pending)
         hook = None if self.routing is None else self.routing.recorder(ctx.slot_mapping)
         hidden = self.model(input_ids, positions, ctx, hook)
-        ends = torch.tensor(ctx.query_lens, device=self.device).cumsum(0) - 1
-        last_logits = self.model.compute_logits(hidden[ends]).float()
+        if len(ctx.query_lens) == hidden.shape[0]:  # one token per request: every row is last
+            last_logits = self.model.compute_logits(hidden).float()
+        else:
+            ends = to_device(ctx.query_lens, self.device).cumsum(0) - 1
+            last_logits = self.model.compute_logits(hidden[ends]).float()
         all_logits: list[torch.Tensor | None] = []
         start = 0
         for item, n in zip(batch, ctx.query_lens):
@@ -216,21 +238,38 @@ class ModelRunner:
                 return False
         return self.graphs.supports(len(batch), max(len(item.request.block_table) for item in batch))
 
-    def _run_graph(self, batch: Sequence[ScheduledRequest]) -> ModelOutput:
+    def _run_graph(self, batch: Sequence[ScheduledRequest], pending: DeviceTokens | None) -> ModelOutput:
         assert self.graphs is not None
         bs = self.block_size
+        unknown = _pending_rows(batch, pending)
         ids, pos, slots, lens, tables = [], [], [], [], []
-        for item in batch:
+        for i, item in enumerate(batch):
             req, p = item.request, item.request.num_computed_tokens
-            if p >= req.num_tokens or p // bs >= len(req.block_table):
+            known = req.num_tokens + (i in unknown)
+            if p >= known or p // bs >= len(req.block_table):
                 raise RuntimeError(
-                    f"request {req.request_id}: cannot feed token {p} with {req.num_tokens} tokens "
+                    f"request {req.request_id}: cannot feed token {p} with {known} tokens "
                     f"and {len(req.block_table)} blocks"
                 )
-            ids += req.token_slice(p, p + 1)
+            ids += [0] if i in unknown else req.token_slice(p, p + 1)
             pos.append(p)
             slots.append(req.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
             tables.append(req.block_table)
-        logits = self.graphs.run(ids, pos, slots, lens, tables)
+        override = None
+        if pending is not None:
+            dev = self.device
+            override = (to_device(pending.rows, dev), pending.tokens[to_device(pending.src, dev)])
+        logits = self.graphs.run(ids, pos, slots, lens, tables, override)
         return ModelOutput(logits, [None] * len(batch))
+
+
+def _pending_rows(batch: Sequence[ScheduledRequest], pending: DeviceTokens | None) -> set[int]:
+    if pending is None:
+        return set()
+    rows = set(pending.rows)
+    if len(rows) != len(pending.src) or not all(
+        0 <= r < len(batch) and batch[r].num_tokens == 1 for r in rows
+    ):
+        raise RuntimeError("device-side input tokens are for decode rows of this batch only, one each")
+    return rows

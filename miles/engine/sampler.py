@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from miles.engine.request import Request
+from miles.engine.transfer import HostCopy, to_device
 from miles.kernels import batch_invariant
 
 _MASK64 = (1 << 64) - 1
@@ -58,6 +59,29 @@ class SamplerOutput:
     # Per row: the ``top_logprobs_num`` most likely (token, logprob) of the sampled-from
     # distribution, best first (empty when not asked for).
     top_logprobs: list[list[tuple[int, float]]]
+
+
+@dataclass
+class PendingSample:
+    """A batch's draw queued on the device. ``tokens`` int64 ``[B]`` (device): the sampled ids,
+    usable as the next step's inputs before the host has them; ``copy``: host copy of the
+    ``[B, 2 + 2k]`` columns (token, logprob, top-k values, top-k ids)."""
+
+    tokens: torch.Tensor
+    copy: HostCopy
+    top_logprobs_nums: list[int]
+    k: int
+
+    def result(self) -> SamplerOutput:
+        """Wait for the draw and unpack it (the step's one device-to-host transfer)."""
+        rows = self.copy.wait().tolist()
+        k = self.k
+        out = SamplerOutput([], [], [])
+        for row, n in zip(rows, self.top_logprobs_nums):
+            out.token_ids.append(int(row[0]))
+            out.logprobs.append(row[1])
+            out.top_logprobs.append([(int(t), v) for v, t in zip(row[2 : 2 + n], row[2 + k : 2 + k + n])])
+        return out
 
 
 class Sampler:
@@ -123,9 +147,10 @@ class Sampler:
         """
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [{len(requests)}, V], got {tuple(logits.shape)}")
-        plain = self._plain_logprobs(logits, requests)
+        counts = [len(r.output_ids) for r in requests]
+        plain = self._plain_logprobs(logits, requests, counts)
         if plain is not None:
-            return self._sample_rows(plain, requests, top_logprobs_nums)
+            return self._launch_rows(plain, requests, top_logprobs_nums, counts).result()
         out = SamplerOutput([], [], [])
         for i, req in enumerate(requests):
             logp, greedy = self.process(logits[i], req)
@@ -143,13 +168,38 @@ class Sampler:
                 out.top_logprobs.append([])
         return out
 
-    def _sample_rows(
-        self, logp: torch.Tensor, requests: Sequence[Request], top_logprobs_nums: Sequence[int] | None
-    ) -> SamplerOutput:
-        """:meth:`sample` over ``[B, V]`` log-probs in whole-batch ops and one host transfer (on
-        CUDA: one synchronisation per step instead of several per row). Row for row the same
-        draw as the per-row path: the argmax of ``p / Exp(1)`` noise (greedy rows: of ``logp``);
-        a seeded row draws its noise from its own generator, the others share one draw."""
+    def sample_async(
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[Request],
+        top_logprobs_nums: Sequence[int] | None = None,
+        num_outputs: Sequence[int] | None = None,
+    ) -> PendingSample:
+        """:meth:`sample` without waiting for the device: the draw is queued and its result read
+        with ``PendingSample.result()``. ``num_outputs[i]`` (default ``len(output_ids)``) is how
+        many tokens request ``i`` has generated, counting tokens not yet appended (the seed
+        index and ``min_new_tokens`` use it). Every row must be :meth:`batchable`."""
+        counts = list(num_outputs) if num_outputs is not None else [len(r.output_ids) for r in requests]
+        if logits.dim() != 2 or logits.shape[0] != len(requests) or len(counts) != len(requests):
+            raise ValueError(
+                f"logits must be [{len(requests)}, V] with a count per row, got {tuple(logits.shape)}"
+            )
+        logp = self._plain_logprobs(logits, requests, counts)
+        if logp is None:
+            raise ValueError("sample_async needs rows without penalties, EOS bans or top-k/top-p/min-p cuts")
+        return self._launch_rows(logp, requests, top_logprobs_nums, counts)
+
+    def _launch_rows(
+        self,
+        logp: torch.Tensor,
+        requests: Sequence[Request],
+        top_logprobs_nums: Sequence[int] | None,
+        counts: Sequence[int],
+    ) -> PendingSample:
+        """The draw over ``[B, V]`` log-probs in whole-batch ops, its read-back queued (one host
+        transfer a step, and on CUDA no wait until the result is read). Row for row the same draw
+        as the per-row path: the argmax of ``p / Exp(1)`` noise (greedy rows: of ``logp``); a
+        seeded row draws its noise from its own generator, the others share one draw."""
         bsz, vocab = logp.shape
         greedy = [r.sampling_params.greedy for r in requests]
         if all(greedy):
@@ -165,30 +215,38 @@ class Sampler:
                 if len(unseeded) == bsz:
                     noise = draw
                 else:
-                    noise[torch.tensor(unseeded, device=logp.device)] = draw
+                    noise[to_device(unseeded, logp.device)] = draw
             for i, req in enumerate(requests):
                 if not greedy[i] and req.sampling_params.sampling_seed is not None:
-                    noise[i] = self._exponential(logp[i], req)
+                    noise[i] = self._exponential(logp[i], req, counts[i])
             scores = logp.exp() / noise
             if any(greedy):
-                mask = torch.tensor(greedy, device=logp.device)[:, None]
+                mask = to_device(greedy, logp.device, torch.bool)[:, None]
                 scores = torch.where(mask, logp, scores)
         tokens = scores.argmax(dim=-1)
         columns = [tokens[:, None].double(), logp.gather(1, tokens[:, None]).double()]
-        k = min(max(top_logprobs_nums or [0]), vocab)
+        nums = list(top_logprobs_nums) if top_logprobs_nums is not None else [0] * bsz
+        k = min(max(nums or [0]), vocab)
         if k > 0:
             vals, ids = torch.topk(logp, k, dim=-1)
             columns += [vals.double(), ids.double()]
-        rows = torch.cat(columns, dim=1).tolist()  # the one device-to-host transfer
-        out = SamplerOutput([], [], [])
-        for i, row in enumerate(rows):
-            out.token_ids.append(int(row[0]))
-            out.logprobs.append(row[1])
-            n = top_logprobs_nums[i] if top_logprobs_nums is not None else 0
-            out.top_logprobs.append([(int(t), v) for v, t in zip(row[2 : 2 + n], row[2 + k : 2 + k + n])])
-        return out
+        return PendingSample(tokens, HostCopy(torch.cat(columns, dim=1)), nums, k)
 
-    def _plain_logprobs(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor | None:
+    @staticmethod
+    def batchable(req: Request, num_output: int) -> bool:
+        """Whether ``req``'s next token (its ``num_output``-th) samples in the whole-batch path: no
+        penalty, no EOS ban (``min_new_tokens`` reached), no top-k/top-p/min-p cut."""
+        p = req.sampling_params
+        return not (
+            p.repetition_penalty != 1.0
+            or ((p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and num_output > 0)
+            or num_output < p.min_new_tokens
+            or (not p.greedy and (p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0))
+        )
+
+    def _plain_logprobs(
+        self, logits: torch.Tensor, requests: Sequence[Request], counts: Sequence[int]
+    ) -> torch.Tensor | None:
         """``[B, V]`` log-probs in one batched op when no row needs penalties, an EOS ban or a
         top-k/top-p/min-p cut (the usual RL rollout), else ``None`` (rows go through
         :meth:`process`). Row for row the same ops as :meth:`process`: fp32, divide by the row's
@@ -196,15 +254,10 @@ class Sampler:
         2-core CPU, the per-row path's sort of a 49k-entry row took about as long as a decode
         step's attention."""
         temps = []
-        for req in requests:
-            p = req.sampling_params
-            if (
-                p.repetition_penalty != 1.0
-                or ((p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and req.output_ids)
-                or len(req.output_ids) < p.min_new_tokens
-                or (not p.greedy and (p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0))
-            ):
+        for req, count in zip(requests, counts):
+            if not self.batchable(req, count):
                 return None
+            p = req.sampling_params
             temps.append(1.0 if p.greedy else p.temperature)
         x = logits.float()
         # Division by a Python scalar, as in process() and the trainer: CUDA turns a scalar
@@ -217,9 +270,11 @@ class Sampler:
             return batch_invariant.log_softmax(x)
         return torch.log_softmax(x, dim=-1)
 
-    def _exponential(self, like: torch.Tensor, req: Request) -> torch.Tensor:
+    def _exponential(self, like: torch.Tensor, req: Request, index: int | None = None) -> torch.Tensor:
+        """Exp(1) noise for ``req``'s token number ``index`` (default: its next one)."""
         seed = req.sampling_params.sampling_seed
         gen = self.generator
         if seed is not None:
-            gen = torch.Generator(device=like.device).manual_seed(seed_for(seed, len(req.output_ids)))
+            index = len(req.output_ids) if index is None else index
+            gen = torch.Generator(device=like.device).manual_seed(seed_for(seed, index))
         return torch.empty_like(like).exponential_(generator=gen)

@@ -20,6 +20,7 @@ Each step is either a *prefill* step or a *decode* step:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from miles.engine.kv_cache import AllocStatus, BlockAllocator
@@ -115,6 +116,29 @@ class Scheduler:
                 self.allocator.free(req)
                 out.out_of_capacity.append(req)
         return out
+
+    def schedule_decode_ahead(self, pending: Container[int]) -> list[ScheduledRequest] | None:
+        """The next decode step while the tokens sampled for ``pending`` (``id()`` of requests) are not
+        appended yet, or ``None`` when that step could differ from what :meth:`schedule` would
+        pick once they are: a waiting request could be admitted (prefill comes first), a
+        running one is still in prefill, or some request would need a block that is not free
+        (preemption). A pending request feeds that token next, so it counts one more token."""
+        if self.waiting and len(self.running) < self.max_running_requests:
+            return None
+        bs = self.allocator.block_size
+        need = 0
+        for req in self.running:
+            known = req.num_tokens + (id(req) in pending)
+            if known != req.num_computed_tokens + 1:
+                return None
+            need += len(req.block_table) * bs < known
+        if need > self.allocator.num_free_blocks:
+            return None
+        batch = []
+        for req in self.running:
+            self.allocator.append_slot(req, req.num_tokens + (id(req) in pending))
+            batch.append(ScheduledRequest(req, 1))
+        return batch
 
     def _preempt(self, req: Request) -> None:
         self.allocator.free(req)

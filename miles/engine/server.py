@@ -81,6 +81,7 @@ class ServerConfig:
     random_seed: int | None = None
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False
     log_level: str = "info"
 
 
@@ -106,6 +107,7 @@ def build_engine(config: ServerConfig) -> Engine:
         seed=config.random_seed,
         cuda_graph_max_bs=config.cuda_graph_max_bs,
         disable_cuda_graph=config.disable_cuda_graph,
+        overlap_schedule=False if config.disable_overlap_schedule else None,
     )
 
 

@@ -49,6 +49,8 @@ def serve_arguments(config: MilesConfig, dtype: str, max_total_tokens: int) -> l
         args += ["--sglang-cuda-graph-max-bs", str(e.cuda_graph_max_bs)]
     if e.disable_cuda_graph:
         args.append("--sglang-disable-cuda-graph")
+    if e.disable_overlap_schedule:
+        args.append("--sglang-disable-overlap-schedule")
     if config.deterministic_mode or e.enable_deterministic_inference:
         args.append("--sglang-enable-deterministic-inference")
     return args

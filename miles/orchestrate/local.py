@@ -208,6 +208,7 @@ class LocalPlacement:
             seed=e.random_seed,
             cuda_graph_max_bs=e.cuda_graph_max_bs,
             disable_cuda_graph=e.disable_cuda_graph,
+            overlap_schedule=False if e.disable_overlap_schedule else None,
         )
         async_engine = AsyncEngine(engine).start()
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

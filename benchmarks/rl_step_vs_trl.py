@@ -18,6 +18,9 @@ HF directory that both load) with the same prompts, batch shape, sampling, optim
 - micro-batches: the whole batch in one forward/backward by default on both (``--micro-batch``
   sequences: TRL ``per_device_train_batch_size``, Miles ``--max-tokens-per-gpu`` = that many
   sequences at the longest prompt + ``--max-response-len``).
+- generation: all ``--prompts`` x ``--samples`` completions at once on both (TRL: one
+  ``generate`` call; Miles: ``--sglang-max-running-requests`` that many, decode CUDA graphs up
+  to 512).
 
 Miles runs through its public entry point, ``miles.cli.main(["train", ...])`` (embedded placement:
 engine + trainer in one process), and its per-step times come from the run's ``metrics.jsonl``:
@@ -237,6 +240,10 @@ def run_miles(
         "--adam-eps", "1e-8",
         "--clip-grad", "1.0",
         "--eps-clip", "0.2",
+        # The engine decodes the whole rollout at once, as TRL's one generate() call does (Miles'
+        # defaults, 256 running requests and graphs up to 256, would run it in two waves).
+        "--sglang-max-running-requests", str(args.prompts * args.samples),
+        "--sglang-cuda-graph-max-bs", str(min(args.prompts * args.samples, 512)),
         "--use-dynamic-batch-size",
         "--max-tokens-per-gpu", str(micro_tokens),
         "--seed", str(args.seed),

@@ -15,9 +15,11 @@ Per row (request), in this order:
    distribution, as SGLang does. The token is drawn from the renormalised kept set and its
    logprob is ``log_softmax`` over that set: the distribution actually sampled from.
 
-Seeding: a request with ``sampling_seed`` draws its noise from a generator seeded with a mix of
-(seed, index of the token in the output), so its tokens depend on nothing else (not the batch,
-not preemption). Sampling is ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary
+Seeding: a request with ``sampling_seed`` draws its noise from a counter-based hash of (a mix of
+seed and index of the token in the output, vocabulary entry) (:func:`hashed_exponential`), so its
+tokens depend on nothing else (not the batch, not preemption), and a whole batch of seeded rows
+takes a few tensor ops (a generator per row and step cost the RL rollout, where every sample is
+seeded, ~40 µs of host time per row and step). Sampling is ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary
 entry, which draws exactly from ``probs``. Rows are processed independently, so a row's result
 never depends on the other rows of the batch.
 """
@@ -50,6 +52,34 @@ def seed_for(seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
+
+
+def _to_signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (_to_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic on signed integers)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def hashed_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise fp32 ``[B, vocab]``: entry ``(i, j)`` a function of ``(keys[i], j)`` only.
+
+    ``keys`` int64 ``[B]`` (e.g. :func:`seed_for` values, on the noise's device). The splitmix64
+    finaliser of ``key ^ (j * golden)`` (int64 arithmetic wraps, as the hash wants), its top 24
+    bits as a uniform in (0, 1) and ``-log`` of it. Integer ops are exact on every device.
+    """
+    cols = torch.arange(vocab, dtype=torch.int64, device=keys.device) * _GOLDEN
+    x = keys.to(torch.int64)[:, None] ^ cols[None, :]
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    u = (_shift_right(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(u)
 
 
 @dataclass
@@ -209,6 +239,20 @@ class Sampler:
                 i for i, r in enumerate(requests) if not greedy[i] and r.sampling_params.sampling_seed is None
             ]
             noise = torch.ones_like(logp)
+            seeded = [
+                i
+                for i, r in enumerate(requests)
+                if not greedy[i] and r.sampling_params.sampling_seed is not None
+            ]
+            if seeded:
+                keys = [
+                    seed_for(int(requests[i].sampling_params.sampling_seed or 0), counts[i]) for i in seeded
+                ]
+                draws = hashed_exponential(to_device(keys, logp.device), vocab)
+                if len(seeded) == bsz:
+                    noise = draws
+                else:
+                    noise[to_device(seeded, logp.device)] = draws
             if unseeded:
                 draw = torch.empty((len(unseeded), vocab), dtype=logp.dtype, device=logp.device)
                 draw.exponential_(generator=self.generator)
@@ -216,9 +260,6 @@ class Sampler:
                     noise = draw
                 else:
                     noise[to_device(unseeded, logp.device)] = draw
-            for i, req in enumerate(requests):
-                if not greedy[i] and req.sampling_params.sampling_seed is not None:
-                    noise[i] = self._exponential(logp[i], req, counts[i])
             scores = logp.exp() / noise
             if any(greedy):
                 mask = to_device(greedy, logp.device, torch.bool)[:, None]
@@ -273,8 +314,8 @@ class Sampler:
     def _exponential(self, like: torch.Tensor, req: Request, index: int | None = None) -> torch.Tensor:
         """Exp(1) noise for ``req``'s token number ``index`` (default: its next one)."""
         seed = req.sampling_params.sampling_seed
-        gen = self.generator
         if seed is not None:
             index = len(req.output_ids) if index is None else index
-            gen = torch.Generator(device=like.device).manual_seed(seed_for(seed, index))
-        return torch.empty_like(like).exponential_(generator=gen)
+            key = torch.tensor([seed_for(seed, index)], device=like.device)
+            return hashed_exponential(key, like.shape[-1])[0].to(like.dtype)
+        return torch.empty_like(like).exponential_(generator=self.generator)

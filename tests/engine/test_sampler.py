@@ -112,3 +112,30 @@ def test_batched_plain_rows_equal_the_per_row_path():
         for i, req in enumerate(plain):
             logp, _ = Sampler().process(logits[i], req)
             assert batched.logprobs[i] == float(logp[batched.token_ids[i]])
+
+
+def test_hashed_exponential_is_exp1_and_a_function_of_key_and_column():
+    from miles.engine.sampler import hashed_exponential
+
+    keys = torch.tensor([seed_for(s, i) for s in range(50) for i in range(4)])
+    e = hashed_exponential(keys, 2000)
+    assert e.shape == (200, 2000) and e.dtype == torch.float32 and bool((e > 0).all())
+    # Exp(1): mean 1, variance 1, P(E > 1) = 1/e (400k draws: a few thousandths of noise).
+    assert abs(float(e.mean()) - 1) < 0.01 and abs(float(e.var()) - 1) < 0.02
+    assert abs(float((e > 1).float().mean()) - math.exp(-1)) < 0.005
+    # Neighbouring keys and columns are uncorrelated.
+    flat = e - 1
+    assert abs(float((flat[:-1] * flat[1:]).mean())) < 0.01
+    assert abs(float((flat[:, :-1] * flat[:, 1:]).mean())) < 0.01
+    # Row i depends on keys[i] only; shorter vocabularies are prefixes.
+    alone = hashed_exponential(keys[7:8], 1000)
+    assert torch.equal(alone[0], e[7, :1000])
+
+
+def test_seeded_race_samples_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    counts = torch.zeros(3)
+    sampler = Sampler()
+    for s in range(3000):
+        counts[sampler.sample(probs.log()[None], [_req(temperature=1.0, sampling_seed=s)]).token_ids[0]] += 1
+    assert torch.allclose(counts / 3000, probs, atol=0.03)

@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--only", choices=["miles", "trl"], default=None, help="run one side (writes no JSON)")
     p.add_argument("--no-write", action="store_true", help="print only, write no results JSON")
+    p.add_argument(
+        "--miles-extra",
+        default="",
+        help="extra 'miles train' flags, space-separated (e.g. '--sglang-disable-overlap-schedule')",
+    )
     p.add_argument("--keep-dir", default=None, help="work directory to keep (checkpoint, data, run dirs)")
     return p.parse_args(argv)
 
@@ -253,24 +258,41 @@ def run_miles(
     ]  # fmt: skip
     if args.loss == "dapo":
         argv.append("--calculate-per-token-loss")
+    argv += args.miles_extra.split()
     if args.gradient_checkpointing:
         argv.append("--gradient-checkpointing")
     # A Mark at the end of each step (the loop logs a step's metrics once, at its end): this
     # process's CPU time per step, and how much of the machine other processes took meanwhile.
+    # And the engine's own share of the rollout: its steps, the seconds spent in them, and how
+    # many were overlapped (one in flight afterwards) - what the rollout time is made of.
+    from miles.engine.engine import Engine
     from miles.utils.metrics import MetricsLogger
 
     marks: list[Mark] = []
-    log = MetricsLogger.log
+    engine_totals: list[tuple[int, float, int]] = []
+    counters = [0, 0.0, 0]
+    log, step_fn = MetricsLogger.log, Engine.step
 
     def log_and_mark(self: MetricsLogger, step: int, metrics: dict[str, float]) -> None:
         marks.append(mark())
+        engine_totals.append((int(counters[0]), counters[1], int(counters[2])))
         log(self, step, metrics)
 
+    def timed_step(self: Engine) -> Any:
+        t = time.perf_counter()
+        out = step_fn(self)
+        counters[0] += 1
+        counters[1] += time.perf_counter() - t
+        counters[2] += self._inflight is not None
+        return out
+
     MetricsLogger.log = log_and_mark  # type: ignore[method-assign]
+    Engine.step = timed_step  # type: ignore[method-assign]
     try:
         code = miles_main(argv)
     finally:
         MetricsLogger.log = log  # type: ignore[method-assign]
+        Engine.step = step_fn  # type: ignore[method-assign]
     if code != 0:
         raise RuntimeError(f"miles train exited with {code}")
     rows = read_metrics(run_dir)
@@ -282,12 +304,18 @@ def run_miles(
     step, gen, train = col("perf/step_time"), col("perf/rollout_time"), col("perf/train_time")
     sync = col("perf/update_weights_time")
     spans = list(itertools.pairwise(marks))[w - 1 :]  # step k runs from step k-1's log to its own
+    per_step = [
+        tuple(y - x for x, y in zip(a, b)) for a, b in itertools.pairwise([(0, 0.0, 0), *engine_totals])
+    ]
     return {
         "seconds_per_step": mean(measured(step, w)),
         **span_usage(spans),
         "generation_s": mean(measured(gen, w)),
         "training_s": mean(measured(train, w)),
         "weight_sync_s": mean(measured(sync, w)),
+        "engine_steps_per_step": mean(measured([float(x[0]) for x in per_step], w)),
+        "engine_step_seconds_per_step": mean(measured([float(x[1]) for x in per_step], w)),
+        "engine_overlapped_steps_per_step": mean(measured([float(x[2]) for x in per_step], w)),
         "step_times": step,
         "generation_times": gen,
         "training_times": train,
@@ -490,6 +518,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name} per-step seconds (first {args.warmup_steps} = warm-up): {steps}")
     if "trl" in results:
         print(f"trl generate() alone: {results['trl']['generate_only_s']:.2f} s/step")
+    if "miles" in results:
+        m = results["miles"]
+        print(
+            f"miles engine: {m['engine_steps_per_step']:.0f} steps/rollout "
+            f"({m['engine_overlapped_steps_per_step']:.0f} overlapped), "
+            f"{m['engine_step_seconds_per_step']:.2f} s in Engine.step"
+        )
     busy = {name: r["others_cpu_frac"] for name, r in results.items() if r["others_cpu_frac"] > 0.05}
     if busy:
         print(

@@ -32,7 +32,7 @@ from miles.engine.stopping import append_token, ensure_text
 from miles.engine.weight_sync import EngineStateError, WeightSyncMixin
 from miles.engine.weights import UpdateGroup, WeightUpdater, offload_parameters, restore_parameters
 from miles.kernels import batch_invariant
-from miles.models.layers import use_inference_kernels
+from miles.models.layers import pack_projections, use_inference_kernels
 from miles.models.transformer import CausalLM
 from miles.types import SamplingParams, WeightVersion
 
@@ -90,6 +90,9 @@ class Engine(WeightSyncMixin):
         spec = model.spec
         self.model = model.eval()
         use_inference_kernels(model)
+        self._pack = model.device.type == "cuda"  # fewer, larger GEMMs: see pack_projections
+        if self._pack:
+            pack_projections(model)
         self.tokenizer = tokenizer
         self.vocab_size = spec.vocab_size
         self.context_length = context_length or spec.max_position_embeddings
@@ -409,6 +412,7 @@ class Engine(WeightSyncMixin):
                 self._released[tag] = [t.shape for t in self.kv_cache.k]
                 self.kv_cache.k, self.kv_cache.v = [], []
             else:
+                pack_projections(self.model, on=False)  # else the packed copies keep the memory
                 self._released[tag] = offload_parameters(self.model)
             if cuda:
                 torch.cuda.empty_cache()
@@ -426,6 +430,8 @@ class Engine(WeightSyncMixin):
                 self.kv_cache.v = [torch.zeros(shape, dtype=dt, device=dev) for shape in saved]
             else:
                 restore_parameters(self.model, saved)
+                if self._pack:
+                    pack_projections(self.model)
 
     @property
     def released_tags(self) -> tuple[str, ...]:

@@ -58,9 +58,17 @@ class SwiGLUMLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.packed = Packed()  # see pack_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.packed.weights((self.gate_proj, self.up_proj))
+        if gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.linear(x, gate_up[0])  # one GEMM for both
+        if (k := fused.kernels_for(h)) is not None:
+            return self.down_proj(k.silu_mul(h))
+        n = h.shape[-1] // 2
+        return self.down_proj(F.silu(h[..., :n]) * h[..., n:])
 
 
 class Attention(nn.Module):
@@ -89,14 +97,22 @@ class Attention(nn.Module):
         self.q_norm: RMSNorm | None = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.inference_kernels = False  # see use_inference_kernels
+        self.packed = Packed()  # see pack_projections
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.packed.weights((self.q_proj, self.k_proj, self.v_proj))
+        if qkv is not None:  # one GEMM; q, k and v are strided views of its output
+            out = F.linear(x, qkv[0], qkv[1])
+            q = out[:, : hq * d].view(t, hq, d)
+            k = out[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+            v = out[:, (hq + hkv) * d :].view(t, hkv, d)
+        else:
+            q = self.q_proj(x).view(t, hq, d)
+            k = self.k_proj(x).view(t, hkv, d)
+            v = self.v_proj(x).view(t, hkv, d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.inference_kernels and (kern := fused.kernels_for(q)) is not None:
@@ -105,6 +121,69 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = ctx.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class Packed:
+    """The weights (and biases) of several ``Linear``s stored in one tensor each, concatenated
+    along the output dimension, whose parameters are views of it: one GEMM instead of several
+    (a decode step of a small model is bound by its number of kernels), while the parameters,
+    their names and in-place updates (``copy_``) stay as they were. Used only where it is valid:
+    when the parameters still view the packed storage (a memory release/resume or any other
+    reassignment of ``.data`` breaks that, and the layer falls back to its separate GEMMs), in
+    no-grad forwards outside the deterministic mode (whose kernels are per projection)."""
+
+    def __init__(self) -> None:
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self._ptrs: tuple[int, ...] = ()
+
+    def pack(self, linears: tuple[nn.Linear, ...]) -> None:
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight.data for m in linears])
+            has_bias = [m.bias is not None for m in linears]
+            if any(has_bias) and not all(has_bias):
+                raise ValueError("cannot pack linears of which only some have a bias")
+            self.bias = (
+                torch.cat([m.bias.data for m in linears if m.bias is not None]) if all(has_bias) else None
+            )
+        start = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = self.weight[start : start + n]
+            if self.bias is not None and m.bias is not None:
+                m.bias.data = self.bias[start : start + n]
+            start += n
+        self._ptrs = tuple(m.weight.data_ptr() for m in linears)
+
+    def drop(self) -> None:
+        self.weight, self.bias, self._ptrs = None, None, ()
+
+    def weights(self, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(weight, bias)`` to run instead of ``linears`` now, or ``None``."""
+        if self.weight is None or torch.is_grad_enabled() or batch_invariant.enabled():
+            return None
+        if tuple(m.weight.data_ptr() for m in linears) != self._ptrs:
+            return None  # a parameter was reassigned since: the packed copy is stale
+        return self.weight, self.bias
+
+
+def pack_projections(model: nn.Module, on: bool = True) -> None:
+    """Pack every attention's q/k/v and every dense MLP's gate/up projections (``on=False``:
+    drop the packed tensors, e.g. before the parameters' memory is released). The engine's
+    model only: the trainer's parameters must stay separate tensors (FSDP shards them)."""
+    groups: list[tuple[Packed, tuple[nn.Linear, ...]]] = []
+    for m in model.modules():
+        if isinstance(m, Attention):
+            groups.append((m.packed, (m.q_proj, m.k_proj, m.v_proj)))
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, SwiGLUMLP):  # dense layers only: MoE experts run grouped
+            groups.append((mlp.packed, (mlp.gate_proj, mlp.up_proj)))
+    for packed, linears in groups:
+        if on:
+            packed.pack(linears)
+        else:
+            packed.drop()
 
 
 def use_inference_kernels(model: nn.Module, on: bool = True) -> None:

@@ -111,6 +111,25 @@ def test_scratch_block_must_be_in_the_cache(llama_dir):
         graphs.load_inputs([1] * 5, [0] * 5, [0] * 5, [1] * 5, [[0]] * 5)
 
 
+def test_fingerprint_sees_a_moved_model_or_cache(llama_dir):
+    """The replay guard: moving the model (every parameter reallocated) or the cache changes the
+    fingerprint; an in-place weight update does not."""
+    model = load_model(llama_dir)
+    engine = Engine(model, num_blocks=8, block_size=4)
+    graphs = DecodeGraphs(model, engine.kv_cache, max_bs=4, max_blocks=4, scratch_block=7)
+    first = graphs._fingerprint()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert graphs._fingerprint() == first
+    for p in model.parameters():
+        p.data = p.data.clone()
+    moved = graphs._fingerprint()
+    assert moved != first
+    engine.kv_cache.k[0] = engine.kv_cache.k[0].clone()
+    assert graphs._fingerprint() != moved
+
+
 def test_cpu_engine_has_no_graphs(llama_dir):
     engine = Engine(load_model(llama_dir), num_blocks=8, block_size=4)
     assert engine.graphs is None and engine.kv_cache.num_blocks == 8

@@ -78,3 +78,34 @@ def test_fused_rms_norm_matches_the_module(shape, dtype):
         out = rms_norm(x, norm.weight, norm.eps)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: at most a last-bit difference
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2 * 1536), (256, 2 * 3072), (7, 2 * 80)])
+def test_fused_silu_mul_matches_torch(shape, dtype):
+    from miles.kernels.triton.fused import silu_mul
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to("cuda", dtype) * 3
+    n = shape[1] // 2
+    ref = torch.nn.functional.silu(x[:, :n]) * x[:, n:]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: a last-bit difference at most
+    torch.testing.assert_close(silu_mul(x), ref, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="silu_mul needs"):
+        silu_mul(x[:, :-1])
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_reads_strided_heads(dtype):
+    """The q/k heads of a packed projection are a strided view: normed in place of a copy."""
+    from miles.kernels.triton.fused import rms_norm
+
+    gen = torch.Generator().manual_seed(1)
+    packed = torch.randn(9, (16 + 2 * 4) * 64, generator=gen).to("cuda", dtype)
+    k = packed[:, 16 * 64 : 20 * 64].view(9, 4, 64)
+    assert not k.is_contiguous()
+    w = torch.randn(64, generator=gen).to("cuda", dtype)
+    torch.testing.assert_close(rms_norm(k, w, 1e-6), rms_norm(k.contiguous(), w, 1e-6), rtol=0, atol=0)

@@ -104,6 +104,7 @@ class DecodeGraphs:
         self._pool: Any = None  # the graphs' shared memory pool handle
         self._captured_on: tuple[int, ...] = ()
         self._sample: list[torch.Tensor] = []  # the parameters _fingerprint checks
+        self._packs: list[Any] = []  # and these packed projections (miles.models.layers.Packed)
         self.capture_seconds = 0.0  # total time spent capturing since the last reset
 
     @property
@@ -208,7 +209,11 @@ class DecodeGraphs:
         if not self._sample:
             params = list(self.model.parameters())
             self._sample = [*params[::16], params[-1]] if params else []
-        return (*cache, *(p.data_ptr() for p in self._sample))
+            # And the packed projections of the first and last layers (repacking moves them).
+            packs = [m.packed for m in self.model.modules() if hasattr(m, "packed")]
+            self._packs = packs[:1] + packs[-1:]
+        packed = (0 if p.weight is None else p.weight.data_ptr() for p in self._packs)
+        return (*cache, *(p.data_ptr() for p in self._sample), *packed)
 
     def forward(self, bs: int) -> None:
         """The captured computation, eagerly: the padded step in the buffers -> ``logits[:bs]``."""

@@ -138,6 +138,10 @@ class Packed:
         self._ptrs: tuple[int, ...] = ()
 
     def pack(self, linears: tuple[nn.Linear, ...]) -> None:
+        """Pack ``linears`` (a no-op when they still view this packed storage: two engines may
+        share a model, and repacking would move memory a captured CUDA graph reads)."""
+        if self.weight is not None and tuple(m.weight.data_ptr() for m in linears) == self._ptrs:
+            return
         with torch.no_grad():
             self.weight = torch.cat([m.weight.data for m in linears])
             has_bias = [m.bias is not None for m in linears]

@@ -17,6 +17,7 @@ from miles.kernels.paged_attention import (
     paged_decode_reference,
     paged_prefix_attention,
 )
+from miles.models.layers import pack_projections
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.models.conftest import CASES, make_hf_model
@@ -127,7 +128,10 @@ def test_fingerprint_sees_a_moved_model_or_cache(llama_dir):
     moved = graphs._fingerprint()
     assert moved != first
     engine.kv_cache.k[0] = engine.kv_cache.k[0].clone()
-    assert graphs._fingerprint() != moved
+    cache_moved = graphs._fingerprint()
+    assert cache_moved != moved
+    pack_projections(model)  # the packed q/k/v of the first layer is an address a graph reads
+    assert graphs._fingerprint() != cache_moved
 
 
 def test_cpu_engine_has_no_graphs(llama_dir):

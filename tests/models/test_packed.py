@@ -77,6 +77,21 @@ def test_packed_path_is_skipped_when_stale_with_grad_or_deterministic(tmp_path):
     assert torch.equal(before, _forward(model, ids))
 
 
+def test_packing_twice_keeps_the_storage(tmp_path):
+    """Two engines may share a model: the second's packing must not move what the first's CUDA
+    graphs read (a GPU test caught tokens going wrong when it did)."""
+    model = _model(tmp_path, "qwen3")
+    pack_projections(model)
+    first = [
+        (m.packed.weight, m.q_proj.weight.data_ptr()) for m in model.modules() if isinstance(m, Attention)
+    ]
+    pack_projections(model)
+    again = [
+        (m.packed.weight, m.q_proj.weight.data_ptr()) for m in model.modules() if isinstance(m, Attention)
+    ]
+    assert all(a[0] is b[0] and a[1] == b[1] for a, b in zip(first, again))
+
+
 def test_mixed_biases_are_refused(tmp_path):
     model = _model(tmp_path, "llama")
     attn = next(m for m in model.modules() if isinstance(m, Attention))

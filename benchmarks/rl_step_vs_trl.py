@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--miles-extra",
         default="",
-        help="extra 'miles train' flags, space-separated (e.g. '--sglang-disable-overlap-schedule')",
+        help="extra 'miles train' flags, space-separated; give it with '=': --miles-extra='--flag value'",
     )
     p.add_argument("--keep-dir", default=None, help="work directory to keep (checkpoint, data, run dirs)")
     return p.parse_args(argv)

@@ -97,10 +97,15 @@ def test_value_loss_falls_on_a_fixed_batch(arith_world, tmp_path):
     # gamma = lambd = 1 and no KL penalty: every token's return is its sequence's reward.
     assert all(r["rollout/returns"] == pytest.approx(float(rewards.mean())) for r in rows)
     losses = [r["train/critic-value_loss"] for r in rows]
-    # 0.5 * mean (R - V)^2 (per-sequence means, averaged): from V = 0, down to at least what the
-    # best constant V = mean(R) achieves, 0.5 * Var(R).
+    # 0.5 * mean (R - V)^2 (per-sequence means, averaged): from V = 0, down to what the best
+    # constant V = mean(R) achieves, 0.5 * Var(R). Adam at this lr then oscillates around it by
+    # up to ~10% (a rollout drawn with other sampling noise ended 4% above it after 6 steps,
+    # having been 0.5% above the step before), so: some step reaches it within 2%, and the last
+    # is within 15% of it.
+    best = 0.5 * float(rewards.var(unbiased=False))
     assert losses[0] == pytest.approx(0.5 * float((rewards**2).mean()))
-    assert losses[-1] < 1.02 * 0.5 * float(rewards.var(unbiased=False)) < losses[0], losses
+    assert min(losses[1:]) < 1.02 * best < losses[0], losses
+    assert losses[-1] < 1.15 * best, losses
 
 
 def test_resumed_ppo_run_repeats_the_next_step(arith_world, tmp_path):

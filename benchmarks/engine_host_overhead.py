@@ -1,8 +1,9 @@
 """Host time of one engine decode step: what the CPU spends per step while the GPU would run.
 
 On a GPU the engine's decode step is one CUDA-graph replay plus the host's work around it
-(scheduling, building the graph's inputs, sampling bookkeeping, outputs, detokenization); the
-host part does not overlap the GPU yet, so it adds to every step. This measures that host part
+(scheduling, building the graph's inputs, sampling bookkeeping, outputs, detokenization). With
+the overlapped schedule (on by default on CUDA) it runs while the GPU computes, so it shows
+only where it exceeds the GPU's part; with the serial schedule it adds to every step. This measures that host part
 alone, on any machine: a tiny model whose forward is never run (the decode graph's replay is
 replaced by a no-op, so the logits are whatever the buffer holds), greedy sampling, the real
 SmolLM2 tokenizer, ``--requests`` requests decoding together, timed after ``--warm-tokens``

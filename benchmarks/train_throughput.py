@@ -106,6 +106,11 @@ def main() -> None:
     ap.add_argument("--peak-matmul-n", type=int, default=None)
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--profile", action="store_true", help="print the top ops of one Miles step")
+    ap.add_argument(
+        "--eager-too",
+        action="store_true",
+        help="also time Miles with MILES_COMPILE=0 (its elementwise ops not compiled), same run",
+    )
     args = ap.parse_args()
 
     import transformers
@@ -166,6 +171,13 @@ def main() -> None:
             _sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+    eager_s = None
+    if args.eager_too:
+        import os
+
+        os.environ["MILES_COMPILE"] = "0"
+        eager_s = _timed(miles_step, args.warmup, args.steps, device)
+        del os.environ["MILES_COMPILE"]
     trainer.model = trainer.optimizer = None  # type: ignore[assignment]  # free before the baseline
     del model
     if device.type == "cuda":
@@ -192,7 +204,22 @@ def main() -> None:
     n = args.peak_matmul_n or (8192 if device.type == "cuda" else 2048)
     peak = matmul_peak_flops(device, dtype, n)
     flops = 6 * n_active * tokens
-    miles = {"tokens_per_s": tokens / miles_s, "step_time_s": miles_s, "mfu": flops / miles_s / peak}
+    from miles.kernels import compiled
+
+    miles: dict[str, Any] = {
+        "tokens_per_s": tokens / miles_s,
+        "step_time_s": miles_s,
+        "mfu": flops / miles_s / peak,
+        "compiled_elementwise": device.type == "cuda" and not compiled._failed,
+    }
+    if compiled._failed:
+        miles["compile_error"] = compiled._failed[0]
+    if eager_s is not None:
+        miles["eager_elementwise"] = {
+            "tokens_per_s": tokens / eager_s,
+            "step_time_s": eager_s,
+            "mfu": flops / eager_s / peak,
+        }
     base = {
         "name": "transformers AutoModelForCausalLM + AdamW",
         "tokens_per_s": tokens / base_s,
@@ -218,7 +245,8 @@ def main() -> None:
         f"\n{args.model}, {tokens} tokens/step, {dtype}, {device_name}; matmul peak {peak / 1e12:.3f} TFLOP/s"
     )
     print(f"{'':<14}{'tokens/s':>12}{'step s':>10}{'MFU':>8}")
-    for name, r in (("miles", miles), ("transformers", base)):
+    rows = [("miles", miles)] + ([("miles, eager", miles["eager_elementwise"])] if eager_s else [])
+    for name, r in (*rows, ("transformers", base)):
         print(f"{name:<14}{r['tokens_per_s']:>12.1f}{r['step_time_s']:>10.3f}{r['mfu']:>8.1%}")
     print(f"ratio (miles / transformers tokens/s): {miles['tokens_per_s'] / base['tokens_per_s']:.3f}")
     path = write_results("train_throughput", device_name, config, miles, base, "tokens_per_s",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miles.kernels import batch_invariant, fused
+from miles.kernels import batch_invariant, compiled, fused
 from miles.models.attention import AttentionContext
 from miles.models.rope import apply_rotary
 from miles.models.spec import ModelSpec
@@ -41,13 +41,24 @@ class RMSNorm(nn.Module):
             return batch_invariant.rowwise(self._norm, x)
         if self.inference_kernels and (k := fused.kernels_for(x)) is not None:
             return k.rms_norm(x, self.weight, self.eps)
+        if compiled.enabled_for(x):
+            return compiled.call(rms_norm, x, self.weight, self.eps)
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm``'s arithmetic (a pure function: the trainer's CUDA path compiles it)."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class SwiGLUMLP(nn.Module):
@@ -63,7 +74,10 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.packed.weights((self.gate_proj, self.up_proj))
         if gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            g, u = self.gate_proj(x), self.up_proj(x)
+            if compiled.enabled_for(g):
+                return self.down_proj(compiled.call(silu_mul, g, u))
+            return self.down_proj(silu_mul(g, u))
         h = F.linear(x, gate_up[0])  # one GEMM for both
         if (k := fused.kernels_for(h)) is not None:
             return self.down_proj(k.silu_mul(h))
@@ -117,6 +131,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.inference_kernels and (kern := fused.kernels_for(q)) is not None:
             q, k = kern.rotary(q, cos, sin), kern.rotary(k, cos, sin)
+        elif compiled.enabled_for(q):
+            q, k = compiled.call(apply_rotary, q, cos, sin), compiled.call(apply_rotary, k, cos, sin)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = ctx.attend(self.layer_idx, q, k, v, self.scale)

@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=["miles", "trl"], default=None, help="run one side (writes no JSON)")
     p.add_argument("--no-write", action="store_true", help="print only, write no results JSON")
     p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the Miles side (the GIL hand-off; Python's default 0.005 s)",
+    )
+    p.add_argument(
         "--miles-extra",
         default="",
         help="extra 'miles train' flags, space-separated; give it with '=': --miles-extra='--flag value'",
@@ -266,16 +272,22 @@ def run_miles(
     # And the engine's own share of the rollout: its steps, the seconds spent in them, and how
     # many were overlapped (one in flight afterwards) - what the rollout time is made of.
     from miles.engine.engine import Engine
+    from miles.engine.transfer import HostCopy
     from miles.utils.metrics import MetricsLogger
 
     marks: list[Mark] = []
-    engine_totals: list[tuple[int, float, int]] = []
-    counters = [0, 0.0, 0]
-    log, step_fn = MetricsLogger.log, Engine.step
+    engine_totals: list[tuple[int, float, int, float]] = []
+    counters = [
+        0,
+        0.0,
+        0,
+        0.0,
+    ]  # steps, seconds in Engine.step, overlapped steps, seconds waiting for the GPU
+    log, step_fn, wait_fn = MetricsLogger.log, Engine.step, HostCopy.wait
 
     def log_and_mark(self: MetricsLogger, step: int, metrics: dict[str, float]) -> None:
         marks.append(mark())
-        engine_totals.append((int(counters[0]), counters[1], int(counters[2])))
+        engine_totals.append((int(counters[0]), counters[1], int(counters[2]), counters[3]))
         log(self, step, metrics)
 
     def timed_step(self: Engine) -> Any:
@@ -286,13 +298,25 @@ def run_miles(
         counters[2] += self._inflight is not None
         return out
 
+    def timed_wait(self: HostCopy) -> Any:
+        t = time.perf_counter()
+        out = wait_fn(self)
+        counters[3] += time.perf_counter() - t
+        return out
+
     MetricsLogger.log = log_and_mark  # type: ignore[method-assign]
     Engine.step = timed_step  # type: ignore[method-assign]
+    HostCopy.wait = timed_wait  # type: ignore[method-assign]
+    switch = sys.getswitchinterval()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     try:
         code = miles_main(argv)
     finally:
         MetricsLogger.log = log  # type: ignore[method-assign]
         Engine.step = step_fn  # type: ignore[method-assign]
+        HostCopy.wait = wait_fn  # type: ignore[method-assign]
+        sys.setswitchinterval(switch)
     if code != 0:
         raise RuntimeError(f"miles train exited with {code}")
     rows = read_metrics(run_dir)
@@ -305,7 +329,7 @@ def run_miles(
     sync = col("perf/update_weights_time")
     spans = list(itertools.pairwise(marks))[w - 1 :]  # step k runs from step k-1's log to its own
     per_step = [
-        tuple(y - x for x, y in zip(a, b)) for a, b in itertools.pairwise([(0, 0.0, 0), *engine_totals])
+        tuple(y - x for x, y in zip(a, b)) for a, b in itertools.pairwise([(0, 0.0, 0, 0.0), *engine_totals])
     ]
     return {
         "seconds_per_step": mean(measured(step, w)),
@@ -316,6 +340,7 @@ def run_miles(
         "engine_steps_per_step": mean(measured([float(x[0]) for x in per_step], w)),
         "engine_step_seconds_per_step": mean(measured([float(x[1]) for x in per_step], w)),
         "engine_overlapped_steps_per_step": mean(measured([float(x[2]) for x in per_step], w)),
+        "engine_gpu_wait_seconds_per_step": mean(measured([float(x[3]) for x in per_step], w)),
         "step_times": step,
         "generation_times": gen,
         "training_times": train,
@@ -523,7 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"miles engine: {m['engine_steps_per_step']:.0f} steps/rollout "
             f"({m['engine_overlapped_steps_per_step']:.0f} overlapped), "
-            f"{m['engine_step_seconds_per_step']:.2f} s in Engine.step"
+            f"{m['engine_step_seconds_per_step']:.2f} s in Engine.step, "
+            f"{m['engine_gpu_wait_seconds_per_step']:.2f} s of it waiting for the GPU's tokens"
         )
     busy = {name: r["others_cpu_frac"] for name, r in results.items() if r["others_cpu_frac"] > 0.05}
     if busy:

@@ -23,6 +23,8 @@ def to_device(
 ) -> torch.Tensor:
     """``data`` (a host tensor, a numpy array or a list) on ``device``, queued without a wait."""
     if isinstance(data, torch.Tensor):
+        if data.device == device or data.device.type != "cpu":
+            return data.to(device)  # already there, or a device-to-device copy (no host wait)
         host = data
     elif isinstance(data, np.ndarray):
         host = torch.from_numpy(data)

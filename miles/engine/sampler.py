@@ -26,6 +26,7 @@ never depends on the other rows of the batch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,12 @@ def _shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
     return (x >> n) & ((1 << (64 - n)) - 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _column_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """``j * golden`` for every vocabulary entry ``j`` (int64, wrapping): the same every step."""
+    return torch.arange(vocab, dtype=torch.int64, device=device) * _GOLDEN
+
+
 def hashed_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """Exp(1) noise fp32 ``[B, vocab]``: entry ``(i, j)`` a function of ``(keys[i], j)`` only.
 
@@ -73,8 +80,7 @@ def hashed_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     finaliser of ``key ^ (j * golden)`` (int64 arithmetic wraps, as the hash wants), its top 24
     bits as a uniform in (0, 1) and ``-log`` of it. Integer ops are exact on every device.
     """
-    cols = torch.arange(vocab, dtype=torch.int64, device=keys.device) * _GOLDEN
-    x = keys.to(torch.int64)[:, None] ^ cols[None, :]
+    x = keys.to(torch.int64)[:, None] ^ _column_keys(vocab, keys.device)[None, :]
     x = (x ^ _shift_right(x, 30)) * _MIX1
     x = (x ^ _shift_right(x, 27)) * _MIX2
     x = x ^ _shift_right(x, 31)

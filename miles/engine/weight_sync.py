@@ -7,7 +7,7 @@ its tokens are reported under the weights they were sampled with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from miles.engine.kv_cache import BlockAllocator
@@ -37,9 +37,7 @@ class WeightSyncMixin:
     _weights: WeightUpdater
     _groups: dict[str, UpdateGroup]
     _released: dict[str, Any]
-
-    def _drain(self) -> None:  # the engine's: read the overlapped step in flight, if any
-        raise NotImplementedError
+    _drain: Callable[[], None]  # the engine's: read the overlapped step in flight, if any
 
     @property
     def weight_version(self) -> str:

@@ -20,14 +20,12 @@ from miles.kernels.paged_attention import (
 from miles.models.layers import pack_projections
 from miles.models.loading import load_model
 from miles.types import SamplingParams
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    prefix, kwargs = CASES["llama"]
-    path = tmp_path_factory.mktemp("graph_llama")
-    make_hf_model(prefix, kwargs).save_pretrained(path)
+    path = save_case("llama", tmp_path_factory.mktemp("graph_llama"))
     return path
 
 

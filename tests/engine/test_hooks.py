@@ -14,7 +14,7 @@ from miles.engine.engine import Engine, EngineStateError
 from miles.engine.weights import WeightUpdateError, init_custom_process_group
 from miles.models.loading import load_model, save_hf
 from miles.types import SamplingParams
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import CASES, make_hf_model, save_case
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
 
@@ -119,8 +119,7 @@ def test_update_from_disk_round_trip(ckpts, ref, tmp_path):
     save_hf(load_model(ckpts["b"]), tmp_path / "b")
     engine.update_weights_from_disk(str(tmp_path / "b"), weight_version="2")
     assert _ids(engine) == ref["b"] and engine.weight_version == "2"
-    prefix, kwargs = CASES["qwen3"]  # another architecture: shapes and names differ
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path / "q")
+    save_case("qwen3", tmp_path / "q")  # another architecture: shapes and names differ
     with pytest.raises(WeightUpdateError):
         engine.update_weights_from_disk(str(tmp_path / "q"))
     assert _ids(engine) == ref["b"] and engine.weight_version == "2"

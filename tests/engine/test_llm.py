@@ -9,14 +9,12 @@ import miles
 from miles.engine.llm import LLM
 from miles.models.generation import encode_prompt, generate_ids
 from miles.models.loading import load_model
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    prefix, kwargs = CASES["qwen3"]
-    path = tmp_path_factory.mktemp("llm_qwen3")
-    make_hf_model(prefix, kwargs).save_pretrained(path)
+    path = save_case("qwen3", tmp_path_factory.mktemp("llm_qwen3"))
     return path
 
 

@@ -13,14 +13,12 @@ from miles.kernels.batch_invariant import batch_invariant
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.test_engine import CharTokenizer, _prompts
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    prefix, kwargs = CASES["llama"]
-    path = tmp_path_factory.mktemp("overlap_llama")
-    make_hf_model(prefix, kwargs).save_pretrained(path)
+    path = save_case("llama", tmp_path_factory.mktemp("overlap_llama"))
     return load_model(path)
 
 
@@ -168,8 +166,7 @@ def test_rows_outside_the_batched_sampler_fall_back_to_serial_steps(llama):
 
 
 def test_overlap_refuses_moe(tmp_path):
-    prefix, kwargs = CASES["qwen3_moe"]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case("qwen3_moe", tmp_path)
     moe = load_model(tmp_path)
     with pytest.raises(ValueError, match="overlap_schedule needs a dense model"):
         Engine(moe, num_blocks=16, overlap_schedule=True)
@@ -188,8 +185,7 @@ def test_overlap_on_cuda_with_graphs_matches_the_serial_schedule(tmp_path, max_r
     """The default CUDA engine (decode graphs, overlap on): the serial engine's tokens; fp32
     log-probs within kernel rounding (the overlapped batches hold extra rows, so other GEMM
     shapes)."""
-    prefix, kwargs = CASES["llama"]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case("llama", tmp_path)
     model = load_model(tmp_path, device="cuda")
     prompts = _prompts(*(3 + (7 * i) % 30 for i in range(12)), seed=5)
     params = _params(len(prompts))

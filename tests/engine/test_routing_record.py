@@ -17,7 +17,7 @@ from miles.engine.server import ServerConfig, create_app
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.conftest import ThreadServer
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
 
@@ -25,9 +25,7 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
     # 3 layers, layer 1 dense: the record's layer axis maps onto MoE layers 0 and 2 only.
-    prefix, kwargs = CASES["qwen3_moe_sparse_step"]
-    path = tmp_path_factory.mktemp("routing_moe")
-    make_hf_model(prefix, kwargs).save_pretrained(path)
+    path = save_case("qwen3_moe_sparse_step", tmp_path_factory.mktemp("routing_moe"))
     return str(path)
 
 
@@ -128,8 +126,7 @@ def test_no_record_unless_asked_and_prompt_only(moe):
 
 
 def test_dense_model_refuses(tmp_path):
-    prefix, kwargs = CASES["llama"]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case("llama", tmp_path)
     engine = Engine(load_model(str(tmp_path)), num_blocks=16, block_size=4)
     with pytest.raises(ValueError, match="MoE"):
         engine.add_request([1, 2, 3], GREEDY, return_routed_experts=True)

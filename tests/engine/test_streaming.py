@@ -13,14 +13,12 @@ from miles.engine.engine import Engine
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.test_engine import CharTokenizer, _prompts
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    prefix, kwargs = CASES["llama"]
-    path = tmp_path_factory.mktemp("stream_llama")
-    make_hf_model(prefix, kwargs).save_pretrained(path)
+    path = save_case("llama", tmp_path_factory.mktemp("stream_llama"))
     return load_model(path)
 
 

@@ -16,7 +16,7 @@ from miles.models.loading import load_model
 from miles.train.packing import batch_to
 from miles.train.steps import packed_logprobs
 from miles.types import Group, Sample, SampleStatus, SamplingParams
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 TEMPERATURE = 0.9
 
@@ -25,9 +25,7 @@ TEMPERATURE = 0.9
 def models(tmp_path_factory):
     out = {}
     for name in ("llama", "qwen3", "qwen3_moe"):
-        prefix, kwargs = CASES[name]
-        path = tmp_path_factory.mktemp(f"top_{name}")
-        make_hf_model(prefix, kwargs).save_pretrained(path)
+        path = save_case(name, tmp_path_factory.mktemp(f"top_{name}"))
         out[name] = load_model(path)
     return out
 
@@ -124,8 +122,7 @@ def test_a_request_does_not_depend_on_its_batch(models):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
 def test_cuda_bf16_engine_logprobs_equal_the_trainers(tmp_path, family):
     """The same guarantee on a GPU in bf16 (dense and MoE), and batch independence there."""
-    prefix, kwargs = CASES[family]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case(family, tmp_path)
     engine_model = load_model(tmp_path, dtype="bfloat16", device="cuda")
     outs, batch, _, logp = _rollout_then_trainer_logprobs(engine_model)
     mask = batch.loss_mask.bool()

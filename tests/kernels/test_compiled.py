@@ -10,7 +10,7 @@ from miles.kernels import batch_invariant, compiled
 from miles.models.layers import rms_norm, silu_mul
 from miles.models.loading import load_model
 from miles.models.rope import apply_rotary
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -67,8 +67,7 @@ def test_compiled_functions_match_eager_values_and_gradients(dtype):
 def test_model_gradients_with_and_without_compile(tmp_path, monkeypatch):
     from miles.models.attention import VarlenContext
 
-    prefix, kwargs = CASES["qwen3"]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case("qwen3", tmp_path)
     ids = torch.randint(0, 100, (29,), generator=torch.Generator().manual_seed(1)).cuda()
 
     def grads():

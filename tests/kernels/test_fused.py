@@ -12,12 +12,11 @@ from miles.kernels.triton_loader import triton_module
 from miles.models.layers import Attention, RMSNorm, use_inference_kernels
 from miles.models.loading import load_model
 from miles.models.rope import apply_rotary
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 
 def test_only_the_engine_model_is_switched(tmp_path):
-    prefix, kwargs = CASES["qwen3"]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case("qwen3", tmp_path)
     engine_model, trainer_model = load_model(tmp_path), load_model(tmp_path)
     Engine(engine_model, num_blocks=8, block_size=4)
     flags = [m.inference_kernels for m in engine_model.modules() if isinstance(m, RMSNorm | Attention)]

@@ -78,6 +78,13 @@ def make_hf_model(prefix: str, kwargs: dict[str, Any], seed: int = 0) -> Any:
     return model
 
 
+def save_case(name: str, path: Path) -> Path:
+    """Save the tiny random HF model of ``CASES[name]`` to ``path`` (an HF directory); return it."""
+    prefix, kwargs = CASES[name]
+    make_hf_model(prefix, kwargs).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Any, Path]]:
     """name -> (transformers model, directory it was saved to)."""

@@ -11,12 +11,11 @@ from miles.kernels.batch_invariant import batch_invariant
 from miles.models.attention import VarlenContext
 from miles.models.layers import Attention, SwiGLUMLP, pack_projections
 from miles.models.loading import load_model
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 
 def _model(tmp_path, name):
-    prefix, kwargs = CASES[name]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case(name, tmp_path)
     return load_model(tmp_path)
 
 
@@ -109,8 +108,7 @@ def test_engine_packs_on_cuda_only(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_engine_release_frees_the_packed_copies_and_resume_repacks(tmp_path):
-    prefix, kwargs = CASES["qwen3"]
-    make_hf_model(prefix, kwargs).save_pretrained(tmp_path)
+    save_case("qwen3", tmp_path)
     model = load_model(tmp_path, device="cuda")
     engine = Engine(model, num_blocks=64, block_size=16)
     attn = [m for m in model.modules() if isinstance(m, Attention)]

@@ -19,14 +19,14 @@ from miles.train.packing import select_sequences
 from miles.train.routing import ReplayHook
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.types import Group, Sample, SampleStatus, SamplingParams
-from tests.models.conftest import CASES, make_hf_model
+from tests.models.conftest import save_case
 
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    prefix, kwargs = CASES["qwen3_moe_sparse_step"]  # MoE layers 0 and 2, dense layer 1
-    path = tmp_path_factory.mktemp("replay_moe")
-    make_hf_model(prefix, kwargs).save_pretrained(path)
+    path = save_case(
+        "qwen3_moe_sparse_step", tmp_path_factory.mktemp("replay_moe")
+    )  # MoE layers 0 and 2, dense layer 1
     return load_model(str(path))
 
 

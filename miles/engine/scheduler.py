@@ -81,16 +81,26 @@ class Scheduler:
                 n = min(req.num_remaining, budget)
                 batch.append(ScheduledRequest(req, n))
                 budget -= n
+        deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
-            if self.allocator.allocate(req) != AllocStatus.OK:
-                break
+            status = self.allocator.allocate(req)
+            if status == AllocStatus.WAIT_FOR_PREFIX:
+                # A request in flight is computing this one's prefix: it joins a later step and
+                # shares those blocks. The requests behind it are not held up (a GRPO rollout's
+                # groups used to be admitted one prompt per step: the rest of each group waited
+                # for its first sample's prompt, and everything queued behind them too).
+                deferred.append(self.waiting.popleft())
+                continue
+            if status != AllocStatus.OK:
+                break  # no space: first come, first served
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             n = min(req.num_remaining, budget)
             batch.append(ScheduledRequest(req, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
         return batch
 
     def _schedule_decode(self) -> SchedulerOutput:

@@ -123,6 +123,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._ids = itertools.count()
+        # Submissions waiting to be handed to the engine thread together (see _enqueue_add).
+        self._adds: list[tuple[list[RequestSpec], _Sink]] = []
+        self._adds_lock = threading.Lock()
+        self._adds_flush_scheduled = False
         # Counters read by /metrics; written by the engine thread only (ints are atomic enough).
         self.generated_tokens_total = 0
         self._tokens_seen = engine.tokens_generated
@@ -168,8 +172,9 @@ class AsyncEngine:
             raise ValueError("no requests to submit")
         if len(set(ids)) != len(ids):
             raise ValueError("rid: request ids must be unique within a request")
-        sink = _Sink(asyncio.get_running_loop(), {rid: i for i, rid in enumerate(ids)})
-        self._commands.put(lambda: self._add(list(specs), sink))
+        loop = asyncio.get_running_loop()
+        sink = _Sink(loop, {rid: i for i, rid in enumerate(ids)})
+        self._enqueue_add(list(specs), sink, loop)
         stream = RequestStream(self, sink)
         try:
             _, ack = await sink.queue.get()
@@ -179,6 +184,35 @@ class AsyncEngine:
         if isinstance(ack, BaseException):
             raise ack
         return stream
+
+    def _enqueue_add(self, specs: list[RequestSpec], sink: _Sink, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue the adding of ``specs``. Submissions made in the same pass of the event loop reach
+        the engine thread as one command, so the engine admits them together: a rollout's
+        hundreds of ``generate`` calls, made one after another, used to arrive a few at a time
+        whenever the engine thread won the GIL between two of them, each few making its own
+        small prefill step (and keeping decode off the CUDA graphs and the overlap meanwhile)."""
+        with self._adds_lock:
+            self._adds.append((specs, sink))
+            if self._adds_flush_scheduled:
+                return
+            self._adds_flush_scheduled = True
+        loop.call_soon(self._flush_adds)
+
+    def _flush_adds(self) -> None:
+        with self._adds_lock:
+            adds, self._adds = self._adds, []
+            self._adds_flush_scheduled = False
+
+        if self._closed:  # close() came first: the engine thread will not run it
+            for _, sink in adds:
+                sink.put(-1, RuntimeError("the engine was shut down"))
+            return
+
+        def command() -> None:
+            for specs, sink in adds:
+                self._add(specs, sink)
+
+        self._commands.put(command)
 
     async def generate(self, specs: Sequence[RequestSpec]) -> list[RequestOutput]:
         """The final output of every spec, in order (its requests are not streamed)."""

@@ -114,6 +114,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="extra 'miles train' flags, space-separated; give it with '=': --miles-extra='--flag value'",
     )
+    p.add_argument(
+        "--sample-threads",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="sample every thread's Python stack every MS ms during the Miles run and print where "
+        "each thread spends its time (benchmarks/thread_sampler.py)",
+    )
     p.add_argument("--keep-dir", default=None, help="work directory to keep (checkpoint, data, run dirs)")
     return p.parse_args(argv)
 
@@ -272,50 +280,73 @@ def run_miles(
     # And the engine's own share of the rollout: its steps, the seconds spent in them, and how
     # many were overlapped (one in flight afterwards) - what the rollout time is made of.
     from miles.engine.engine import Engine
+    from miles.engine.model_runner import ModelRunner
     from miles.engine.transfer import HostCopy
     from miles.utils.metrics import MetricsLogger
 
+    # Running totals, snapshotted at each step's end: engine steps and seconds in Engine.step,
+    # overlapped steps, seconds waiting for the GPU's tokens, and the forwards by kind (prefill,
+    # decode through a CUDA graph, decode run eagerly) with the seconds spent launching them.
+    keys = ("steps", "step_s", "overlapped", "gpu_wait_s", "prefills", "prefill_s", "graph_decodes",
+            "eager_decodes", "eager_decode_s")  # fmt: skip
+    counters = dict.fromkeys(keys, 0.0)
     marks: list[Mark] = []
-    engine_totals: list[tuple[int, float, int, float]] = []
-    counters = [
-        0,
-        0.0,
-        0,
-        0.0,
-    ]  # steps, seconds in Engine.step, overlapped steps, seconds waiting for the GPU
-    log, step_fn, wait_fn = MetricsLogger.log, Engine.step, HostCopy.wait
+    engine_totals: list[dict[str, float]] = []
+    log, step_fn, wait_fn, run_fn = MetricsLogger.log, Engine.step, HostCopy.wait, ModelRunner.run
 
     def log_and_mark(self: MetricsLogger, step: int, metrics: dict[str, float]) -> None:
         marks.append(mark())
-        engine_totals.append((int(counters[0]), counters[1], int(counters[2]), counters[3]))
+        engine_totals.append(dict(counters))
         log(self, step, metrics)
 
     def timed_step(self: Engine) -> Any:
         t = time.perf_counter()
         out = step_fn(self)
-        counters[0] += 1
-        counters[1] += time.perf_counter() - t
-        counters[2] += self._inflight is not None
+        counters["steps"] += 1
+        counters["step_s"] += time.perf_counter() - t
+        counters["overlapped"] += self._inflight is not None
         return out
 
     def timed_wait(self: HostCopy) -> Any:
         t = time.perf_counter()
         out = wait_fn(self)
-        counters[3] += time.perf_counter() - t
+        counters["gpu_wait_s"] += time.perf_counter() - t
+        return out
+
+    def timed_run(self: ModelRunner, batch: Any, pending: Any = None) -> Any:
+        prefill = any(item.num_tokens > 1 for item in batch)
+        graph = not prefill and self.graphs is not None and self._graphable(batch)
+        t = time.perf_counter()
+        out = run_fn(self, batch, pending)
+        kind = "prefill" if prefill else "graph_decode" if graph else "eager_decode"
+        counters[kind + "s"] += 1
+        if kind + "_s" in counters:
+            counters[kind + "_s"] += time.perf_counter() - t
         return out
 
     MetricsLogger.log = log_and_mark  # type: ignore[method-assign]
     Engine.step = timed_step  # type: ignore[method-assign]
     HostCopy.wait = timed_wait  # type: ignore[method-assign]
+    ModelRunner.run = timed_run  # type: ignore[method-assign]
     switch = sys.getswitchinterval()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
+    sampler = None
+    if args.sample_threads is not None:
+        from thread_sampler import ThreadSampler
+
+        sampler = ThreadSampler(interval=args.sample_threads / 1e3)
+        sampler.__enter__()
     try:
         code = miles_main(argv)
     finally:
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+            print(sampler.report(top=25, threads=("miles-engine", "MainThread")), flush=True)
         MetricsLogger.log = log  # type: ignore[method-assign]
         Engine.step = step_fn  # type: ignore[method-assign]
         HostCopy.wait = wait_fn  # type: ignore[method-assign]
+        ModelRunner.run = run_fn  # type: ignore[method-assign]
         sys.setswitchinterval(switch)
     if code != 0:
         raise RuntimeError(f"miles train exited with {code}")
@@ -328,19 +359,26 @@ def run_miles(
     step, gen, train = col("perf/step_time"), col("perf/rollout_time"), col("perf/train_time")
     sync = col("perf/update_weights_time")
     spans = list(itertools.pairwise(marks))[w - 1 :]  # step k runs from step k-1's log to its own
-    per_step = [
-        tuple(y - x for x, y in zip(a, b)) for a, b in itertools.pairwise([(0, 0.0, 0, 0.0), *engine_totals])
-    ]
+    per_step = [{k: b[k] - a.get(k, 0.0) for k in keys} for a, b in itertools.pairwise([{}, *engine_totals])]
+
+    def engine(key: str) -> float:
+        return mean(measured([x[key] for x in per_step], w))
+
     return {
         "seconds_per_step": mean(measured(step, w)),
         **span_usage(spans),
         "generation_s": mean(measured(gen, w)),
         "training_s": mean(measured(train, w)),
         "weight_sync_s": mean(measured(sync, w)),
-        "engine_steps_per_step": mean(measured([float(x[0]) for x in per_step], w)),
-        "engine_step_seconds_per_step": mean(measured([float(x[1]) for x in per_step], w)),
-        "engine_overlapped_steps_per_step": mean(measured([float(x[2]) for x in per_step], w)),
-        "engine_gpu_wait_seconds_per_step": mean(measured([float(x[3]) for x in per_step], w)),
+        "engine_steps_per_step": engine("steps"),
+        "engine_step_seconds_per_step": engine("step_s"),
+        "engine_overlapped_steps_per_step": engine("overlapped"),
+        "engine_gpu_wait_seconds_per_step": engine("gpu_wait_s"),
+        "engine_prefill_steps_per_step": engine("prefills"),
+        "engine_prefill_seconds_per_step": engine("prefill_s"),
+        "engine_graph_decode_steps_per_step": engine("graph_decodes"),
+        "engine_eager_decode_steps_per_step": engine("eager_decodes"),
+        "engine_eager_decode_seconds_per_step": engine("eager_decode_s"),
         "step_times": step,
         "generation_times": gen,
         "training_times": train,
@@ -549,7 +587,12 @@ def main(argv: list[str] | None = None) -> None:
             f"miles engine: {m['engine_steps_per_step']:.0f} steps/rollout "
             f"({m['engine_overlapped_steps_per_step']:.0f} overlapped), "
             f"{m['engine_step_seconds_per_step']:.2f} s in Engine.step, "
-            f"{m['engine_gpu_wait_seconds_per_step']:.2f} s of it waiting for the GPU's tokens"
+            f"{m['engine_gpu_wait_seconds_per_step']:.2f} s of it waiting for the GPU's tokens; "
+            f"forwards: {m['engine_prefill_steps_per_step']:.0f} prefill "
+            f"({m['engine_prefill_seconds_per_step']:.2f} s), "
+            f"{m['engine_graph_decode_steps_per_step']:.0f} decode by CUDA graph, "
+            f"{m['engine_eager_decode_steps_per_step']:.0f} decode eager "
+            f"({m['engine_eager_decode_seconds_per_step']:.2f} s)"
         )
     busy = {name: r["others_cpu_frac"] for name, r in results.items() if r["others_cpu_frac"] > 0.05}
     if busy:
@@ -568,7 +611,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.no_write:
         return
-    config = {k: v for k, v in vars(args).items() if k not in ("no_write", "only", "keep_dir")}
+    config = {
+        k: v for k, v in vars(args).items() if k not in ("no_write", "only", "keep_dir", "sample_threads")
+    }
     config.update(
         micro_batch=micro_batch,
         miles_max_tokens_per_gpu=micro_tokens,

@@ -177,7 +177,9 @@ def main() -> None:
         if device.type == "cuda":
             # Kernel time summed over kernels against the profiled step's wall time: far below it,
             # the step waits on the host (launches, Python), not on the GPU.
-            busy = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
+            # (Only the kernels' own rows: an aten op's row repeats its kernels' time.)
+            kernels = [e for e in averages if str(getattr(e, "device_type", "")).endswith("CUDA")]
+            busy = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / 1e6
             print(f"profiled step: {wall:.3f} s wall, GPU kernels {busy:.3f} s ({100 * busy / wall:.0f}%)")
     eager_s = None
     if args.eager_too:

@@ -13,6 +13,7 @@ only the per-token log-sum-exp and entropy, and recomputes each chunk's logits i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,15 +40,82 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
-    # Matmul in the input dtype (bf16 tensor cores on GPU, fp32 accumulation), softmax maths in fp32.
-    z = hidden @ weight.t()
-    z = z.to(_acc_dtype(z))
-    return z / temperature if temperature != 1.0 else z
+def slice_stats(
+    z: Tensor, local: Tensor, inside: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row statistics of one vocabulary slice of logits ``z [C, Vs]`` (any float dtype) at
+    ``x = z / temperature`` in fp32 (at least): ``(max m, sum exp(x - m), sum exp(x - m) * x,
+    x at the target or 0)``, each ``[C]``. ``local [C]``: the target's column in the slice (clamped
+    into it), ``inside [C]``: whether the target is in the slice. One pass over ``z`` when fused."""
+    x = z.to(_acc_dtype(z))
+    x = x / temperature if temperature != 1.0 else x
+    m = x.amax(dim=-1)
+    e = torch.exp(x - m[:, None])
+    target = torch.where(inside, x.gather(1, local[:, None]).squeeze(1), 0.0)
+    return m, e.sum(dim=-1), (e * x).sum(dim=-1), target
+
+
+def slice_grad(
+    z: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    local: Tensor,
+    inside: Tensor,
+    temperature: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """The gradient ``[C, Vs]`` (``out_dtype``) w.r.t. one slice of logits ``z`` of
+    ``sum(grad_logp * logp + grad_entropy * entropy)``, from the rows' ``lse`` and ``entropy``
+    ``[C]``: ``d logp_y / dx = onehot(y) - p``, ``dH / dx = -p (log p + H)``, ``x = z / temperature``."""
+    acc = _acc_dtype(z)
+    x = z.to(acc)
+    x = x / temperature if temperature != 1.0 else x
+    log_p = x - lse[:, None]
+    p = torch.exp(log_p)
+    g = torch.zeros_like(p)
+    if grad_logp is not None:
+        g_lp = grad_logp.to(acc)[:, None]
+        cols = torch.arange(p.shape[1], device=p.device)
+        onehot = (cols[None, :] == local[:, None]) & inside[:, None]
+        g = torch.where(onehot, g_lp, 0.0) - g_lp * p
+    if grad_entropy is not None:
+        g = g - grad_entropy.to(acc)[:, None] * p * (log_p + entropy[:, None])
+    return (g / temperature if temperature != 1.0 else g).to(out_dtype)
+
+
+Call = Callable[..., Any]  # call(fn, *args) -> fn(*args): how slice_stats / slice_grad are run
+
+
+def _eager(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+_fp32_out_addmm = [True]  # cuBLAS bf16 x bf16 -> fp32 addmm available (cleared if it raises)
+
+
+def add_matmul(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with the product accumulated in ``acc``'s dtype: fp32 straight from the
+    bf16/fp16 GEMM on CUDA (no rounding of each chunk's product to bf16, no extra passes)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and acc.dtype == torch.float32 and _fp32_out_addmm[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):  # an older torch or cuBLAS: the plain way from now on
+            _fp32_out_addmm[0] = False
+    acc += (a @ b).to(acc.dtype)
 
 
 def _vocab_slices(vocab: int, vocab_chunk: int) -> list[tuple[int, int]]:
     return [(v0, min(v0 + vocab_chunk, vocab)) for v0 in range(0, vocab, vocab_chunk)]
+
+
+def _slice_targets(y: Tensor, v0: int, v1: int) -> tuple[Tensor, Tensor]:
+    return (y - v0).clamp(0, v1 - v0 - 1), (y >= v0) & (y < v1)
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
@@ -62,6 +130,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         temperature: float,
         chunk_size: int,
         vocab_chunk: int,
+        call: Call,
     ) -> tuple[Tensor, Tensor]:
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
         logp = hidden.new_empty(num_tokens, dtype=_acc_dtype(hidden))
@@ -69,29 +138,33 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(logp)
         for s in range(0, num_tokens, chunk_size):
             h, y = hidden[s : s + chunk_size], target_ids[s : s + chunk_size]
-            # Online log-sum-exp over vocabulary chunks: running max m, sum_e = sum exp(z - m),
-            # sum_ez = sum exp(z - m) * z (for the entropy), both rescaled when m grows.
-            m = torch.full((h.shape[0],), float("-inf"), device=h.device, dtype=logp.dtype)
-            sum_e = torch.zeros_like(m)
-            sum_ez = torch.zeros_like(m)
-            target = torch.zeros_like(m)
+            # Online log-sum-exp over vocabulary slices: running max m, sum_e = sum exp(x - m),
+            # sum_ex = sum exp(x - m) * x (for the entropy), both rescaled when m grows.
+            m = sum_e = sum_ex = target = None
             for v0, v1 in _vocab_slices(vocab, vocab_chunk):
-                z = _chunk_logits(h, weight[v0:v1], temperature)
-                m_new = torch.maximum(m, z.max(dim=-1).values)
-                scale = torch.exp(m - m_new)
-                e = torch.exp(z - m_new[:, None])
-                sum_e = sum_e * scale + e.sum(dim=-1)
-                sum_ez = sum_ez * scale + (e * z).sum(dim=-1)
-                inside = (y >= v0) & (y < v1)
-                local = (y - v0).clamp(0, v1 - v0 - 1)
-                target = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), target)
+                local, inside = _slice_targets(y, v0, v1)
+                sm, se, sex, st = call(slice_stats, h @ weight[v0:v1].t(), local, inside, temperature)
+                if m is None or sum_e is None or sum_ex is None or target is None:
+                    m, sum_e, sum_ex, target = sm, se, sex, st
+                    continue
+                m_new = torch.maximum(m, sm)
+                old, new = torch.exp(m - m_new), torch.exp(sm - m_new)
+                sum_e = sum_e * old + se * new
+                sum_ex = sum_ex * old + sex * new
+                target = torch.where(inside, st, target)
                 m = m_new
+            assert m is not None and sum_e is not None and sum_ex is not None and target is not None
             chunk_lse = m + torch.log(sum_e)
             lse[s : s + chunk_size] = chunk_lse
             logp[s : s + chunk_size] = target - chunk_lse
-            entropy[s : s + chunk_size] = chunk_lse - sum_ez / sum_e
+            entropy[s : s + chunk_size] = chunk_lse - sum_ex / sum_e
         ctx.save_for_backward(hidden, weight, target_ids, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.vocab_chunk = temperature, chunk_size, vocab_chunk
+        ctx.temperature, ctx.chunk_size, ctx.vocab_chunk, ctx.call = (
+            temperature,
+            chunk_size,
+            vocab_chunk,
+            call,
+        )
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -100,45 +173,39 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         ctx: Any, grad_logp: Tensor | None, grad_entropy: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         hidden, weight, target_ids, lse, entropy = ctx.saved_tensors
-        temperature, chunk_size, vocab_chunk = ctx.temperature, ctx.chunk_size, ctx.vocab_chunk
+        temperature, chunk_size, vocab_chunk, call = (
+            ctx.temperature,
+            ctx.chunk_size,
+            ctx.vocab_chunk,
+            ctx.call,
+        )
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w):
-            return None, None, None, None, None, None
+            return (None,) * 7
         acc = _acc_dtype(hidden)
         grad_hidden = torch.zeros_like(hidden, dtype=acc) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
         for s in range(0, num_tokens, chunk_size):
             h, y = hidden[s : s + chunk_size], target_ids[s : s + chunk_size]
-            c_lse, c_ent = lse[s : s + chunk_size, None], entropy[s : s + chunk_size, None]
+            rows = slice(s, s + chunk_size)
+            g_lp = None if grad_logp is None else grad_logp[rows]
+            g_ent = None if grad_entropy is None else grad_entropy[rows]
             for v0, v1 in _vocab_slices(vocab, vocab_chunk):
                 w = weight[v0:v1]
-                log_p = _chunk_logits(h, w, temperature) - c_lse
-                p = torch.exp(log_p)
-                # d logp_y / dz = onehot(y) - p;  dH / dz = -p * (log p + H);  z = logits / temperature.
-                g_z = torch.zeros_like(p)
-                if grad_logp is not None:
-                    g_lp = grad_logp[s : s + chunk_size].to(acc)
-                    g_z -= g_lp[:, None] * p
-                    # + g_lp at the target column, for rows whose target is in this vocab slice
-                    # (scatter rather than boolean indexing: no host sync per chunk).
-                    inside = (y >= v0) & (y < v1)
-                    local = (y - v0).clamp(0, v1 - v0 - 1)
-                    g_z.scatter_add_(1, local[:, None], torch.where(inside, g_lp, 0.0)[:, None])
-                if grad_entropy is not None:
-                    g_z -= grad_entropy[s : s + chunk_size, None].to(acc) * p * (log_p + c_ent)
-                g_logits = (g_z / temperature).to(weight.dtype)
+                local, inside = _slice_targets(y, v0, v1)
+                g = call(
+                    slice_grad, h @ w.t(), lse[rows], entropy[rows], g_lp, g_ent, local, inside,
+                    temperature, weight.dtype,
+                )  # fmt: skip
                 if grad_hidden is not None:
-                    grad_hidden[s : s + chunk_size] += (g_logits @ w).to(acc)
+                    add_matmul(grad_hidden[rows], g, w)
                 if grad_weight is not None:
-                    grad_weight[v0:v1] += (g_logits.t() @ h).to(acc)
+                    add_matmul(grad_weight[v0:v1], g.t(), h)
         return (
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
-            None,
-            None,
-            None,
-            None,
+            *(None,) * 5,
         )
 
 
@@ -163,6 +230,7 @@ def logprobs_and_entropy_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     vocab_chunk_size: int | None = None,
+    call: Call | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Target log-probs and entropy of ``softmax(hidden @ weight.T / temperature)``, chunked.
 
@@ -171,13 +239,22 @@ def logprobs_and_entropy_from_hidden(
     to :func:`logprobs_from_logits` / :func:`entropy_from_logits` on the full logits, in value and
     gradient, but peak extra memory is ``chunk_size x vocab_chunk_size`` fp32 logits
     (``vocab_chunk_size=None``: the whole vocabulary). The weight gradient is accumulated in fp32.
+    ``call(fn, *args)`` runs the per-slice elementwise work (:func:`slice_stats`,
+    :func:`slice_grad`); the trainer passes a fused (compiled) one on CUDA, which reads each block
+    of logits once instead of materialising fp32 copies and temporaries.
     """
     _check_hidden_inputs(hidden, weight, target_ids, chunk_size)
     vocab_chunk = weight.shape[0] if vocab_chunk_size is None else vocab_chunk_size
     if vocab_chunk < 1:
         raise ValueError(f"vocab_chunk_size must be >= 1, got {vocab_chunk_size}")
     logp, entropy = _ChunkedLinearLogprobs.apply(
-        hidden, weight, target_ids.long(), float(temperature), int(chunk_size), int(vocab_chunk)
+        hidden,
+        weight,
+        target_ids.long(),
+        float(temperature),
+        int(chunk_size),
+        int(vocab_chunk),
+        call or _eager,
     )
     return logp, entropy
 

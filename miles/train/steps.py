@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from miles.algo import logprobs_and_entropy_from_hidden
-from miles.kernels import batch_invariant
+from miles.kernels import batch_invariant, compiled
 from miles.models import CausalLM, VarlenContext
 from miles.models.moe import RouterStats
 from miles.train.packing import micro_batch_bins
@@ -72,6 +72,7 @@ def packed_logprobs(
                 temperature=temperature,
                 chunk_size=chunk_size,
                 vocab_chunk_size=vocab_chunk_size,
+                call=compiled.call if compiled.fusable(hidden) else None,
             )
         if not need_entropy_grad:
             ent = ent.detach()

@@ -114,3 +114,64 @@ def test_input_validation():
         logprobs_from_hidden(hidden, weight, target[:3])
     empty = logprobs_from_hidden(hidden[:0], weight, target[:0])
     assert empty.shape == (0,)
+
+
+def test_every_slice_goes_through_call_with_the_eager_result():
+    """``call`` runs each vocabulary slice's elementwise work (the trainer passes a compiled one
+    on CUDA); passing the functions through unchanged gives the eager bits."""
+    from miles.algo.logprobs import slice_grad, slice_stats
+
+    hidden, weight, target = _inputs(seed=5)
+    seen: list[str] = []
+
+    def call(fn, *args):
+        seen.append(fn.__name__)
+        return fn(*args)
+
+    kw = dict(temperature=0.8, chunk_size=10, vocab_chunk_size=20)
+    lp, ent = logprobs_and_entropy_from_hidden(hidden, weight, target, call=call, **kw)
+    lp_ref, ent_ref = logprobs_and_entropy_from_hidden(hidden, weight, target, **kw)
+    assert torch.equal(lp, lp_ref) and torch.equal(ent, ent_ref)
+    assert seen == [slice_stats.__name__] * 4 * 3  # 4 token chunks x 3 vocabulary slices
+    seen.clear()
+    grads = torch.autograd.grad(lp.sum() + ent.sum(), (hidden, weight))
+    grads_ref = torch.autograd.grad(lp_ref.sum() + ent_ref.sum(), (hidden, weight))
+    assert seen == [slice_grad.__name__] * 4 * 3
+    assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
+
+
+def test_slice_grad_is_the_gradient_of_the_slice_stats():
+    """``slice_grad`` against autograd through ``log_softmax`` on one whole-vocabulary slice."""
+    from miles.algo.logprobs import slice_grad
+
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(7, V, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (7,), generator=gen)
+    g_lp, g_ent = (
+        torch.randn(7, generator=gen, dtype=torch.float64),
+        torch.randn(7, generator=gen, dtype=torch.float64),
+    )
+    t = 0.7
+    lp = logprobs_from_logits(z, y, t)
+    ent = entropy_from_logits(z, t)
+    (want,) = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), z, retain_graph=True)
+    lse = torch.logsumexp(z.detach() / t, dim=-1)
+    inside = torch.ones(7, dtype=torch.bool)
+    got = slice_grad(z.detach(), lse, ent.detach(), g_lp, g_ent, y, inside, t, torch.float64)
+    torch.testing.assert_close(got, want)
+    only_lp = slice_grad(z.detach(), lse, ent.detach(), g_lp, None, y, inside, t, torch.float64)
+    (want_lp,) = torch.autograd.grad((lp * g_lp).sum(), z)
+    torch.testing.assert_close(only_lp, want_lp)
+
+
+def test_add_matmul_accumulates_in_the_accumulators_dtype():
+    from miles.algo.logprobs import add_matmul
+
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(5, 8, generator=gen), torch.randn(8, 3, generator=gen)
+    acc = torch.ones(5, 3)
+    add_matmul(acc, a, b)
+    torch.testing.assert_close(acc, 1 + a @ b)
+    acc64 = torch.ones(5, 3, dtype=torch.float64)
+    add_matmul(acc64, a.bfloat16(), b.bfloat16())  # a narrower product is widened, then added
+    torch.testing.assert_close(acc64, 1 + (a.bfloat16() @ b.bfloat16()).double())

@@ -66,6 +66,55 @@ def padded_varlen_causal_attention(
     return out.transpose(1, 2).reshape(b * width, hq, d)[valid]
 
 
+_flash_failed: list[str] = []  # why the varlen flash kernel was given up (empty: in use)
+
+
+def flash_varlen_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`flash_varlen_causal_attention` takes these inputs: CUDA, fp16/bf16, a head
+    size that is a multiple of 8 up to 256, query heads a multiple of the key heads, and the
+    kernel not given up after an error."""
+    d = q.shape[-1]
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and d % 8 == 0
+        and d <= 256
+        and q.shape[1] % k.shape[1] == 0
+        and not _flash_failed
+    )
+
+
+def disable_flash_varlen(reason: str) -> None:
+    """Stop using the varlen flash kernel in this process (it raised: ``reason``)."""
+    _flash_failed.append(reason)
+
+
+def flash_varlen_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
+    """:func:`varlen_causal_attention` by torch's bundled FlashAttention-2 varlen kernel (the op
+    behind nested-tensor SDPA, with its backward): the packed tokens as they are, GQA natively,
+    no padding, no gathers, and nothing built per shape (the padded SDPA call went to cuDNN,
+    which built a plan for every new ``[B, L]``: ~100 ms each on an H100, and an RL step's
+    micro-batches are all new shapes). ``max_len``: the longest sequence (a host int).
+    Check :func:`flash_varlen_supported` first. Equal to the reference up to summation order."""
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out = torch.ops.aten._flash_attention_forward(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        cu,
+        cu,
+        max_len,
+        max_len,
+        0.0,
+        True,
+        False,
+        scale=scale,
+    )[0]
+    return out
+
+
 def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of ``Tq`` new tokens over ``Tk >= Tq`` keys whose last ``Tq`` are the new ones.
 

@@ -8,16 +8,22 @@ values and attends over each request's cached prefix. Both implement one method,
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from miles.kernels import batch_invariant
 from miles.kernels.attention import (
+    disable_flash_varlen,
+    flash_varlen_causal_attention,
+    flash_varlen_supported,
     padded_varlen_causal_attention,
     padded_varlen_plan,
     varlen_causal_attention,
 )
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -50,6 +56,7 @@ class VarlenContext:
         self.cu_seqlens = cu_seqlens
         # One host read of the boundaries per forward, not one per layer (each a device sync).
         self.bounds: list[int] = cu_seqlens.tolist()
+        self.max_len = max((b - a for a, b in zip(self.bounds, self.bounds[1:])), default=0)
         self._padded_plan: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -63,9 +70,15 @@ class VarlenContext:
             raise ValueError(f"cu_seqlens covers {self.bounds[-1]} tokens but the forward has {q.shape[0]}")
         if batch_invariant.enabled():
             return batch_invariant.varlen_causal_attention(q, k, v, self.cu_seqlens, scale)
+        if flash_varlen_supported(q, k):
+            try:
+                return flash_varlen_causal_attention(q, k, v, self.cu_seqlens, self.max_len, scale)
+            except RuntimeError as e:  # a torch built without the flash kernels: pad instead
+                disable_flash_varlen(f"{type(e).__name__}: {e}")
+                log.warning("varlen flash attention failed (%s); padding sequences for SDPA instead", e)
         if q.is_cuda:
-            # One flash-attention call over the padded sequences instead of a Python loop of
-            # per-sequence calls (the trainer's attention was most of its host time on a GPU).
+            # One SDPA call over the padded sequences instead of a Python loop of per-sequence
+            # calls (the trainer's attention was most of its host time on a GPU).
             if self._padded_plan is None:
                 self._padded_plan = padded_varlen_plan(self.bounds, q.device)
             return padded_varlen_causal_attention(q, k, v, self._padded_plan, scale)

@@ -209,7 +209,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         )
 
 
-def _check_hidden_inputs(hidden: Tensor, weight: Tensor, target_ids: Tensor, chunk_size: int) -> None:
+def _check_hidden_inputs(
+    hidden: Tensor, weight: Tensor, target_ids: Tensor, chunk_size: int, check_targets: bool = True
+) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
@@ -218,7 +220,11 @@ def _check_hidden_inputs(hidden: Tensor, weight: Tensor, target_ids: Tensor, chu
         raise ValueError(f"target_ids must have shape [T]=[{hidden.shape[0]}], got {tuple(target_ids.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if target_ids.numel() and (int(target_ids.min()) < 0 or int(target_ids.max()) >= weight.shape[0]):
+    if (
+        check_targets
+        and target_ids.numel()
+        and (int(target_ids.min()) < 0 or int(target_ids.max()) >= weight.shape[0])
+    ):
         raise ValueError(f"target_ids must lie in [0, {weight.shape[0]})")
 
 
@@ -231,6 +237,7 @@ def logprobs_and_entropy_from_hidden(
     chunk_size: int = 1024,
     vocab_chunk_size: int | None = None,
     call: Call | None = None,
+    check_targets: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Target log-probs and entropy of ``softmax(hidden @ weight.T / temperature)``, chunked.
 
@@ -241,9 +248,11 @@ def logprobs_and_entropy_from_hidden(
     (``vocab_chunk_size=None``: the whole vocabulary). The weight gradient is accumulated in fp32.
     ``call(fn, *args)`` runs the per-slice elementwise work (:func:`slice_stats`,
     :func:`slice_grad`); the trainer passes a fused (compiled) one on CUDA, which reads each block
-    of logits once instead of materialising fp32 copies and temporaries.
+    of logits once instead of materialising fp32 copies and temporaries. ``check_targets=False``
+    skips the check that the targets lie in ``[0, V)`` (two device syncs on CUDA): for callers
+    that checked them already.
     """
-    _check_hidden_inputs(hidden, weight, target_ids, chunk_size)
+    _check_hidden_inputs(hidden, weight, target_ids, chunk_size, check_targets)
     vocab_chunk = weight.shape[0] if vocab_chunk_size is None else vocab_chunk_size
     if vocab_chunk < 1:
         raise ValueError(f"vocab_chunk_size must be >= 1, got {vocab_chunk_size}")

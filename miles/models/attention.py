@@ -8,6 +8,7 @@ values and attends over each request's cached prefix. Both implement one method,
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Protocol, runtime_checkable
 
@@ -47,16 +48,18 @@ class VarlenContext:
     """
 
     def __init__(self, cu_seqlens: torch.Tensor) -> None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0:
+        # One host read of the boundaries per forward (a device sync for a CUDA tensor), checked
+        # on the host: not one read per layer, nor one per check.
+        bounds: list[int] = cu_seqlens.tolist() if cu_seqlens.dim() == 1 else []
+        if len(bounds) < 2 or bounds[0] != 0:
             raise ValueError(
                 f"cu_seqlens must be 1-D, start at 0 and have >= 2 entries, got {cu_seqlens.tolist()}"
             )
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+        if any(b < a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
         self.cu_seqlens = cu_seqlens
-        # One host read of the boundaries per forward, not one per layer (each a device sync).
-        self.bounds: list[int] = cu_seqlens.tolist()
-        self.max_len = max((b - a for a, b in zip(self.bounds, self.bounds[1:])), default=0)
+        self.bounds = bounds
+        self.max_len = max((b - a for a, b in itertools.pairwise(self.bounds)), default=0)
         self._padded_plan: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod

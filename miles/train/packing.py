@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +32,8 @@ from miles.types import TrainBatch
 
 def sequence_lengths(batch: TrainBatch) -> list[int]:
     """Number of tokens of each sequence, ``[B]`` as a Python list."""
-    return (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    bounds = host_bounds(batch.cu_seqlens)
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def fixed_size_bins(num_sequences: int, micro_batch_size: int) -> list[list[int]]:
@@ -100,13 +103,40 @@ def balanced_partition(lengths: Sequence[int], num_parts: int) -> list[list[int]
     return [sorted(p) for p in parts]
 
 
+_bounds_cache: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
+
+
+def host_bounds(cu_seqlens: Tensor) -> list[int]:
+    """``cu_seqlens`` as a host list, read from the device once per tensor: a training step
+    selects its micro-batches' rows from the same boundaries many times, and every read of a
+    CUDA tensor is a device sync that drains the queue of launched kernels."""
+    hit = _bounds_cache.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    bounds: list[int] = cu_seqlens.tolist()
+    if len(_bounds_cache) >= 64:  # dead or old entries: a step only needs its latest few
+        _bounds_cache.clear()
+    _bounds_cache[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
+    return bounds
+
+
+def sequence_rows(bounds: Sequence[int], seq_indices: Sequence[int]) -> Tensor:
+    """Host long ``[T']``: the packed rows of the chosen sequences, concatenated in order."""
+    starts = torch.tensor([bounds[i] for i in seq_indices], dtype=torch.long)
+    lens = torch.tensor([bounds[i + 1] - bounds[i] for i in seq_indices], dtype=torch.long)
+    total = sum(bounds[i + 1] - bounds[i] for i in seq_indices)
+    # Row j of the output is starts[s] + (j - first output row of s), for s the sequence of j.
+    shift = torch.repeat_interleave(starts - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+    return shift + torch.arange(total)
+
+
 def select_tokens(values: Tensor, cu_seqlens: Tensor, seq_indices: Sequence[int]) -> Tensor:
-    """The token rows ``[T']`` (or ``[T', ...]``) of the chosen sequences of a packed tensor, concatenated."""
-    bounds = cu_seqlens.tolist()
-    pieces = [values[bounds[i] : bounds[i + 1]] for i in seq_indices]
-    if not pieces:
+    """The token rows ``[T']`` (or ``[T', ...]``) of the chosen sequences of a packed tensor,
+    concatenated: one gather, its index built on the host and sent without a device sync."""
+    if not seq_indices:
         return values[:0]
-    return torch.cat(pieces)
+    rows = sequence_rows(host_bounds(cu_seqlens), seq_indices)
+    return values.index_select(0, rows.to(values.device, non_blocking=True))
 
 
 def select_sequences(batch: TrainBatch, seq_indices: Sequence[int]) -> TrainBatch:
@@ -114,14 +144,14 @@ def select_sequences(batch: TrainBatch, seq_indices: Sequence[int]) -> TrainBatc
 
     Token tensors are gathered with :func:`select_tokens`, per-sequence tensors indexed, and
     ``cu_seqlens`` (int32) rebuilt from the chosen lengths. ``weight_versions`` (a per-batch
-    record, not per-sequence) is kept as is.
+    record, not per-sequence) is kept as is. Reads the device once per ``batch`` (its bounds).
     """
     idx = list(seq_indices)
-    lengths = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
-    chosen = lengths[idx] if idx else lengths[:0]
-    cu = torch.zeros(len(idx) + 1, dtype=torch.int32, device=batch.cu_seqlens.device)
-    cu[1:] = torch.cumsum(chosen, 0)
-    seq_index = torch.tensor(idx, dtype=torch.long, device=batch.rewards.device)
+    bounds = host_bounds(batch.cu_seqlens)
+    lengths = [bounds[i + 1] - bounds[i] for i in idx]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    cu = cu.to(batch.cu_seqlens.device, non_blocking=True)
+    seq_index = torch.tensor(idx, dtype=torch.long)
 
     def tok(x: Tensor | None) -> Tensor | None:
         return None if x is None else select_tokens(x, batch.cu_seqlens, idx)
@@ -133,8 +163,8 @@ def select_sequences(batch: TrainBatch, seq_indices: Sequence[int]) -> TrainBatc
         loss_mask=select_tokens(batch.loss_mask, batch.cu_seqlens, idx),
         rollout_logprobs=select_tokens(batch.rollout_logprobs, batch.cu_seqlens, idx),
         advantages=select_tokens(batch.advantages, batch.cu_seqlens, idx),
-        rewards=batch.rewards[seq_index],
-        response_lens=batch.response_lens[seq_index.to(batch.response_lens.device)],
+        rewards=batch.rewards[seq_index.to(batch.rewards.device, non_blocking=True)],
+        response_lens=batch.response_lens[seq_index.to(batch.response_lens.device, non_blocking=True)],
         sample_indices=tuple(batch.sample_indices[i] for i in idx),
         returns=tok(batch.returns),
         routed_experts=tok(batch.routed_experts),

@@ -28,9 +28,11 @@ from miles.types import TrainBatch
 def first_token_mask(cu_seqlens: Tensor, num_tokens: int, device: torch.device) -> Tensor:
     """Bool ``[T]``: True at the first token of each sequence (its "prediction" has no meaning)."""
     starts = cu_seqlens[:-1].long().to(device)
-    is_start = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-    is_start[starts[starts < num_tokens]] = True
-    return is_start
+    # One row past the end catches the starts of empty trailing sequences: no boolean indexing
+    # (a device sync) to drop them.
+    is_start = torch.zeros(num_tokens + 1, dtype=torch.bool, device=device)
+    is_start[starts.clamp(max=num_tokens)] = True
+    return is_start[:num_tokens]
 
 
 def packed_logprobs(
@@ -73,6 +75,7 @@ def packed_logprobs(
                 chunk_size=chunk_size,
                 vocab_chunk_size=vocab_chunk_size,
                 call=compiled.call if compiled.fusable(hidden) else None,
+                check_targets=False,  # aligned_bins checked the whole batch's ids once
             )
         if not need_entropy_grad:
             ent = ent.detach()
@@ -90,14 +93,21 @@ def aligned_bins(
     dp_size: int,
     group: dist.ProcessGroup | None,
     device: torch.device,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Micro-batch sequence lists, padded so that every data-parallel rank runs as many.
 
     The count is all-reduced (MAX); a rank with fewer re-splits its token-budget bins finer and,
     as a last resort, appends empty bins (the caller runs them as zero-weight padding).
+    ``vocab_size``: also check that every token id lies in ``[0, vocab_size)``, once for the batch
+    (the micro-batches' LM heads then skip their own check, a device sync each).
     """
     if batch.num_sequences == 0:
         raise ValueError("every data-parallel rank needs at least one sequence")
+    if vocab_size is not None and batch.num_tokens:
+        lo, hi = (int(x) for x in torch.stack(torch.aminmax(batch.input_ids)).tolist())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}), the batch has ids in [{lo}, {hi}]")
     bins = micro_batch_bins(batch, micro_batch_size=micro_batch_size, max_tokens=max_tokens)
     if dp_size > 1:
         n = torch.tensor([len(bins)], device=device)

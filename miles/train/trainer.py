@@ -282,14 +282,14 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
 
     def _bins(self, batch: TrainBatch) -> list[list[int]]:
-        cfg = self.config
         return aligned_bins(
             batch,
-            micro_batch_size=cfg.micro_batch_size,
-            max_tokens=cfg.max_tokens_per_gpu,
+            micro_batch_size=self.config.micro_batch_size,
+            max_tokens=self.config.max_tokens_per_gpu,
             dp_size=self.dp_size,
             group=self.group,
             device=self.device,
+            vocab_size=self.model.spec.vocab_size,
         )
 
     def accumulate_gradients(

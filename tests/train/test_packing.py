@@ -10,7 +10,9 @@ import torch
 from miles.train.packing import (
     balanced_partition,
     fixed_size_bins,
+    host_bounds,
     select_sequences,
+    select_tokens,
     sequence_lengths,
     shard_for_rank,
     split_micro_batches,
@@ -103,3 +105,23 @@ def test_split_micro_batches_and_shards_cover_batch() -> None:
     assert abs(tokens[0] - tokens[1]) <= max(sequence_lengths(batch))
     with pytest.raises(ValueError):
         shard_for_rank(batch, 2, 2)
+
+
+def test_select_tokens_is_the_concatenation_of_the_chosen_rows() -> None:
+    bounds = [0, 3, 3, 7, 8, 12]  # an empty sequence in the middle
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    values = torch.arange(12 * 2).reshape(12, 2)
+    for idx in ([4, 0, 2], [1], [1, 3], [2, 2, 0], list(range(5))):
+        want = torch.cat([values[bounds[i] : bounds[i + 1]] for i in idx])
+        assert torch.equal(select_tokens(values, cu, idx), want)
+    assert select_tokens(values, cu, []).shape == (0, 2)
+
+
+def test_host_bounds_reads_a_tensor_once_and_again_after_it_changes() -> None:
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    first = host_bounds(cu)
+    assert first == [0, 2, 5] and host_bounds(cu) is first  # cached: no second device read
+    cu[2] = 6  # an in-place change bumps the tensor's version
+    assert host_bounds(cu) == [0, 2, 6]
+    other = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert host_bounds(other) == [0, 2, 5] and host_bounds(other) is not first

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from miles.kernels import compiled
 from miles.models.attention import AttentionContext, VarlenContext, positions_from_cu_seqlens
 from miles.models.layers import Attention, Linear, RMSNorm, SwiGLUMLP
 from miles.models.moe import RoutingHook, SparseMoeBlock
 from miles.models.rope import RotaryEmbedding
 from miles.models.spec import ModelSpec
+from miles.models.train_regions import attention_inputs, mlp_residual
 
 
 class DecoderLayer(nn.Module):
@@ -44,11 +46,41 @@ class DecoderLayer(nn.Module):
         ctx: AttentionContext,
         routing: RoutingHook | None = None,
     ) -> torch.Tensor:
+        if compiled.enabled_for(x):
+            return self._compiled_forward(x, cos, sin, ctx, routing)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoeBlock):
             return x + self.mlp(h, routing)
         return x + self.mlp(h)
+
+    def _compiled_forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: AttentionContext,
+        routing: RoutingHook | None,
+    ) -> torch.Tensor:
+        """The trainer's CUDA forward: each half of the layer one compiled call (see
+        ``miles.models.train_regions``); the MoE block keeps its own path."""
+        a, ln, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+        qn, kn = a.q_norm, a.k_norm
+        q, k, v = compiled.call(
+            attention_inputs, x, ln.weight, ln.eps,
+            a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
+            None if qn is None else qn.weight, None if kn is None else kn.weight,
+            ln.eps if qn is None else qn.eps, cos, sin, a.num_heads, a.num_kv_heads, a.head_dim,
+        )  # fmt: skip
+        out = ctx.attend(self.layer_idx, q, k, v, a.scale).reshape(x.shape[0], a.num_heads * a.head_dim)
+        mlp = self.mlp
+        if isinstance(mlp, SparseMoeBlock):
+            x = x + a.o_proj(out)
+            return x + mlp(post(x), routing)
+        return compiled.call(
+            mlp_residual, x, out, a.o_proj.weight, post.weight, post.eps,
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+        )  # fmt: skip
 
 
 class DecoderModel(nn.Module):

@@ -64,10 +64,11 @@ def test_compiled_functions_match_eager_values_and_gradients(dtype):
 
 @pytest.mark.gpu
 @cuda
-def test_model_gradients_with_and_without_compile(tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", ["qwen3", "qwen2_rope_yarn", "qwen3_moe"])
+def test_model_gradients_with_and_without_compile(case, tmp_path, monkeypatch):
     from miles.models.attention import VarlenContext
 
-    save_case("qwen3", tmp_path)
+    save_case(case, tmp_path)
     ids = torch.randint(0, 100, (29,), generator=torch.Generator().manual_seed(1)).cuda()
 
     def grads():

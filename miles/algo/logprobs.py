@@ -13,7 +13,6 @@ only the per-token log-sum-exp and entropy, and recomputes each chunk's logits i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,11 +84,29 @@ def slice_grad(
     return (g / temperature if temperature != 1.0 else g).to(out_dtype)
 
 
-Call = Callable[..., Any]  # call(fn, *args) -> fn(*args): how slice_stats / slice_grad are run
+class SliceOps:
+    """How a vocabulary slice's elementwise work runs: :meth:`stats` computes what
+    :func:`slice_stats` computes and :meth:`grad` what :func:`slice_grad` does. These eager
+    functions by default; the trainer subclasses it with fused versions on CUDA."""
 
+    def stats(
+        self, z: Tensor, local: Tensor, inside: Tensor, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return slice_stats(z, local, inside, temperature)
 
-def _eager(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
+    def grad(
+        self,
+        z: Tensor,
+        lse: Tensor,
+        entropy: Tensor,
+        grad_logp: Tensor | None,
+        grad_entropy: Tensor | None,
+        local: Tensor,
+        inside: Tensor,
+        temperature: float,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        return slice_grad(z, lse, entropy, grad_logp, grad_entropy, local, inside, temperature, out_dtype)
 
 
 _fp32_out_addmm = [True]  # cuBLAS bf16 x bf16 -> fp32 addmm available (cleared if it raises)
@@ -130,7 +147,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         temperature: float,
         chunk_size: int,
         vocab_chunk: int,
-        call: Call,
+        ops: SliceOps,
     ) -> tuple[Tensor, Tensor]:
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
         logp = hidden.new_empty(num_tokens, dtype=_acc_dtype(hidden))
@@ -143,7 +160,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             m = sum_e = sum_ex = target = None
             for v0, v1 in _vocab_slices(vocab, vocab_chunk):
                 local, inside = _slice_targets(y, v0, v1)
-                sm, se, sex, st = call(slice_stats, h @ weight[v0:v1].t(), local, inside, temperature)
+                sm, se, sex, st = ops.stats(h @ weight[v0:v1].t(), local, inside, temperature)
                 if m is None or sum_e is None or sum_ex is None or target is None:
                     m, sum_e, sum_ex, target = sm, se, sex, st
                     continue
@@ -159,12 +176,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             logp[s : s + chunk_size] = target - chunk_lse
             entropy[s : s + chunk_size] = chunk_lse - sum_ex / sum_e
         ctx.save_for_backward(hidden, weight, target_ids, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.vocab_chunk, ctx.call = (
-            temperature,
-            chunk_size,
-            vocab_chunk,
-            call,
-        )
+        ctx.temperature, ctx.chunk_size, ctx.vocab_chunk, ctx.ops = temperature, chunk_size, vocab_chunk, ops
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -173,12 +185,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         ctx: Any, grad_logp: Tensor | None, grad_entropy: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         hidden, weight, target_ids, lse, entropy = ctx.saved_tensors
-        temperature, chunk_size, vocab_chunk, call = (
-            ctx.temperature,
-            ctx.chunk_size,
-            ctx.vocab_chunk,
-            ctx.call,
-        )
+        temperature, chunk_size, vocab_chunk, ops = ctx.temperature, ctx.chunk_size, ctx.vocab_chunk, ctx.ops
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
         if (grad_logp is None and grad_entropy is None) or not (need_h or need_w):
@@ -194,10 +201,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             for v0, v1 in _vocab_slices(vocab, vocab_chunk):
                 w = weight[v0:v1]
                 local, inside = _slice_targets(y, v0, v1)
-                g = call(
-                    slice_grad, h @ w.t(), lse[rows], entropy[rows], g_lp, g_ent, local, inside,
-                    temperature, weight.dtype,
-                )  # fmt: skip
+                g = ops.grad(
+                    h @ w.t(), lse[rows], entropy[rows], g_lp, g_ent, local, inside, temperature, weight.dtype
+                )
                 if grad_hidden is not None:
                     add_matmul(grad_hidden[rows], g, w)
                 if grad_weight is not None:
@@ -236,7 +242,7 @@ def logprobs_and_entropy_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     vocab_chunk_size: int | None = None,
-    call: Call | None = None,
+    ops: SliceOps | None = None,
     check_targets: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Target log-probs and entropy of ``softmax(hidden @ weight.T / temperature)``, chunked.
@@ -246,9 +252,9 @@ def logprobs_and_entropy_from_hidden(
     to :func:`logprobs_from_logits` / :func:`entropy_from_logits` on the full logits, in value and
     gradient, but peak extra memory is ``chunk_size x vocab_chunk_size`` fp32 logits
     (``vocab_chunk_size=None``: the whole vocabulary). The weight gradient is accumulated in fp32.
-    ``call(fn, *args)`` runs the per-slice elementwise work (:func:`slice_stats`,
-    :func:`slice_grad`); the trainer passes a fused (compiled) one on CUDA, which reads each block
-    of logits once instead of materialising fp32 copies and temporaries. ``check_targets=False``
+    ``ops`` runs the per-slice elementwise work (:class:`SliceOps`: :func:`slice_stats`,
+    :func:`slice_grad`); the trainer passes fused ones on CUDA, which read each block of logits
+    once instead of materialising fp32 copies and temporaries. ``check_targets=False``
     skips the check that the targets lie in ``[0, V)`` (two device syncs on CUDA): for callers
     that checked them already.
     """
@@ -263,7 +269,7 @@ def logprobs_and_entropy_from_hidden(
         float(temperature),
         int(chunk_size),
         int(vocab_chunk),
-        call or _eager,
+        ops or SliceOps(),
     )
     return logp, entropy
 

@@ -3,7 +3,8 @@ Triton): nothing is imported until a CUDA path first asks, so a CPU run never lo
 
 Each family of kernels has an environment switch; ``=torch`` keeps its torch path on CUDA too:
 ``MILES_INVARIANT_KERNELS`` (batch-invariant matmul and attention), ``MILES_DECODE_KERNEL``
-(paged decode attention), ``MILES_FUSED_KERNELS`` (the engine's RMSNorm and rotary).
+(paged decode attention), ``MILES_FUSED_KERNELS`` (the engine's RMSNorm and rotary),
+``MILES_LM_HEAD_KERNEL`` (the trainer's LM-head softmax statistics).
 """
 
 from __future__ import annotations

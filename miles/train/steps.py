@@ -17,9 +17,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from miles.algo import logprobs_and_entropy_from_hidden
-from miles.kernels import batch_invariant, compiled
+from miles.kernels import batch_invariant
 from miles.models import CausalLM, VarlenContext
 from miles.models.moe import RouterStats
+from miles.train.lm_head_ops import slice_ops_for
 from miles.train.packing import micro_batch_bins
 from miles.train.routing import ReplayHook
 from miles.types import TrainBatch
@@ -74,7 +75,7 @@ def packed_logprobs(
                 temperature=temperature,
                 chunk_size=chunk_size,
                 vocab_chunk_size=vocab_chunk_size,
-                call=compiled.call if compiled.fusable(hidden) else None,
+                ops=slice_ops_for(hidden),
                 check_targets=False,  # aligned_bins checked the whole batch's ids once
             )
         if not need_entropy_grad:

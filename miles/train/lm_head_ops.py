@@ -1,0 +1,51 @@
+"""The chunked LM head's per-slice work, fused, for the trainer on CUDA.
+
+:class:`FusedSliceOps` runs :class:`miles.algo.logprobs.SliceOps`' two functions fused: the
+softmax statistics by a Triton kernel (``miles.kernels.triton.lm_head``: every row split over
+column blocks, one read of the logits), the gradient by ``torch.compile`` (one read of the logits,
+one write of the gradient). Either falls back: without Triton (or ``MILES_LM_HEAD_KERNEL=torch``)
+the statistics are compiled too; if compiling fails, ``miles.kernels.compiled`` runs them eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from miles.algo.logprobs import SliceOps, slice_grad, slice_stats
+from miles.kernels import compiled
+from miles.kernels.triton_loader import triton_module
+
+
+class FusedSliceOps(SliceOps):
+    def stats(
+        self, z: Tensor, local: Tensor, inside: Tensor, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        kernels = triton_module("lm_head", "MILES_LM_HEAD_KERNEL") if z.is_cuda else None
+        if kernels is None:
+            return compiled.call(slice_stats, z, local, inside, temperature)
+        m, s, sx = kernels.softmax_stats(z, temperature)
+        x = z.gather(1, local[:, None]).squeeze(1).float()  # the target logits, as slice_stats
+        x = x / temperature if temperature != 1.0 else x
+        return m, s, sx, torch.where(inside, x, 0.0)
+
+    def grad(
+        self,
+        z: Tensor,
+        lse: Tensor,
+        entropy: Tensor,
+        grad_logp: Tensor | None,
+        grad_entropy: Tensor | None,
+        local: Tensor,
+        inside: Tensor,
+        temperature: float,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        return compiled.call(
+            slice_grad, z, lse, entropy, grad_logp, grad_entropy, local, inside, temperature, out_dtype
+        )
+
+
+def slice_ops_for(hidden: Tensor) -> SliceOps | None:
+    """The fused ops where the trainer may fuse (``miles.kernels.compiled.fusable``), else None."""
+    return FusedSliceOps() if compiled.fusable(hidden) else None

@@ -6,6 +6,7 @@ signatures, so the model code never changes when the kernel does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -70,18 +71,30 @@ _flash_failed: list[str] = []  # why the varlen flash kernel was given up (empty
 
 
 def flash_varlen_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether :func:`flash_varlen_causal_attention` takes these inputs: CUDA, fp16/bf16, a head
-    size that is a multiple of 8 up to 256, query heads a multiple of the key heads, and the
-    kernel not given up after an error."""
-    d = q.shape[-1]
+    """Whether :func:`flash_varlen_causal_attention` takes these inputs (``q`` ``[T, Hq, D]``,
+    ``k`` ``[T, Hkv, D]``): see :func:`flash_varlen_supports`."""
+    return flash_varlen_supports(q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1])
+
+
+def flash_varlen_supports(
+    device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> bool:
+    """CUDA on an Ampere or newer GPU, fp16/bf16, a head size that is a multiple of 8 up to 256,
+    query heads a multiple of the key heads, and the kernel not given up after an error."""
     return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and d % 8 == 0
-        and d <= 256
-        and q.shape[1] % k.shape[1] == 0
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and num_heads % num_kv_heads == 0
         and not _flash_failed
+        and _capability(device.index)[0] >= 8
     )
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def disable_flash_varlen(reason: str) -> None:

@@ -37,3 +37,36 @@ def test_layer_halves_equal_the_eager_layer_with_gradients(case, tmp_path, monke
     assert len(results[0]) == len(results[1]) > 5
     for got, want in zip(results[1], results[0]):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["qwen3", "qwen2_rope_yarn", "llama"])
+def test_whole_compiled_layer_matches_the_eager_layer_in_bf16(case, tmp_path, monkeypatch):
+    """bf16 packed sequences on a GPU take the one-call layer (flash attention inside)."""
+    from miles.models import train_regions
+
+    model = load_model(save_case(case, tmp_path), device="cuda", dtype=torch.bfloat16)
+    calls: list[str] = []
+    real = compiled.call
+    monkeypatch.setattr(compiled, "call", lambda fn, *args: calls.append(fn.__name__) or real(fn, *args))
+    ids = torch.randint(0, 100, (300,), generator=torch.Generator().manual_seed(0)).cuda()
+    bounds = torch.tensor([0, 120, 121, 300], device="cuda", dtype=torch.int32)
+    positions = torch.cat([torch.arange(120), torch.arange(1), torch.arange(179)]).cuda()
+    x0 = model.model.embed_tokens(ids).detach()
+    cos, sin = model.model.rotary_emb(positions, x0.dtype)
+    layer: DecoderLayer = model.model.layers[0]
+    results = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("MILES_COMPILE", env)
+        layer.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        out = layer(x, cos, sin, VarlenContext(bounds), None)
+        out.float().square().sum().backward()
+        results.append(
+            (out.detach(), x.grad, *(p.grad.clone() for p in layer.parameters() if p.grad is not None))
+        )
+    assert calls == [train_regions.dense_layer.__name__] and not compiled._failed
+    for got, want in zip(*results):
+        scale = max(1.0, float(want.float().abs().max()))
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * scale)

@@ -9,8 +9,7 @@ of its time with the GPU idle between them. Here a layer is two calls each way:
 - :func:`mlp_residual`: the output projection and residual, post-attention RMSNorm, SwiGLU MLP
   and residual;
 
-with ``ctx.attend`` between them; or, for packed sequences on a GPU the varlen flash kernel
-takes, the whole layer in one call, attention included (:func:`dense_layer`). The GEMMs
+with ``ctx.attend`` between them (not compiled: the attention kernel is the context's). The GEMMs
 stay cuBLAS calls inside the compiled graphs; the elementwise work around them fuses. Each
 function runs, op for op, what the modules' eager forwards run (tests compare them), so the
 compiled path changes only summation order and fusion.
@@ -23,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from miles.kernels.attention import flash_varlen_causal_attention
 from miles.models.layers import rms_norm, silu_mul
 from miles.models.rope import apply_rotary
 
@@ -73,20 +71,3 @@ def mlp_residual(
     x = x + F.linear(attn, wo)
     h = rms_norm(x, norm_weight, eps)
     return x + F.linear(silu_mul(F.linear(h, w_gate), F.linear(h, w_up)), w_down)
-
-
-def dense_layer(
-    x: torch.Tensor,
-    attn_args: tuple[object, ...],
-    cu_seqlens: torch.Tensor,
-    max_len: int,
-    scale: float,
-    mlp_args: tuple[torch.Tensor | float, ...],
-) -> torch.Tensor:
-    """A whole dense layer in one function (one compiled call each way): :func:`attention_inputs`
-    (its arguments after ``x``: ``attn_args``), the varlen flash attention over the packed
-    sequences ``cu_seqlens`` (longest ``max_len``), then :func:`mlp_residual` (its arguments after
-    ``x`` and ``attn``: ``mlp_args``)."""
-    q, k, v = attention_inputs(x, *attn_args)  # type: ignore[arg-type]
-    out = flash_varlen_causal_attention(q, k, v, cu_seqlens, max_len, scale)
-    return mlp_residual(x, out.reshape(x.shape[0], -1), *mlp_args)  # type: ignore[arg-type]

@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 from miles.kernels import compiled
-from miles.kernels.attention import flash_varlen_supports
 from miles.models.attention import AttentionContext, VarlenContext, positions_from_cu_seqlens
 from miles.models.layers import Attention, Linear, RMSNorm, SwiGLUMLP
 from miles.models.moe import RoutingHook, SparseMoeBlock
 from miles.models.rope import RotaryEmbedding
 from miles.models.spec import ModelSpec
-from miles.models.train_regions import attention_inputs, dense_layer, mlp_residual
+from miles.models.train_regions import attention_inputs, mlp_residual
 
 
 class DecoderLayer(nn.Module):
@@ -63,40 +62,25 @@ class DecoderLayer(nn.Module):
         ctx: AttentionContext,
         routing: RoutingHook | None,
     ) -> torch.Tensor:
-        """The trainer's CUDA forward (see ``miles.models.train_regions``): a dense layer over
-        packed sequences the flash kernel takes is one compiled call; otherwise each half of the
-        layer is one, with ``ctx.attend`` between them. The MoE block keeps its own path."""
-        a, ln, post, mlp = self.self_attn, self.input_layernorm, self.post_attention_layernorm, self.mlp
+        """The trainer's CUDA forward: each half of the layer one compiled call (see
+        ``miles.models.train_regions``); the MoE block keeps its own path."""
+        a, ln, post = self.self_attn, self.input_layernorm, self.post_attention_layernorm
         qn, kn = a.q_norm, a.k_norm
-        attn_args = (
-            ln.weight, ln.eps,
+        q, k, v = compiled.call(
+            attention_inputs, x, ln.weight, ln.eps,
             a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
             None if qn is None else qn.weight, None if kn is None else kn.weight,
             ln.eps if qn is None else qn.eps, cos, sin, a.num_heads, a.num_kv_heads, a.head_dim,
         )  # fmt: skip
+        out = ctx.attend(self.layer_idx, q, k, v, a.scale).reshape(x.shape[0], a.num_heads * a.head_dim)
+        mlp = self.mlp
         if isinstance(mlp, SparseMoeBlock):
-            q, k, v = compiled.call(attention_inputs, x, *attn_args)
-            x = x + a.o_proj(ctx.attend(self.layer_idx, q, k, v, a.scale).reshape(x.shape[0], -1))
+            x = x + a.o_proj(out)
             return x + mlp(post(x), routing)
-        mlp_args = (
-            a.o_proj.weight,
-            post.weight,
-            post.eps,
-            mlp.gate_proj.weight,
-            mlp.up_proj.weight,
-            mlp.down_proj.weight,
-        )
-        if isinstance(ctx, VarlenContext) and flash_varlen_supports(
-            x.device, x.dtype, a.num_heads, a.num_kv_heads, a.head_dim
-        ):
-            if ctx.bounds[-1] != x.shape[0]:
-                raise ValueError(
-                    f"cu_seqlens covers {ctx.bounds[-1]} tokens but the forward has {x.shape[0]}"
-                )
-            return compiled.call(dense_layer, x, attn_args, ctx.cu_seqlens, ctx.max_len, a.scale, mlp_args)
-        q, k, v = compiled.call(attention_inputs, x, *attn_args)
-        out = ctx.attend(self.layer_idx, q, k, v, a.scale).reshape(x.shape[0], -1)
-        return compiled.call(mlp_residual, x, out, *mlp_args)
+        return compiled.call(
+            mlp_residual, x, out, a.o_proj.weight, post.weight, post.eps,
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+        )  # fmt: skip
 
 
 class DecoderModel(nn.Module):

@@ -42,8 +42,10 @@ def test_layer_halves_equal_the_eager_layer_with_gradients(case, tmp_path, monke
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", ["qwen3", "qwen2_rope_yarn", "llama"])
-def test_whole_compiled_layer_matches_the_eager_layer_in_bf16(case, tmp_path, monkeypatch):
-    """bf16 packed sequences on a GPU take the one-call layer (flash attention inside)."""
+def test_compiled_halves_match_the_eager_layer_in_bf16(case, tmp_path, monkeypatch):
+    """On a GPU, compiled: two calls per layer, close to the eager layer in value and gradient.
+    (One call with the flash attention inside was tried and measured slower: its guards and
+    saved-tensor handling cost the host more than the call it saved.)"""
     from miles.models import train_regions
 
     model = load_model(save_case(case, tmp_path), device="cuda", dtype=torch.bfloat16)
@@ -66,7 +68,8 @@ def test_whole_compiled_layer_matches_the_eager_layer_in_bf16(case, tmp_path, mo
         results.append(
             (out.detach(), x.grad, *(p.grad.clone() for p in layer.parameters() if p.grad is not None))
         )
-    assert calls == [train_regions.dense_layer.__name__] and not compiled._failed
+    assert calls == [train_regions.attention_inputs.__name__, train_regions.mlp_residual.__name__]
+    assert not compiled._failed
     for got, want in zip(*results):
         scale = max(1.0, float(want.float().abs().max()))
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2 * scale)

@@ -39,3 +39,24 @@ def test_cuda_copies_arrive_in_stream_order():
     back = HostCopy(dst * 3)
     assert back.host.is_pinned()
     assert torch.equal(back.wait(), torch.arange(1000) * 6) and back.ready()
+
+
+@pytest.mark.gpu
+@cuda
+def test_the_pinned_ring_reuses_slots_only_after_their_copies():
+    """Far more copies than slots, each of different data, queued behind a long kernel: every
+    one arrives intact (a slot overwritten before its copy ran would corrupt an earlier one)."""
+    from miles.engine.transfer import PinnedRing
+
+    dev = torch.device("cuda")
+    ring = PinnedRing(slots=4, slot_bytes=1024)
+    big = torch.randn(4096, 4096, device=dev)
+    _ = big @ big  # keeps the stream busy while the copies queue up
+    outs = [ring.copy(torch.full((100,), i, dtype=torch.long), dev) for i in range(40)]
+    assert all(o is not None for o in outs)
+    for i, o in enumerate(outs):
+        assert torch.equal(o.cpu(), torch.full((100,), i, dtype=torch.long))
+    dst = torch.zeros(3, 5, device=dev)
+    assert ring.copy(torch.ones(3, 5), dev, dst) is dst and torch.equal(dst.cpu(), torch.ones(3, 5))
+    assert ring.copy(torch.zeros(1000, dtype=torch.long), dev) is None  # larger than a slot
+    assert torch.equal(to_device(list(range(5000)), dev).cpu(), torch.arange(5000))  # falls back

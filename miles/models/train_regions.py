@@ -2,8 +2,9 @@
 
 Compiling each elementwise chain on its own (RMSNorm, q/k norm, rotary, SwiGLU:
 ``miles.kernels.compiled``) left seven compiled calls per layer forward and seven backward, each
-with its own guards and autograd wrapper on the host: a Qwen3-0.6B step on an H100 spent a third
-of its time with the GPU idle between them. Here a layer is two calls each way:
+with its own guards and autograd wrapper on the host, and in a profiled Qwen3-0.6B step on an
+H100 most of the GPU's idle time fell just before such a call's first kernel. Here a layer is two
+calls each way:
 
 - :func:`attention_inputs`: input RMSNorm, the q/k/v projections, q/k RMSNorm, rotary;
 - :func:`mlp_residual`: the output projection and residual, post-attention RMSNorm, SwiGLU MLP

@@ -62,3 +62,31 @@ def test_fused_lm_head_matches_eager_values_and_gradients(dtype, vocab_chunk):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_failing_statistics_kernel_falls_back_to_the_compiled_ones(monkeypatch):
+    import miles.train.lm_head_ops as lm_head_ops
+    from miles.kernels.triton_loader import triton_module
+
+    kernels = triton_module("lm_head", "MILES_LM_HEAD_KERNEL")
+    if kernels is None:
+        pytest.skip("no Triton")
+
+    def broken(*args):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(kernels, "softmax_stats", broken)
+    monkeypatch.setattr(lm_head_ops, "_failed", [])
+    z = torch.randn(5, 300, device="cuda")
+    local, inside = (
+        torch.zeros(5, dtype=torch.long, device="cuda"),
+        torch.ones(5, dtype=torch.bool, device="cuda"),
+    )
+    got = FusedSliceOps().stats(z, local, inside, 1.0)
+    assert lm_head_ops._failed and "no kernel today" in lm_head_ops._failed[0]
+    from miles.algo.logprobs import slice_stats
+
+    for g, w in zip(got, slice_stats(z, local, inside, 1.0)):
+        torch.testing.assert_close(g, w)

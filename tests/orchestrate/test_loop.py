@@ -119,7 +119,7 @@ def test_true_on_policy_mode_makes_rollout_and_trainer_logprobs_equal(arith_worl
 def test_run_writes_tensorboard_and_wandb_offline(arith_world, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.utils.test_metrics import wandb_history
+    from tests.utils.test_metrics import settled_wandb_history
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
@@ -131,7 +131,7 @@ def test_run_writes_tensorboard_and_wandb_offline(arith_world, tmp_path, monkeyp
     acc.Reload()
     tb = [(e.step, e.value) for e in acc.Scalars("rollout/raw_reward")]
     assert tb == [(r["step"], pytest.approx(r["rollout/raw_reward"])) for r in rows]
-    history = wandb_history(run_dir)
+    history = settled_wandb_history(run_dir, 2)
     assert [h["step"] for h in history] == [0, 1]
     assert [h["train/loss"] for h in history] == [r["train/loss"] for r in rows]
 

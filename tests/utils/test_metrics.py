@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -87,13 +88,25 @@ def wandb_history(run_dir: Path) -> list[dict]:
     return history
 
 
+def settled_wandb_history(run_dir: Path, rows: int, timeout_s: float = 30.0) -> list[dict]:
+    """:func:`wandb_history` once it holds ``rows`` rows: ``wandb.finish()`` can return before
+    wandb's writer process has flushed the history records to the offline file (seen about one
+    run in six on the 2-core CI machine, the rows arriving within a few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        history = wandb_history(run_dir)
+        if len(history) >= rows or time.monotonic() > deadline:
+            return history
+        time.sleep(0.1)
+
+
 def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2 as pb
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     _write(tmp_path, use_wandb=True, wandb_mode="offline", wandb_project="miles-test", wandb_group="sweep-1")
-    assert wandb_history(tmp_path) == [{**m, "step": i} for i, m in enumerate(STEPS)]
+    assert settled_wandb_history(tmp_path, len(STEPS)) == [{**m, "step": i} for i, m in enumerate(STEPS)]
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     groups = set()
     for raw in _wandb_records(run_file):

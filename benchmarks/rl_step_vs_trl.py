@@ -281,8 +281,8 @@ def run_miles(
     # many were overlapped (one in flight afterwards) - what the rollout time is made of.
     from miles.engine.engine import Engine
     from miles.engine.model_runner import ModelRunner
-    from miles.engine.transfer import HostCopy
     from miles.utils.metrics import MetricsLogger
+    from miles.utils.transfer import HostCopy
 
     # Running totals, snapshotted at each step's end: engine steps and seconds in Engine.step,
     # overlapped steps, seconds waiting for the GPU's tokens, and the forwards by kind (prefill,

@@ -13,6 +13,8 @@ only the per-token log-sum-exp and entropy, and recomputes each chunk's logits i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,29 +86,25 @@ def slice_grad(
     return (g / temperature if temperature != 1.0 else g).to(out_dtype)
 
 
+@dataclass(frozen=True)
 class SliceOps:
-    """How a vocabulary slice's elementwise work runs: :meth:`stats` computes what
-    :func:`slice_stats` computes and :meth:`grad` what :func:`slice_grad` does. These eager
-    functions by default; the trainer subclasses it with fused versions on CUDA."""
+    """How a vocabulary slice's elementwise work runs: ``stats`` computes what
+    :func:`slice_stats` computes (same arguments), ``grad`` what :func:`slice_grad` does. These
+    eager functions by default; the trainer passes fused versions on CUDA
+    (``miles.train.lm_head_ops.FUSED``)."""
 
-    def stats(
-        self, z: Tensor, local: Tensor, inside: Tensor, temperature: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return slice_stats(z, local, inside, temperature)
+    stats: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] = slice_stats
+    grad: Callable[..., Tensor] = slice_grad
 
-    def grad(
-        self,
-        z: Tensor,
-        lse: Tensor,
-        entropy: Tensor,
-        grad_logp: Tensor | None,
-        grad_entropy: Tensor | None,
-        local: Tensor,
-        inside: Tensor,
-        temperature: float,
-        out_dtype: torch.dtype,
-    ) -> Tensor:
-        return slice_grad(z, lse, entropy, grad_logp, grad_entropy, local, inside, temperature, out_dtype)
+
+def _merge_stats(
+    a: tuple[Tensor, Tensor, Tensor, Tensor], b: tuple[Tensor, Tensor, Tensor, Tensor], b_has_target: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two vocabulary slices' :func:`slice_stats` of the same rows as one (online log-sum-exp:
+    both sums rescaled to the larger max); the target comes from ``b`` where ``b_has_target``."""
+    m = torch.maximum(a[0], b[0])
+    wa, wb = torch.exp(a[0] - m), torch.exp(b[0] - m)
+    return m, a[1] * wa + b[1] * wb, a[2] * wa + b[2] * wb, torch.where(b_has_target, b[3], a[3])
 
 
 _fp32_out_addmm = [True]  # cuBLAS bf16 x bf16 -> fp32 addmm available (cleared if it raises)
@@ -155,22 +153,13 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         entropy = torch.empty_like(logp)
         for s in range(0, num_tokens, chunk_size):
             h, y = hidden[s : s + chunk_size], target_ids[s : s + chunk_size]
-            # Online log-sum-exp over vocabulary slices: running max m, sum_e = sum exp(x - m),
-            # sum_ex = sum exp(x - m) * x (for the entropy), both rescaled when m grows.
-            m = sum_e = sum_ex = target = None
+            stats: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
             for v0, v1 in _vocab_slices(vocab, vocab_chunk):
                 local, inside = _slice_targets(y, v0, v1)
-                sm, se, sex, st = ops.stats(h @ weight[v0:v1].t(), local, inside, temperature)
-                if m is None or sum_e is None or sum_ex is None or target is None:
-                    m, sum_e, sum_ex, target = sm, se, sex, st
-                    continue
-                m_new = torch.maximum(m, sm)
-                old, new = torch.exp(m - m_new), torch.exp(sm - m_new)
-                sum_e = sum_e * old + se * new
-                sum_ex = sum_ex * old + sex * new
-                target = torch.where(inside, st, target)
-                m = m_new
-            assert m is not None and sum_e is not None and sum_ex is not None and target is not None
+                cur = ops.stats(h @ weight[v0:v1].t(), local, inside, temperature)
+                stats = cur if stats is None else _merge_stats(stats, cur, inside)
+            assert stats is not None  # a vocabulary has at least one slice
+            m, sum_e, sum_ex, target = stats
             chunk_lse = m + torch.log(sum_e)
             lse[s : s + chunk_size] = chunk_lse
             logp[s : s + chunk_size] = target - chunk_lse

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from miles.engine.kv_cache import KVCache
-from miles.engine.transfer import copy_to
 from miles.kernels.paged_attention import paged_decode_attention, store_kv
 from miles.models.transformer import CausalLM
+from miles.utils.transfer import copy_to
 
 
 def block_table_array(tables: Sequence[Sequence[int]], rows: int, width: int, fill: int) -> torch.Tensor:

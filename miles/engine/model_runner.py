@@ -17,7 +17,6 @@ from miles.engine.cuda_graph import DecodeGraphs, block_table_array
 from miles.engine.kv_cache import KVCache
 from miles.engine.request import Request
 from miles.engine.routing import RoutingStore
-from miles.engine.transfer import to_device
 from miles.kernels import batch_invariant
 from miles.kernels.paged_attention import (
     PagedAttentionPlan,
@@ -28,6 +27,7 @@ from miles.kernels.paged_attention import (
     store_kv,
 )
 from miles.models.transformer import CausalLM
+from miles.utils.transfer import to_device
 
 
 class PagedAttentionContext:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from miles.engine.request import Request
-from miles.engine.transfer import HostCopy, to_device
 from miles.kernels import batch_invariant
+from miles.utils.transfer import HostCopy, to_device
 
 _MASK64 = (1 << 64) - 1
 

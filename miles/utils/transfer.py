@@ -7,11 +7,13 @@ tensor. A decode step made several such copies, so the host could never run ahea
 pinned memory with ``non_blocking`` copies (small ones through a reused ring of pinned slots,
 :class:`PinnedRing`; larger ones through PyTorch's caching host allocator, which keeps a pinned
 block alive until its copy has run), and device data comes back into pinned memory with an
-event the reader waits on. On the CPU both are plain tensor operations.
+event the reader waits on. On the CPU both are plain tensor operations. The engine's decode
+steps and the trainer's micro-batch gathers both use them.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -65,16 +67,10 @@ class PinnedRing:
         return out
 
 
-_rings: list[PinnedRing] = []
-_rings_lock = threading.Lock()
-
-
+@functools.cache
 def _ring() -> PinnedRing:
-    if not _rings:
-        with _rings_lock:
-            if not _rings:
-                _rings.append(PinnedRing())
-    return _rings[0]
+    """The process's ring, made on the first CUDA copy (pinned memory needs CUDA)."""
+    return PinnedRing()
 
 
 def to_device(

@@ -1,4 +1,4 @@
-"""Host <-> device copies without stream waits (``miles.engine.transfer``)."""
+"""Host <-> device copies without stream waits (``miles.utils.transfer``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from miles.engine.transfer import HostCopy, copy_to, to_device
+from miles.utils.transfer import HostCopy, copy_to, to_device
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -46,7 +46,7 @@ def test_cuda_copies_arrive_in_stream_order():
 def test_the_pinned_ring_reuses_slots_only_after_their_copies():
     """Far more copies than slots, each of different data, queued behind a long kernel: every
     one arrives intact (a slot overwritten before its copy ran would corrupt an earlier one)."""
-    from miles.engine.transfer import PinnedRing
+    from miles.utils.transfer import PinnedRing
 
     dev = torch.device("cuda")
     ring = PinnedRing(slots=4, slot_bytes=1024)

@@ -7,7 +7,15 @@ Importing ``miles`` is cheap: torch and the heavy subsystems load only when used
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# MKL (torch's CPU GEMMs) sums a row in an order that depends on the row's place in its block and
+# on the thread count unless its conditional numerical reproducibility is strict; true on-policy
+# (engine and trainer log-probs equal bit for bit) needs a row's bits to depend on that row alone.
+# MKL reads this at its first call, so it is set here, before any model code runs (unless the
+# user chose a mode). docs/true_on_policy.md, "CPU".
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "__version__"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+# Before torch's first GEMM: a row's bits must not depend on its place in a block (miles/__init__.py).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import pytest
 
 

@@ -9,7 +9,9 @@ otherwise, split-K for skinny shapes) and hence its summation order from the *sh
 number of keys, or the trainer's causal SDPA against the engine's paged gather, sums in yet
 other orders. What stays invariant (checked in ``tests/kernels``): element-wise ops, reductions
 over the last dimension of a fixed length (RMSNorm, ``log_softmax`` over the vocabulary,
-``amax``), and a GEMM of one fixed shape and layout — whose row ``i`` depends only on row ``i``.
+``amax``), and a GEMM of one fixed shape and layout — whose row ``i`` depends only on row ``i``
+(on CPU only with MKL's strict reproducibility, ``MKL_CBWR=AUTO,STRICT``, which ``import miles``
+sets: otherwise MKL may sum a row in an order that depends on its place in the block).
 
 So every reduction here runs in fixed-shape pieces:
 

@@ -1,8 +1,9 @@
 """The grouped expert path of ``SparseMoeBlock`` against the per-expert reference loop.
 
-Forward output, input gradient and every parameter gradient must agree (fp32, 1e-5), including
-experts no token was routed to (zero gradients, never ``None``), top-1 and top-all routing, a
-single token and ids replaced by a routing hook.
+Forward output, input gradient and every parameter gradient must agree to rounding (fp32: the
+two paths sum in different orders, ``tests/tolerance.py``), including experts no token was routed
+to (zero gradients, never ``None``), top-1 and top-all routing, a single token and ids replaced by
+a routing hook.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from miles.models import moe
 from miles.models.moe import SparseMoeBlock
 from miles.models.spec import ModelSpec
 from tests.models.conftest import CASES
+from tests.tolerance import assert_reduction_close
 
 FAMILIES = ["qwen3_moe", "qwen2_moe_shared_expert"]
 
@@ -57,15 +59,28 @@ def _run(
     return out.detach(), xi.grad, {n: p.grad for n, p in block.named_parameters()}
 
 
-def _assert_parity(block: SparseMoeBlock, x: torch.Tensor, routing: Any = None, atol: float = 1e-5) -> None:
+def _terms(block: SparseMoeBlock, tokens: int) -> int:
+    """The sums behind the block's outputs and gradients: the longest (a weight's width, or the
+    tokens of a weight gradient) twice forward (up/gate, then down) and twice backward."""
+    return max(*(max(p.shape) for p in block.parameters()), tokens) * 4
+
+
+def _assert_parity(block: SparseMoeBlock, x: torch.Tensor, routing: Any = None) -> None:
     out_r, gx_r, grads_r = _run(block, x, "reference", routing)
     out_g, gx_g, grads_g = _run(block, x, "grouped", routing)
-    torch.testing.assert_close(out_g, out_r, rtol=0, atol=atol)
-    torch.testing.assert_close(gx_g, gx_r, rtol=0, atol=atol)
+    terms = _terms(block, x.shape[0])
+    assert_reduction_close(out_g, out_r, terms, "out")
+    assert_reduction_close(gx_g, gx_r, terms, "x.grad")
+    # Every parameter gradient sums products of the block's activations and upstream gradients: the
+    # block's largest gradient measures those terms. A tensor's own maximum would not where it
+    # cancels: top-1 with normalized probabilities gives the router a weight p / p = 1, whose
+    # gradient is zero in exact arithmetic and rounding noise here.
+    assert all(g is not None for g in grads_r.values())
+    scale = max(float(g.abs().max()) for g in grads_r.values() if g is not None and g.numel())
     for name, g_r in grads_r.items():
         g_g = grads_g[name]
         assert g_r is not None and g_g is not None, name
-        torch.testing.assert_close(g_g, g_r, rtol=0, atol=atol, msg=name)
+        assert_reduction_close(g_g, g_r, terms, name, scale=scale)
 
 
 def _x(t: int, hidden: int = 64, seed: int = 2) -> torch.Tensor:
@@ -136,7 +151,7 @@ def test_inference_matches_and_is_deterministic() -> None:
         ref = block(x)
         block.expert_impl = "grouped"  # type: ignore[assignment]
         a, b = block(x), block(x)
-    torch.testing.assert_close(a, ref, rtol=0, atol=1e-5)
+    assert_reduction_close(a, ref, _terms(block, 64))
     assert torch.equal(a, b)
 
 
@@ -211,7 +226,7 @@ def test_expert_dispatch_replaces_the_local_computation_in_every_mode() -> None:
 
     want = block(_x(5))
     block.expert_dispatch = dispatch
-    torch.testing.assert_close(block(_x(5)), want, rtol=0, atol=1e-5)
+    assert_reduction_close(block(_x(5)).detach(), want.detach(), _terms(block, 5))
     with torch.no_grad():
         block(_x(1))
     with batch_invariant.batch_invariant():

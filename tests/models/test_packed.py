@@ -12,6 +12,7 @@ from miles.models.attention import VarlenContext
 from miles.models.layers import Attention, SwiGLUMLP, pack_projections
 from miles.models.loading import load_model
 from tests.models.conftest import save_case
+from tests.tolerance import assert_reduction_close, step_terms
 
 
 def _model(tmp_path, name):
@@ -23,6 +24,11 @@ def _forward(model, ids):
     ctx = VarlenContext.single(len(ids), ids.device)
     with torch.no_grad():
         return model.compute_logits(model(ids, torch.arange(len(ids)), ctx))
+
+
+def _assert_close(got, want, model, ids, msg=""):
+    """Packed and separate projections are GEMMs of other shapes: the same logits to rounding."""
+    assert_reduction_close(got, want, step_terms(model.spec, len(ids), backward=False), msg)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2_rope_yarn", "qwen3_moe"])
@@ -42,7 +48,7 @@ def test_packed_forward_equals_the_separate_projections(tmp_path, name):
     assert all(torch.equal(packed_state[k], v) for k, v in state.items())
     for m in attn:
         assert m.q_proj.weight.untyped_storage().data_ptr() == m.packed.weight.untyped_storage().data_ptr()
-    torch.testing.assert_close(_forward(model, ids), ref, rtol=1e-5, atol=1e-5)
+    _assert_close(_forward(model, ids), ref, model, ids, "packed")
     # An in-place update of a parameter is seen by the packed GEMM.
     with torch.no_grad():
         for m in model.modules():
@@ -53,7 +59,7 @@ def test_packed_forward_equals_the_separate_projections(tmp_path, name):
                     lin.weight.mul_(0.5)
     updated = _forward(model, ids)
     pack_projections(model, on=False)
-    torch.testing.assert_close(updated, _forward(model, ids), rtol=1e-5, atol=1e-5)
+    _assert_close(updated, _forward(model, ids), model, ids, "updated")
     assert not torch.allclose(updated, ref)
 
 
@@ -73,7 +79,8 @@ def test_packed_path_is_skipped_when_stale_with_grad_or_deterministic(tmp_path):
     ids = torch.arange(5)
     before = _forward(model, ids)  # still correct: the separate projections run
     pack_projections(model, on=False)
-    assert torch.equal(before, _forward(model, ids))
+    # (Not bit for bit: the MLP's gate/up GEMM was still packed, a GEMM of another shape.)
+    _assert_close(before, _forward(model, ids), model, ids, "stale")
 
 
 def test_packing_twice_keeps_the_storage(tmp_path):

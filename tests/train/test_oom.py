@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from miles.train.trainer import Trainer, TrainerConfig
+from tests.tolerance import assert_grads_close, assert_metrics_close, reduction_tol, step_terms
 from tests.train.test_trainer import LENGTHS, POLICY, grads, make_batch, make_model
 
 CONFIG = dict(POLICY, correction="tis", micro_batch_size=len(LENGTHS))  # one micro-batch of 50 tokens
@@ -56,15 +57,12 @@ def test_oom_split_retry_equals_step_without_oom(where: str) -> None:
     got = trainer.accumulate_gradients(batch, old, ref)
     assert got["oom_retries"] == 1 and trainer.oom_retries == 1
     assert seen[0] == sum(LENGTHS) and sorted(seen[-2:]) == [24, 26]  # split in two by sequences
-    for k, v in want.items():
-        if k != "oom_retries":
-            assert got[k] == pytest.approx(v, abs=1e-6), k
+    # The halves are GEMMs of other shapes: equal to rounding (tests/tolerance.py).
+    terms = step_terms(model.spec, batch.num_tokens)
+    assert_metrics_close(got, want, terms, skip={"oom_retries"})
     # The gradient (what the optimizer step sees) is the step without OOM's. Compared before
     # Adam: its first update g / |g| turns fp32 rounding in near-zero gradients into O(lr).
-    want_grads = grads(plain.model)
-    assert want_grads.keys() == grads(model).keys()
-    for n, g in grads(model).items():
-        torch.testing.assert_close(g, want_grads[n], rtol=0, atol=1e-6, msg=n)
+    assert_grads_close(grads(model), grads(plain.model), terms)
     # And through train_step: the retry count is reported, the step is taken.
     metrics = Trainer(make_model(), TrainerConfig(**CONFIG)).train_step(batch, old, ref)
     assert metrics["train/oom_retries"] == 0 and metrics["train/skipped_steps"] == 0
@@ -72,7 +70,8 @@ def test_oom_split_retry_equals_step_without_oom(where: str) -> None:
     _inject_oom(trainer, where, max_tokens=40)
     step = trainer.train_step(batch, old, ref)
     assert step["train/oom_retries"] == 1 and step["train/skipped_steps"] == 0
-    assert step["train/loss"] == pytest.approx(metrics["train/loss"], abs=1e-6)
+    loss = metrics["train/loss"]
+    assert abs(step["train/loss"] - loss) <= reduction_tol(max(abs(loss), 1.0), terms)
 
 
 def test_oom_on_a_single_sequence_reraises_clearly() -> None:

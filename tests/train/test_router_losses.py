@@ -14,6 +14,7 @@ from miles.models.moe import RouterStats
 from miles.train.parallelize import parallelize
 from miles.train.steps import packed_logprobs
 from miles.train.trainer import Trainer, TrainerConfig
+from tests.tolerance import assert_grads_close, assert_metrics_close, assert_reduction_close, step_terms
 from tests.train.test_trainer import POLICY, grads, make_batch, make_model
 
 COEFS = dict(moe_aux_loss_coef=0.5, moe_z_loss_coef=0.05)  # large enough to move the gradient
@@ -55,9 +56,12 @@ def test_trainer_adds_the_router_losses() -> None:
     assert m1["loss"] - m0["loss"] == pytest.approx(added, rel=1e-4)
     gate = "model.layers.0.mlp.gate.weight"
     assert not torch.allclose(g1[gate], g0[gate], rtol=0, atol=1e-6)
-    # only the router feeds the router losses: expert weights get the same gradient
-    expert = "model.layers.0.mlp.experts.0.down_proj.weight"
-    torch.testing.assert_close(g1[expert], g0[expert])
+    # The router losses reach the weights only through the routers (and their inputs, the residual
+    # stream, hence every earlier layer): the experts after the last router get the same gradient.
+    # (Layer 0's experts do not: layer 1's router reads their output.)
+    last = max(make_model("qwen3_moe").spec.moe_layer_indices)
+    expert = f"model.layers.{last}.mlp.experts.0.down_proj.weight"
+    assert_reduction_close(g1[expert], g0[expert], step_terms(make_model("qwen3_moe").spec, batch.num_tokens))
 
 
 @pytest.mark.parametrize(
@@ -80,12 +84,11 @@ def test_micro_batching_invariance_with_router_losses(coefs: dict) -> None:
     splits = [dict(micro_batch_size=5), dict(micro_batch_size=2), dict(max_tokens_per_gpu=20)]
     results = [_run({**split, **coefs}, batch) for split in splits]
     (m0, g0), *rest = results
+    # Other micro-batches are GEMMs of other shapes: equal to rounding (tests/tolerance.py).
+    terms = step_terms(make_model("qwen3_moe").spec, batch.num_tokens)
     for m, g in rest:
-        assert m.keys() == m0.keys()
-        for k in m0:
-            assert m[k] == pytest.approx(m0[k], abs=1e-6), k
-        for n in g0:
-            torch.testing.assert_close(g[n], g0[n], rtol=0, atol=1e-6, msg=n)
+        assert_metrics_close(m, m0, terms)
+        assert_grads_close(g, g0, terms)
 
 
 def test_z_loss_alone_is_micro_batching_invariant_on_any_batch() -> None:
@@ -94,9 +97,9 @@ def test_z_loss_alone_is_micro_batching_invariant_on_any_batch() -> None:
     (m0, g0), (m1, g1) = (
         _run({**s, **coefs}, batch) for s in (dict(micro_batch_size=6), dict(micro_batch_size=2))
     )
-    assert m1["moe_z_loss"] == pytest.approx(m0["moe_z_loss"], abs=1e-6)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-6, msg=n)
+    terms = step_terms(make_model("qwen3_moe").spec, batch.num_tokens)
+    assert_metrics_close({"z": m1["moe_z_loss"]}, {"z": m0["moe_z_loss"]}, terms)
+    assert_grads_close(g1, g0, terms)
 
 
 def test_zero_coefficients_change_nothing_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,9 +143,9 @@ def test_activation_checkpointing_same_grads_with_router_losses() -> None:
     (m0, g0), (m1, g1) = (
         _run(dict(micro_batch_size=2, **COEFS), batch, checkpointing=c) for c in (False, True)
     )
-    assert m0 == pytest.approx(m1, abs=1e-6)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-6, msg=n)
+    terms = step_terms(make_model("qwen3_moe").spec, batch.num_tokens)
+    assert_metrics_close(m1, m0, terms)
+    assert_grads_close(g1, g0, terms)
 
 
 def test_trainer_config_maps_the_cli_coefficients() -> None:

@@ -17,6 +17,7 @@ from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer, TrainerConfig
 from miles.types import TrainBatch
 from tests.models.conftest import CASES
+from tests.tolerance import assert_grads_close, assert_metrics_close, assert_reduction_close, step_terms
 
 LENGTHS = (7, 12, 5, 9, 11, 6)
 
@@ -85,12 +86,11 @@ def test_micro_batching_invariance(reduction: str) -> None:
         results.append((metrics, grads(model)))
     (m0, g0), *rest = results
     assert m0["tis_clipfrac"] > 0
+    # Other micro-batches are GEMMs of other shapes: equal to rounding (tests/tolerance.py).
+    terms = step_terms(model.spec, batch.num_tokens)
     for m, g in rest:
-        assert m.keys() == m0.keys()
-        for k in m0:
-            assert m[k] == pytest.approx(m0[k], abs=1e-6), k
-        for n in g0:
-            torch.testing.assert_close(g[n], g0[n], rtol=0, atol=1e-6, msg=n)
+        assert_metrics_close(m, m0, terms)
+        assert_grads_close(g, g0, terms)
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen3_moe"])
@@ -104,7 +104,8 @@ def test_compute_logprobs_matches_full_logits(case: str) -> None:
     want = torch.zeros_like(logp)
     want[1:] = logprobs_from_logits(logits[:-1], batch.input_ids[1:], temperature=0.7)
     want[batch.cu_seqlens[:-1].long()] = 0.0
-    torch.testing.assert_close(logp, want, rtol=0, atol=1e-5)
+    # Chunked micro-batches against one forward: GEMMs of other shapes, equal to rounding.
+    assert_reduction_close(logp, want, step_terms(model.spec, batch.num_tokens, backward=False))
     assert bool((entropy[batch.cu_seqlens[:-1].long()] == 0).all())
     assert bool((entropy[1:5] > 0).all())
 
@@ -187,9 +188,9 @@ def test_activation_checkpointing_same_grads() -> None:
         out.append((names, metrics, grads(model)))
     (n0, m0, g0), (n1, m1, g1) = out
     assert n0 == n1  # parameter names unchanged: checkpoints stay HF-compatible
-    assert m0 == pytest.approx(m1, abs=1e-6)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-6, msg=n)
+    terms = step_terms(model.spec, batch.num_tokens)
+    assert_metrics_close(m1, m0, terms)
+    assert_grads_close(g1, g0, terms)
 
 
 def test_kl_loss_needs_ref_logprobs() -> None:
@@ -204,7 +205,8 @@ def test_single_sequence_micro_batch_matches_select() -> None:
     full = trainer.compute_logprobs(batch)
     one = trainer.compute_logprobs(select_sequences(batch, [2]))
     s, e = int(batch.cu_seqlens[2]), int(batch.cu_seqlens[3])
-    torch.testing.assert_close(one, full[s:e], rtol=0, atol=1e-6)
+    # One sequence alone runs GEMMs of another shape than the whole batch: equal to rounding.
+    assert_reduction_close(one, full[s:e], step_terms(trainer.model.spec, batch.num_tokens, backward=False))
 
 
 def test_on_policy_step_reuses_its_own_logprobs_bit_for_bit() -> None:

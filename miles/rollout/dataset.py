@@ -16,7 +16,10 @@ already holds the special tokens). Rows whose prompt has more than ``max_prompt_
 are dropped and counted (:attr:`PromptDataset.num_too_long`).
 
 A malformed row raises :class:`DatasetError` naming the file and the 1-based line (jsonl) or
-row (parquet); with ``skip_bad_samples`` it is counted, summarised in one warning, skipped.
+row (parquet); with ``skip_bad_samples`` it is counted, summarised in one warning, skipped. Text
+must be UTF-8 (a UTF-8 byte-order mark at the start of a jsonl file is accepted): a line, or a
+parquet string value, that is not is such a malformed row, and so is a prompt holding a lone
+surrogate (a JSON ``\\ud800`` escape), which no tokenizer can encode.
 
 Order: file order, or with ``shuffle`` the permutation of ``random.Random(seed + epoch)``
 (slime's rule). :meth:`PromptDataset.state_dict` holds (epoch, position, next group index).
@@ -145,7 +148,7 @@ class PromptDataset:
     # ------------------------------------------------------------------ parsing
 
     def _parse(self, where: str, row: Any) -> _Record | None:
-        if isinstance(row, _BadJson):
+        if isinstance(row, _BadRow):
             raise DatasetError(row.message)
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {_type_name(row)}")
@@ -187,6 +190,13 @@ class PromptDataset:
             )
         else:
             text = prompt
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DatasetError(
+                f"{where}: the prompt holds a lone surrogate {text[e.start]!r} (a \\u escape that is half "
+                f"a character) at character {e.start}: not text a tokenizer can encode"
+            ) from None
 
         ids: tuple[int, ...] = ()
         if self.tokenizer is not None:
@@ -338,30 +348,68 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise DatasetError(f"prompt data not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, _BadJson(f"{where}: invalid JSON: {e.msg} (column {e.colno})")
+        yield from _jsonl_rows(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise DatasetError(f"{path}: not a readable parquet file: {e}") from e
-        for i, row in enumerate(table.to_pylist(), start=1):
-            yield f"{path}: row {i}", row
+        yield from _parquet_rows(path)
     else:
         raise DatasetError(f"{path}: unsupported prompt file type {suffix!r}; use .jsonl or .parquet")
 
 
-class _BadJson:
-    """A jsonl line that did not parse; reported by ``_parse`` so ``skip_bad_samples`` covers it."""
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    # Bytes, decoded line by line: a text-mode file raises a UnicodeDecodeError that names
+    # neither the file nor the line, from whichever read buffer holds the bad byte.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _BadRow(f"{where}: not UTF-8 text: {_bad_bytes(e)}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, _BadRow(f"{where}: invalid JSON: {e.msg} (column {e.colno})")
+            except RecursionError:
+                yield where, _BadRow(f"{where}: invalid JSON: nested too deeply")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise DatasetError(f"{path}: not a readable parquet file: {e}") from e
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8: find the rows
+        rows = None
+    for i in range(table.num_rows):
+        where = f"{path}: row {i + 1}"
+        if rows is not None:
+            yield where, rows[i]
+            continue
+        row, bad = {}, []
+        for name in table.column_names:
+            try:
+                row[name] = table.column(name)[i].as_py()
+            except UnicodeDecodeError as e:
+                bad.append(f"column {name!r} is not UTF-8 text: {_bad_bytes(e)}")
+        yield where, _BadRow(f"{where}: {'; '.join(bad)}") if bad else row
+
+
+def _bad_bytes(e: UnicodeDecodeError) -> str:
+    return f"{e.reason}: {e.object[e.start : e.end]!r} at byte {e.start}"
+
+
+class _BadRow:
+    """A row that could not be read (not UTF-8, not JSON); reported by ``_parse``, so that
+    ``skip_bad_samples`` covers it like any malformed row."""
 
     def __init__(self, message: str) -> None:
         self.message = message

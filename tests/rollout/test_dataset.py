@@ -216,3 +216,63 @@ def test_from_config_and_eval_datasets(tmp_path):
         load_eval_datasets([("a", str(ev)), ("a", str(ev))], cfg)
     with pytest.raises(DatasetError, match="--prompt-data"):
         PromptDataset.from_config(RolloutConfig(), tokenizer=None)
+
+
+# ------------------------------------------------------------------ text encoding
+
+
+def test_a_line_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    """It was a bare UnicodeDecodeError naming neither."""
+    path = tmp_path / "d.jsonl"
+    lines = [
+        json.dumps(ROWS[0]).encode(),
+        b'{"input": "caf\xe9", "label": "1"}',
+        json.dumps(ROWS[1]).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DatasetError) as e:
+        PromptDataset(path, label_key="label")
+    assert str(e.value) == f"{path}:2: not UTF-8 text: invalid continuation byte: b'\\xe9' at byte 14"
+    ds = PromptDataset(path, label_key="label", skip_bad_samples=True)
+    assert [s.prompt for s in ds.samples()] == ["q0", "q1"] and ds.bad_rows == [str(e.value)]
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ROWS[:2]).encode())
+    ds = PromptDataset(path, label_key="label")
+    assert [(s.prompt, s.label) for s in ds.samples()] == [("q0", "0"), ("q1", "1")]
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_bad_row(tmp_path):
+    """Valid JSON (a \\ud800 escape), but half a character: no tokenizer can encode it."""
+    path = _jsonl(tmp_path / "d.jsonl", [ROWS[0], '{"input": "a\\ud800b", "label": "1"}'])
+    with pytest.raises(DatasetError, match=r"d\.jsonl:2: the prompt holds a lone surrogate '\\ud800'"):
+        PromptDataset(path, tokenizer=CharTokenizer(), label_key="label")
+    assert len(PromptDataset(path, label_key="label", skip_bad_samples=True)) == 1
+
+
+def test_parquet_strings_that_are_not_utf8_name_the_row_and_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"ok", b"\xff\xfebad", b"fine"], type=pa.binary()).view(pa.string())
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"input": raw, "label": ["1", "2", "3"]}), path)
+    with pytest.raises(DatasetError) as e:
+        PromptDataset(path, label_key="label")
+    assert (
+        str(e.value)
+        == f"{path}: row 2: column 'input' is not UTF-8 text: invalid start byte: b'\\xff' at byte 0"
+    )
+    ds = PromptDataset(path, label_key="label", skip_bad_samples=True)
+    assert [(s.prompt, s.label) for s in ds.samples()] == [("ok", "1"), ("fine", "3")]
+
+
+def test_json_nested_too_deeply_is_a_bad_row(tmp_path):
+    """json.loads raises RecursionError (not a JSONDecodeError) on deep nesting."""
+    deep = '{"input": "a", "label": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path = _jsonl(tmp_path / "d.jsonl", [ROWS[0], deep])
+    with pytest.raises(DatasetError, match=r"d\.jsonl:2: invalid JSON: nested too deeply"):
+        PromptDataset(path, label_key="label")
+    assert len(PromptDataset(path, label_key="label", skip_bad_samples=True)) == 1

@@ -26,14 +26,39 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------------
 
 
+# Bounds on what one request may ask for. SGLang has none for most of these; a server needs
+# them, or one request can queue unbounded work (``n = 10**30``) or keep a per-step check busy.
+MAX_N = 1024  # samples of one prompt: above any GRPO group size in use; more are separate requests
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_TOKENS = 2**31 - 1  # max_new_tokens / min_new_tokens / top_k / token ids: int32 (the context caps them)
+# Below this a temperature is greedy: the logits are divided by it, and a divisor this small
+# turns fp32 logits into infinities (1e-45 is 0 or subnormal in fp32; 1/1e-300 is inf) and
+# the distribution into NaN. At 1e-6 the scaled logits stay finite for any logit below
+# 3.4e32 in magnitude, and a logit gap of 1e-4 is already 100 nats: the distribution is the
+# argmax to within fp32's resolution, so nothing is lost. SGLang uses the same threshold.
+GREEDY_TEMPERATURE = 1e-6
+# repetition_penalty multiplies or divides the logits: within [1/100, 100] a finite fp32 logit
+# stays finite for any logit a model produces (below 3.4e36 in magnitude). SGLang allows [0, 2].
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request; field names and meanings follow SGLang's ``sampling_params``.
 
-    ``temperature == 0`` means greedy. ``top_k == -1`` disables top-k. ``sampling_seed`` makes the
-    request's output depend only on the seed and the token position, never on what else shares
-    the batch. Log-probabilities returned for sampled tokens are under the distribution actually
-    sampled from (after temperature, top-k, top-p and min-p).
+    ``temperature == 0`` means greedy, and so does any temperature below ``GREEDY_TEMPERATURE``
+    (see there). ``top_k == -1`` disables top-k. ``sampling_seed`` makes the request's output
+    depend only on the seed and the token position, never on what else shares the batch.
+    Log-probabilities returned for sampled tokens are under the distribution actually sampled
+    from (after temperature, top-k, top-p and min-p).
+
+    Every field is type-checked and bounded on construction (``ValueError`` naming the field):
+    JSON booleans for the flags, finite numbers, and the counts and sizes above (``MAX_N``,
+    ``MAX_STOP_*``, ``MAX_TOKENS``, a 64-bit ``sampling_seed``), so no request can make the engine
+    loop or allocate without bound. Checks that need the model (token ids below the vocabulary
+    size) are the engine's, at ``add_request``.
     """
 
     max_new_tokens: int = 128
@@ -56,27 +81,41 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept lists (JSON) and a single stop string, as SGLang does; store tuples (hashable).
+        # Anything else is refused here, before tuple() turns a dict into its keys.
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        elif not isinstance(self.stop, tuple):
+        elif isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.stop_token_ids, tuple):
+        if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
+        lo_rep, hi_rep = REPETITION_PENALTY_RANGE
         checks: list[tuple[str, bool, str]] = [
-            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "an integer >= 0"),
-            ("min_new_tokens", _is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "an integer >= 0"),
-            ("temperature", _is_num(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            (
+                "max_new_tokens",
+                _is_int(self.max_new_tokens, 0, MAX_TOKENS),
+                f"an integer in [0, {MAX_TOKENS}]",
+            ),
+            (
+                "min_new_tokens",
+                _is_int(self.min_new_tokens, 0, MAX_TOKENS),
+                f"an integer in [0, {MAX_TOKENS}]",
+            ),
+            ("temperature", _is_num(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
             ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("top_k", _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "-1 or an integer >= 1"),
+            (
+                "top_k",
+                (_is_int(self.top_k) and self.top_k == -1) or _is_int(self.top_k, 1, MAX_TOKENS),
+                f"-1 or an integer in [1, {MAX_TOKENS}]",
+            ),
             ("min_p", _is_num(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
             (
                 "repetition_penalty",
-                _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-                "a number > 0",
+                _is_num(self.repetition_penalty) and lo_rep <= self.repetition_penalty <= hi_rep,
+                f"a number in [{lo_rep:g}, {hi_rep:g}] (1 = off)",
             ),
             (
                 "frequency_penalty",
@@ -88,22 +127,41 @@ class SamplingParams:
                 _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
                 "a number in [-2, 2]",
             ),
-            ("n", _is_int(self.n) and self.n >= 1, "an integer >= 1"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("n", _is_int(self.n, 1, MAX_N), f"an integer in [1, {MAX_N}]"),
             (
-                "stop_token_ids",
-                all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-                "a list of token ids >= 0",
+                "stop",
+                isinstance(self.stop, tuple)
+                and len(self.stop) <= MAX_STOP_STRINGS
+                and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+                f"a string or a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_STRING_CHARS} characters",
             ),
             (
+                "stop_token_ids",
+                isinstance(self.stop_token_ids, tuple)
+                and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+                and all(_is_int(t, 0, MAX_TOKENS) for t in self.stop_token_ids),
+                f"a list of at most {MAX_STOP_TOKEN_IDS} token ids in [0, {MAX_TOKENS}]",
+            ),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
+            ("skip_special_tokens", isinstance(self.skip_special_tokens, bool), "true or false"),
+            (
+                "spaces_between_special_tokens",
+                isinstance(self.spaces_between_special_tokens, bool),
+                "true or false",
+            ),
+            ("no_stop_trim", isinstance(self.no_stop_trim, bool), "true or false"),
+            (
                 "sampling_seed",
-                self.sampling_seed is None or _is_int(self.sampling_seed),
-                "an integer or null",
+                self.sampling_seed is None or _is_int(self.sampling_seed, -(2**63), 2**64 - 1),
+                "null or an integer in [-2**63, 2**64) (64 bits, signed or not)",
             ),
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"sampling_params.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"sampling_params.{name} must be {expected}, got {_show(getattr(self, name))}"
+                )
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"sampling_params.min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
@@ -111,16 +169,19 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Whether the request takes the argmax: ``temperature`` below ``GREEDY_TEMPERATURE``."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from a JSON object; unknown fields raise ``ValueError`` naming them."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        # Names cut short: they come from a request.
+        unknown = sorted(str(k) if len(str(k)) <= 40 else str(k)[:37] + "..." for k in set(data) - known)
         if unknown:
             raise ValueError(
-                f"unknown sampling_params field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown sampling_params field(s): {', '.join(unknown[:8])}; "
+                f"known: {', '.join(sorted(known))}"
             )
         return cls(**{k: v for k, v in data.items() if v is not None or k == "sampling_seed"})
 
@@ -131,12 +192,29 @@ class SamplingParams:
         return out
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x: object, lo: int | None = None, hi: int | None = None) -> bool:
+    """An ``int`` (not a ``bool``), within ``[lo, hi]`` where given."""
+    if not isinstance(x, int) or isinstance(x, bool):
+        return False
+    return (lo is None or x >= lo) and (hi is None or x <= hi)
 
 
 def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite ``int`` or ``float`` (not a ``bool``; an int too large for a float is not finite)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def _show(value: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: the value in an error comes from a request."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"  # str() of a huge int is slow, or refused
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -194,26 +195,28 @@ class Engine(WeightSyncMixin):
         (``RequestOutput.routed_experts``).
         """
         self._check_resident("generate")
-        params = sampling_params or SamplingParams()
+        params = SamplingParams() if sampling_params is None else sampling_params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        self._check_sampling(params)
+        for name, flag in (
+            ("return_prompt_logprobs", return_prompt_logprobs),
+            ("return_routed_experts", return_routed_experts),
+            ("stream", stream),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r:.40}")
+        if isinstance(top_logprobs_num, bool) or not isinstance(top_logprobs_num, int):
+            raise ValueError(f"top_logprobs_num must be an integer, got {top_logprobs_num!r:.40}")
+        if not 0 <= top_logprobs_num <= self.vocab_size:
+            raise ValueError(
+                f"top_logprobs_num must be in [0, {self.vocab_size}] (the vocabulary), got {top_logprobs_num}"
+            )
         index = next(self._counter)
         rid = str(index) if request_id is None else str(request_id)
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise ValueError("the prompt is empty: give at least one token id")
-        bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < self.vocab_size]
-        if bad:
-            i, t = bad[0]
-            raise ValueError(
-                f"prompt token id {t} at position {i} is outside the vocabulary [0, {self.vocab_size})"
-                + (f" ({len(bad)} bad ids in all)" if len(bad) > 1 else "")
-            )
-        if len(ids) >= self.context_length:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens but the context length is {self.context_length}: "
-                "leave room for at least one generated token"
-            )
+        ids = self._check_prompt(prompt_ids)
         capacity = self.allocator.num_blocks * self.allocator.block_size
         if len(ids) + 1 > capacity:
             raise ValueError(
@@ -222,8 +225,6 @@ class Engine(WeightSyncMixin):
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("sampling_params.stop (stop strings) needs an engine with a tokenizer")
-        if top_logprobs_num < 0:
-            raise ValueError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
         if return_routed_experts and self.routing is None:
             raise ValueError("return_routed_experts needs an MoE model; this one is dense")
         req = Request(
@@ -451,6 +452,54 @@ class Engine(WeightSyncMixin):
                 f"cannot {what}: memory is released ({', '.join(self._released)}); "
                 "call resume_memory_occupation() first"
             )
+
+    # ---- admission checks ----------------------------------------------------------------------
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt as a list of ints, each a token of the vocabulary, leaving room in the context."""
+        if not hasattr(prompt_ids, "__len__"):
+            prompt_ids = list(prompt_ids)
+        if len(prompt_ids) >= self.context_length:  # before converting: it may be huge
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but the context length is {self.context_length}: "
+                "leave room for at least one generated token"
+            )
+        ids = []
+        for t in prompt_ids:
+            # operator.index: ints, NumPy and 0-d torch integers; not floats or strings.
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                ids.append(operator.index(t))
+            except TypeError:
+                raise ValueError(f"prompt token ids must be integers, got {t!r:.40}") from None
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token id")
+        bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < self.vocab_size]
+        if bad:
+            i, t = bad[0]
+            raise ValueError(
+                f"prompt token id {t} at position {i} is outside the vocabulary [0, {self.vocab_size})"
+                + (f" ({len(bad)} bad ids in all)" if len(bad) > 1 else "")
+            )
+        return ids
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        """What ``SamplingParams`` cannot check without the model: token ids in the vocabulary, and
+        ``min_new_tokens`` leaving some token to sample (banning every one makes the sampled
+        distribution NaN)."""
+        out_of_vocab = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if out_of_vocab:
+            raise ValueError(
+                f"sampling_params.stop_token_ids: {out_of_vocab[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if params.min_new_tokens > 0:
+            banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+            if len({t for t in banned if 0 <= t < self.vocab_size}) >= self.vocab_size:
+                raise ValueError(
+                    "sampling_params.min_new_tokens bans every token of the vocabulary "
+                    "(stop_token_ids and EOS cover it): nothing could be sampled"
+                )
 
     # ---- internals ---------------------------------------------------------------------------
 

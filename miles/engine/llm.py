@@ -13,7 +13,6 @@ Each result is a dict: ``text``, ``output_ids`` and ``meta_info`` (``id``, ``fin
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -26,7 +25,6 @@ from miles.types import SamplingParams
 
 # KV budget on CPU, where no allocator tells how much is free.
 CPU_KV_CACHE_BYTES = 1 << 30
-_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -132,10 +130,16 @@ class LLM:
         ``prompts``: a string, a list of strings, a list of token-id lists, one chat (a list of
         ``{"role", "content"}`` dicts) or a list of chats. Chats always use the chat template;
         strings use it with ``apply_chat_template``. ``sampling_params``: one for all (a
-        ``SamplingParams`` or a dict with SGLang's field names) or one per prompt.
+        ``SamplingParams`` or a dict with SGLang's field names) or one per prompt; a prompt whose
+        ``n`` is above 1 gets ``n`` results in a row. Raises ``ValueError`` for bad input and
+        ``EngineStateError`` while the engine's memory is released.
         """
         ids = [self._encode(p, apply_chat_template) for p in _as_prompt_list(prompts)]
         params = _as_params(sampling_params, len(ids))
+        # n samples per prompt, prompt-major, as SGLang returns them (and as the server's
+        # /generate does).
+        ids = [i for i, p in zip(ids, params) for _ in range(p.n)]
+        params = [p for p in params for _ in range(p.n)]
         outs = self.engine.generate(ids, params)
         return [self._result(o, p, return_logprob, return_text_in_logprobs) for o, p in zip(outs, params)]
 
@@ -220,6 +224,10 @@ def _as_prompt_list(prompts: str | Sequence[Any]) -> list[Any]:
 def _as_params(
     params: SamplingParams | Mapping[str, Any] | Sequence[Any] | None, n: int
 ) -> list[SamplingParams]:
+    if isinstance(params, (str, bytes)):
+        raise ValueError(
+            f"sampling_params must be a dict, a SamplingParams or a list of them, got {params!r:.40}"
+        )
     if params is None or isinstance(params, (SamplingParams, Mapping)):
         return [_one_params(params)] * n
     out = [_one_params(p) for p in params]
@@ -233,7 +241,6 @@ def _one_params(params: SamplingParams | Mapping[str, Any] | None) -> SamplingPa
         return SamplingParams()
     if isinstance(params, SamplingParams):
         return params
-    unknown = sorted(set(params) - _SAMPLING_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown sampling_params {unknown}; known: {sorted(_SAMPLING_FIELDS)}")
-    return SamplingParams(**params)
+    if not isinstance(params, Mapping):
+        raise ValueError(f"sampling_params must be a dict or a SamplingParams, got {type(params).__name__}")
+    return SamplingParams.from_dict(params)

@@ -7,8 +7,9 @@ Per row (request), in this order:
    count in the output, ``presence_penalty`` for every token present in the output;
 2. ``min_new_tokens``: until reached, EOS (unless ``ignore_eos``) and ``stop_token_ids`` get
    ``-inf``;
-3. greedy (``temperature == 0``): the argmax; its logprob is ``log_softmax`` of the logits after
-   steps 1-2;
+3. greedy (``temperature`` 0 or below ``GREEDY_TEMPERATURE``, where dividing by it would overflow
+   the logits: see ``miles.types``): the argmax; its logprob is ``log_softmax`` of the logits
+   after steps 1-2;
 4. otherwise the logits are divided by ``temperature`` and the kept set is the intersection of
    top-k, top-p (smallest prefix of the sorted probabilities whose mass before a token is <= p)
    and min-p (probability >= ``min_p`` x the largest), all computed on the temperature-scaled
@@ -22,11 +23,19 @@ takes a few tensor ops (a generator per row and step cost the RL rollout, where 
 seeded, ~40 µs of host time per row and step). Sampling is ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary
 entry, which draws exactly from ``probs``. Rows are processed independently, so a row's result
 never depends on the other rows of the batch.
+
+Every log-probability returned is finite: temperatures that would overflow the division are
+greedy, ``SamplingParams`` bounds the penalties to a range that cannot overflow, the engine
+refuses a request whose ``min_new_tokens`` would ban every token, the noise ``E`` is floored
+above zero (a zero made ``p / E`` a NaN that ``argmax`` picked: a token outside the distribution,
+log-probability ``-inf``), and top-logprob lists leave out the tokens outside the sampled
+distribution. No guard reads the device: each is an in-place tensor op or a check at admission.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +46,9 @@ from miles.kernels import batch_invariant
 from miles.utils.transfer import HostCopy, to_device
 
 _MASK64 = (1 << 64) - 1
+# The smallest Exp(1) noise: about -log(1 - 2**-25), meant for the hash's largest uniform. A noise
+# of 0 would make a score p / 0, NaN for a masked token; P(E < 2**-25) is about 2**-25 anyway.
+_MIN_NOISE = 2.0**-25
 
 
 def _log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -79,13 +91,31 @@ def hashed_exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     ``keys`` int64 ``[B]`` (e.g. :func:`seed_for` values, on the noise's device). The splitmix64
     finaliser of ``key ^ (j * golden)`` (int64 arithmetic wraps, as the hash wants), its top 24
     bits as a uniform in (0, 1) and ``-log`` of it. Integer ops are exact on every device.
+
+    In fp32 the largest uniform, ``(2**24 - 0.5) / 2**24``, rounds to 1 and its ``-log`` to 0
+    (one entry in 2**24: a few a step at a 150k vocabulary); the noise is floored at the value
+    meant, ``_MIN_NOISE``, so no score is ``p / 0`` (a NaN or infinity that ``argmax`` takes).
     """
     x = keys.to(torch.int64)[:, None] ^ _column_keys(vocab, keys.device)[None, :]
     x = (x ^ _shift_right(x, 30)) * _MIX1
     x = (x ^ _shift_right(x, 27)) * _MIX2
     x = x ^ _shift_right(x, 31)
     u = (_shift_right(x, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(u)
+    return torch.log(u).neg_().clamp_min_(_MIN_NOISE)
+
+
+def _exponential_(out: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill ``out`` with Exp(1) noise from ``generator``, floored at ``_MIN_NOISE``: the CPU's
+    ``exponential_`` may return an exact 0, and a masked token's ``0 / 0`` is a NaN that
+    ``argmax`` takes as the largest score (a token outside the distribution, log-probability
+    ``-inf``). Torch's CUDA kernel already keeps it off 0, so there the floor changes nothing."""
+    out.exponential_(generator=generator)
+    return out.clamp_min_(_MIN_NOISE)
+
+
+def _finite_top(pairs: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Top-logprob entries of tokens the distribution can draw (a cut token's ``-inf`` is not JSON)."""
+    return [(t, v) for t, v in pairs if v != -math.inf]
 
 
 @dataclass
@@ -116,7 +146,9 @@ class PendingSample:
         for row, n in zip(rows, self.top_logprobs_nums):
             out.token_ids.append(int(row[0]))
             out.logprobs.append(row[1])
-            out.top_logprobs.append([(int(t), v) for v, t in zip(row[2 : 2 + n], row[2 + k : 2 + k + n])])
+            out.top_logprobs.append(
+                _finite_top([(int(t), v) for v, t in zip(row[2 : 2 + n], row[2 + k : 2 + k + n])])
+            )
         return out
 
 
@@ -199,7 +231,7 @@ class Sampler:
             k = top_logprobs_nums[i] if top_logprobs_nums is not None else 0
             if k > 0:
                 vals, ids = torch.topk(logp, min(k, logp.shape[-1]))
-                out.top_logprobs.append(list(zip(ids.tolist(), vals.tolist())))
+                out.top_logprobs.append(_finite_top(list(zip(ids.tolist(), vals.tolist()))))
             else:
                 out.top_logprobs.append([])
         return out
@@ -261,7 +293,7 @@ class Sampler:
                     noise[to_device(seeded, logp.device)] = draws
             if unseeded:
                 draw = torch.empty((len(unseeded), vocab), dtype=logp.dtype, device=logp.device)
-                draw.exponential_(generator=self.generator)
+                _exponential_(draw, self.generator)
                 if len(unseeded) == bsz:
                     noise = draw
                 else:
@@ -324,4 +356,4 @@ class Sampler:
             index = len(req.output_ids) if index is None else index
             key = torch.tensor([seed_for(seed, index)], device=like.device)
             return hashed_exponential(key, like.shape[-1])[0].to(like.dtype)
-        return torch.empty_like(like).exponential_(generator=self.generator)
+        return _exponential_(torch.empty_like(like), self.generator)

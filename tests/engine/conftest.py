@@ -151,3 +151,17 @@ def local_engine(tiny_model_dir: str) -> Iterator[object]:
     engine = AsyncEngine(build_engine(config)).start()
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two checkpoints of the same tiny tied Llama (seeds 0 and 1): A is served, B is pushed."""
+    from tests.models.conftest import CASES, make_hf_model
+
+    prefix, kwargs = CASES["llama"]
+    out = {}
+    for tag, seed in (("a", 0), ("b", 1)):
+        path = tmp_path_factory.mktemp(f"ckpt_{tag}")
+        make_hf_model(prefix, kwargs, seed=seed).save_pretrained(path)
+        out[tag] = path
+    return out

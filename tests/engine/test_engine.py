@@ -4,15 +4,18 @@ preemption, chunked prefill, abort, finish reasons and input errors."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
-from miles.engine.engine import Engine
+from miles.engine.engine import Engine, EngineStateError
 from miles.models.generation import generate_ids
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.models.conftest import CASES, make_hf_model
+from tests.tolerance import logprob_tol
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
 
@@ -138,7 +141,9 @@ def test_seeded_sampling_is_batch_invariant(llama):
         [*others[:2], target, *others[2:]], [unseeded, unseeded, params, unseeded, unseeded, unseeded]
     )[2]
     assert mixed.output_ids == alone.output_ids
-    assert mixed.output_logprobs == pytest.approx(alone.output_logprobs, abs=1e-5)
+    # Another batch sums in another order: equal to rounding (tests/tolerance.py), tokens exactly.
+    tol = logprob_tol(llama, len(target) + len(alone.output_ids))
+    assert mixed.output_logprobs == pytest.approx(alone.output_logprobs, abs=tol)
     other_seed = _engine(llama).generate([target], SamplingParams(**{**params.to_dict(), "sampling_seed": 9}))
     assert other_seed[0].output_ids != alone.output_ids
 
@@ -325,6 +330,104 @@ def test_bad_input_is_rejected_with_a_reason(llama):
         engine.add_request([1], GREEDY, request_id="a")
     with pytest.raises(ValueError, match="2 prompts but 1 sampling_params"):
         engine.generate([[1], [2]], [GREEDY])
+
+
+# ---- extreme sampling parameters ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45])
+@pytest.mark.parametrize("seed", [None, 7])
+@pytest.mark.parametrize("cut", [{}, {"top_p": 0.9, "repetition_penalty": 1.2}])  # batched, per-row
+def test_tiny_temperature_generates_what_greedy_does(llama, temperature, seed, cut):
+    """These gave NaN log-probs (a 500 from the server's JSON encoder) and token 0."""
+    prompts = _prompts(5, 12, seed=9)
+    base = dict(max_new_tokens=8, ignore_eos=True, **cut)
+    greedy = _engine(llama).generate(prompts, SamplingParams(temperature=0, **base))
+    engine = _engine(llama, seed=3)
+    tiny = SamplingParams(temperature=temperature, sampling_seed=seed, **base)
+    # Mixed with an ordinary sampled request, as in a server's batch.
+    outs = engine.generate([*prompts, prompts[0]], [tiny, tiny, SamplingParams(temperature=1.0, **base)])
+    assert _ids(outs[:2]) == _ids(greedy)
+    for out, ref in zip(outs, greedy):
+        assert all(torch.isfinite(torch.tensor(out.output_logprobs)))
+        tol = logprob_tol(llama, 12 + len(ref.output_ids))  # greedy ran in another batch
+        assert out.output_logprobs == pytest.approx(ref.output_logprobs, abs=tol)
+
+
+@pytest.mark.parametrize("penalty", [0.01, 100.0])
+def test_repetition_penalty_bounds_give_finite_logprobs(llama, penalty):
+    params = SamplingParams(temperature=0.7, repetition_penalty=penalty, max_new_tokens=8, ignore_eos=True)
+    engine = _engine(llama)
+    rid = engine.add_request(_prompts(12, seed=2)[0], params, top_logprobs_num=5)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    out = done[rid]
+    assert len(out.output_ids) == 8 and all(torch.isfinite(torch.tensor(out.output_logprobs)))
+    assert all(torch.isfinite(torch.tensor([v for _, v in top])).all() for top in out.output_top_logprobs)
+
+
+def test_top_logprobs_carry_only_tokens_that_could_be_drawn(llama):
+    params = SamplingParams(temperature=1.0, top_k=2, max_new_tokens=4, ignore_eos=True, sampling_seed=0)
+    engine = _engine(llama)
+    rid = engine.add_request(_prompts(6)[0], params, top_logprobs_num=5)
+    while engine.has_unfinished():
+        outs = [o for o in engine.step() if o.request_id == rid and o.finished]
+    tops = outs[0].output_top_logprobs
+    assert tops is not None and all(len(top) == 2 for top in tops)  # -inf for the rest: not JSON
+    assert all(v > float("-inf") for top in tops for _, v in top)
+
+
+def test_huge_max_new_tokens_stops_at_the_context_length(llama):
+    out = _engine(llama, context_length=20).generate(
+        [_prompts(5)[0]], SamplingParams(temperature=0, max_new_tokens=2**31 - 1, ignore_eos=True)
+    )[0]
+    assert (
+        out.finish_reason is not None and out.finish_reason.type == "length" and out.completion_tokens == 15
+    )
+
+
+# ---- admission checks ----------------------------------------------------------------------------
+
+
+def test_request_arguments_the_model_bounds_are_checked_at_admission(llama):
+    engine = _engine(llama, eos_token_ids=[5])
+    with pytest.raises(ValueError, match=r"stop_token_ids: 128 is outside the vocabulary \[0, 128\)"):
+        engine.add_request([1, 2], SamplingParams(stop_token_ids=(3, 128)))
+    every = SamplingParams(min_new_tokens=1, stop_token_ids=tuple(t for t in range(128) if t != 5))
+    with pytest.raises(ValueError, match="min_new_tokens bans every token"):
+        engine.add_request([1, 2], every)
+    engine.add_request([1, 2], dataclasses.replace(every, ignore_eos=True))  # EOS 5 stays drawable
+    with pytest.raises(ValueError, match="top_logprobs_num must be in \\[0, 128\\]"):
+        engine.add_request([1, 2], GREEDY, top_logprobs_num=129)
+    with pytest.raises(ValueError, match="top_logprobs_num must be an integer"):
+        engine.add_request([1, 2], GREEDY, top_logprobs_num=True)
+    with pytest.raises(ValueError, match="return_prompt_logprobs must be true or false, got 'yes'"):
+        engine.add_request([1, 2], GREEDY, return_prompt_logprobs="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams, got dict"):
+        engine.add_request([1, 2], {"temperature": 0})  # type: ignore[arg-type]
+    for bad in ([1, 2.5], [1, "3"], [True, 2], [1, None]):
+        with pytest.raises(ValueError, match="prompt token ids must be integers"):
+            engine.add_request(bad, GREEDY)  # type: ignore[arg-type]
+    assert engine.stats().num_waiting == 1
+    # NumPy and torch integers are integers.
+    engine.add_request(torch.tensor([1, 2, 3]), GREEDY)  # type: ignore[arg-type]
+    engine.add_request(np.array([4, 5], dtype=np.int32), GREEDY)  # type: ignore[arg-type]
+
+
+def test_generating_while_memory_is_released_is_refused_at_admission(llama):
+    engine = _engine(llama)
+    for tags in (["kv_cache"], ["weights"]):
+        engine.release_memory_occupation(tags)
+        for call in (
+            lambda: engine.add_request([1, 2], GREEDY),
+            lambda: engine.generate([[1, 2]], GREEDY),
+        ):
+            with pytest.raises(EngineStateError, match="memory is released.*resume_memory_occupation"):
+                call()
+        assert not engine.has_unfinished() and engine.step() == []
+        engine.resume_memory_occupation(tags)
+    assert _ids(engine.generate([[1, 2]], GREEDY)) == generate_ids(llama, [[1, 2]], 10)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------

@@ -14,21 +14,9 @@ from miles.engine.engine import Engine, EngineStateError
 from miles.engine.weights import WeightUpdateError, init_custom_process_group
 from miles.models.loading import load_model, save_hf
 from miles.types import SamplingParams
-from tests.models.conftest import CASES, make_hf_model, save_case
+from tests.models.conftest import save_case
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """Two checkpoints of the same tiny tied Llama (seeds 0 and 1): A is served, B is pushed."""
-    prefix, kwargs = CASES["llama"]
-    out = {}
-    for tag, seed in (("a", 0), ("b", 1)):
-        path = tmp_path_factory.mktemp(f"hooks_{tag}")
-        make_hf_model(prefix, kwargs, seed=seed).save_pretrained(path)
-        out[tag] = path
-    return out
 
 
 def _prompts() -> list[list[int]]:

@@ -139,3 +139,61 @@ def test_seeded_race_samples_the_distribution():
     for s in range(3000):
         counts[sampler.sample(probs.log()[None], [_req(temperature=1.0, sampling_seed=s)]).token_ids[0]] += 1
     assert torch.allclose(counts / 3000, probs, atol=0.03)
+
+
+# ---- never a NaN or an infinite log-probability ------------------------------------------------
+
+TINY = (1e-300, 1e-45, 5e-324, 1e-7)
+
+
+@pytest.mark.parametrize("temperature", TINY)
+@pytest.mark.parametrize("seed", [None, 11])
+def test_tiny_temperature_is_greedy_on_both_paths(temperature, seed):
+    """Dividing fp32 logits by these gave inf, then NaN log-probs (a 500 from the JSON encoder)
+    and token 0 (argmax of NaN)."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(5)) * 4
+    greedy = Sampler().sample(logits[:3], [_req(temperature=0.0) for _ in range(3)], [4] * 3)
+    tiny = [_req(temperature=temperature, sampling_seed=seed, top_p=0.5 if i else 1.0) for i in range(3)]
+    batched = Sampler().sample(logits[:3], tiny, [4] * 3)
+    # A fourth row with a top-p cut sends the whole batch through the per-row path.
+    per_row = Sampler().sample(logits, [*tiny, _req(temperature=0.9, top_p=0.5, sampling_seed=3)], [4] * 4)
+    for out in (batched, per_row):
+        assert out.token_ids[:3] == greedy.token_ids == logits[:3].argmax(-1).tolist()
+        assert out.logprobs[:3] == greedy.logprobs and all(math.isfinite(lp) for lp in out.logprobs)
+        assert out.top_logprobs[:3] == greedy.top_logprobs
+
+
+@pytest.mark.parametrize("penalty", [0.01, 100.0])
+def test_repetition_penalty_at_its_bounds_stays_finite(penalty):
+    logits = torch.tensor([3e4, -3e4, 1.0, -1.0, 0.0])
+    req = _req(prompt=(0, 1, 2, 3), out=(4,), repetition_penalty=penalty, temperature=0.5, top_k=3)
+    logp, _ = Sampler().process(logits, req)
+    assert not torch.isnan(logp).any() and torch.isfinite(logp).sum() == 3
+    out = Sampler(generator=torch.Generator().manual_seed(0)).sample(logits[None], [req], [5])
+    assert math.isfinite(out.logprobs[0])
+
+
+# A (seed, column) whose hashed noise was exactly 0: in fp32 the hash's largest uniform,
+# (2**24 - 0.5) / 2**24, rounds to 1 (found by a search over seeds at index 0).
+ZERO_NOISE_SEED, ZERO_NOISE_COLUMN = 6119, 106
+
+
+def test_noise_that_rounded_to_zero_no_longer_picks_a_masked_token():
+    from miles.engine.sampler import hashed_exponential
+
+    noise = hashed_exponential(torch.tensor([seed_for(ZERO_NOISE_SEED, 0)]), 128)[0]
+    assert float(noise[ZERO_NOISE_COLUMN]) == 2.0**-25 == float(noise.min())  # the floor
+    logits = torch.linspace(4.0, 0.0, 128)
+    logits[ZERO_NOISE_COLUMN] = -1e4  # probability 0 in fp32: 0 / 0 was a NaN, argmax's pick
+    for kw in (dict(top_k=5), {}):  # per-row path (a cut: logprob -inf), batched path
+        out = Sampler().sample(logits[None], [_req(temperature=1.0, sampling_seed=ZERO_NOISE_SEED, **kw)])
+        assert out.token_ids[0] != ZERO_NOISE_COLUMN and math.isfinite(out.logprobs[0])
+
+
+def test_top_logprobs_leave_out_tokens_outside_the_distribution():
+    """A top-k cut's tokens have log-probability -inf, which JSON cannot carry."""
+    out = Sampler().sample(LOGITS[None], [_req(temperature=1.0, top_k=2, sampling_seed=1)], [5])
+    assert [t for t, _ in out.top_logprobs[0]] == [0, 1]
+    assert all(math.isfinite(v) for _, v in out.top_logprobs[0])
+    banned = Sampler(eos_token_ids=[0]).sample(LOGITS[None], [_req(temperature=0, min_new_tokens=1)], [6])
+    assert [t for t, _ in banned.top_logprobs[0]] == [1, 2, 3, 4, 5]

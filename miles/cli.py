@@ -5,12 +5,19 @@ adds its arguments, and a function that runs it. Adding one (``serve``, ``bench`
 is adding those two functions and a registry entry. Heavy modules (torch, transformers, the
 model code, the RL loop, yaml) are imported inside the handlers, and only the chosen
 subcommand's arguments are built, so ``miles --help`` answers at once.
+
+Errors: a mistake of the user's (a flag, a file, a hook, a dataset row) prints
+``miles: error: ...`` and exits 2; a run that cannot go on (:data:`RUN_ERRORS`) prints
+``miles: error: ...`` and exits 1; both without a traceback, which ``miles --debug ...`` or
+``MILES_DEBUG=1`` shows. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -42,25 +49,30 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_train_arguments(parser)
     parser.usage = "miles train [--config FILE.yaml] [--dry-run] [FLAG ...]"
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, its files and hooks (no model is loaded), print it as YAML and exit",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from miles.config import config_from_namespace, config_to_yaml
 
     config = config_from_namespace(args)
-    if args.dry_run:
-        print(config_to_yaml(config), end="")
-        return 0
     try:
-        from miles.orchestrate.loop import run_train
+        loop = importlib.import_module("miles.orchestrate.loop")
     except ImportError as e:
         # Only a missing loop means "not in this build"; a missing dependency inside it is a real error.
         if not (e.name or "").startswith("miles.orchestrate"):
             raise
         print("miles train: the RL loop is not available in this build", file=sys.stderr)
         return 2
-    result = run_train(config)
+    if args.dry_run:
+        loop.preflight(config)  # files, hooks, unbuilt flags, the run directory: what a run checks first
+        print(config_to_yaml(config), end="")
+        return 0
+    result = loop.run_train(config)
     return result if isinstance(result, int) else 0
 
 
@@ -285,12 +297,49 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=30000, help="(default: %(default)s)")
     parser.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health"
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on all but /health and admin endpoints",
     )
     parser.add_argument(
-        "--allow-remote-admin",
-        action="store_true",
-        help="without --api-key, allow weight/memory/pause endpoints from non-loopback clients",
+        "--admin-api-key",
+        default=None,
+        metavar="KEY",
+        help="the key of the admin endpoints (weights, memory, pause), from any host; without it they "
+        "answer loopback clients only. Better given as $MILES_ADMIN_API_KEY (ps shows flags)",
+    )
+    # Removed (remote admin calls need the admin key); kept only to say so.
+    parser.add_argument("--allow-remote-admin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=32 * 1024**2,
+        help="largest request body (default: %(default)s; 413 beyond)",
+    )
+    parser.add_argument(
+        "--max-weight-update-bytes",
+        type=int,
+        default=1024**3,
+        help="largest weight update: /update_weights_from_tensor body, or one broadcast (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sglang-max-queued-requests",
+        type=int,
+        default=4096,
+        help="requests that may wait beyond the running ones; then 503 + Retry-After (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-requests-per-call",
+        type=int,
+        default=1024,
+        help="engine requests one HTTP call may create: prompts x n (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weight-update-group-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="rendezvous timeout of /init_weights_update_group (default: %(default)s)",
     )
     parser.add_argument(
         "--served-model-name", default=None, help="model id in the OpenAI API (default: the path)"
@@ -340,6 +389,29 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sglang-max-prefill-tokens must be >= 1, got {args.sglang_max_prefill_tokens}")
     if args.api_key is not None and not args.api_key:
         raise ConfigError("--api-key must not be empty")
+    if args.allow_remote_admin:
+        raise ConfigError(
+            "--allow-remote-admin was removed: admin endpoints answer other hosts only with an admin key "
+            "(--admin-api-key, or $MILES_ADMIN_API_KEY)"
+        )
+    from miles.engine.client import ADMIN_KEY_ENV
+
+    admin_key = args.admin_api_key if args.admin_api_key is not None else os.environ.get(ADMIN_KEY_ENV)
+    if admin_key is not None and not admin_key:
+        raise ConfigError(f"--admin-api-key (or ${ADMIN_KEY_ENV}) must not be empty")
+    if admin_key is not None and admin_key == args.api_key:
+        raise ConfigError(
+            "--admin-api-key must differ from --api-key (the API key must not open admin endpoints)"
+        )
+    for flag in ("max_request_bytes", "max_weight_update_bytes", "max_requests_per_call"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.sglang_max_queued_requests < 0:
+        raise ConfigError(f"--sglang-max-queued-requests must be >= 0, got {args.sglang_max_queued_requests}")
+    if not args.weight_update_group_timeout > 0:
+        raise ConfigError(
+            f"--weight-update-group-timeout must be > 0, got {args.weight_update_group_timeout}"
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     from miles.engine.server import ServerConfig, serve
@@ -350,7 +422,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_key=args.api_key,
-        allow_remote_admin=args.allow_remote_admin,
+        admin_api_key=admin_key,
         served_model_name=args.served_model_name,
         dtype=args.dtype,
         device=args.device,
@@ -365,6 +437,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         disable_cuda_graph=args.sglang_disable_cuda_graph,
         disable_overlap_schedule=args.sglang_disable_overlap_schedule,
         log_level=args.log_level,
+        max_request_bytes=args.max_request_bytes,
+        max_weight_update_bytes=args.max_weight_update_bytes,
+        max_queued_requests=args.sglang_max_queued_requests,
+        max_requests_per_call=args.max_requests_per_call,
+        weight_update_group_timeout_s=args.weight_update_group_timeout,
     )
     if args.sglang_enable_deterministic_inference:
         from miles.kernels.batch_invariant import set_batch_invariant
@@ -429,6 +506,9 @@ def build_parser(
         prog="miles", description="Miles: RL post-training for LLMs, MoE first.", allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"miles {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error (also: MILES_DEBUG=1)"
+    )
     subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, cmd in COMMANDS.items():
@@ -440,10 +520,41 @@ def build_parser(
     return parser, subs
 
 
+# Errors raised past the preflight checks, by class (``module.QualName``, matched along the MRO so
+# that nothing is imported to recognise them) -> exit code. 2: the user's input (a dataset row, a
+# hook); 1: a run that cannot go on (every sample failed, a checkpoint that fails its checksum).
+RUN_ERRORS: dict[str, int] = {
+    "miles.utils.dataclass_flags.ConfigError": 2,
+    "miles.rollout.dataset.DatasetError": 2,
+    "miles.rewards.registry.FunctionLoadError": 2,
+    "miles.orchestrate.loop.LoopError": 1,
+    "miles.rollout.manager.RolloutError": 1,
+    "miles.models.loading.CheckpointError": 1,
+}
+
+
+def error_exit_code(error: BaseException) -> int | None:
+    """The exit code :func:`main` gives ``error`` (see :data:`RUN_ERRORS`), or None for a bug."""
+    for cls in type(error).__mro__:
+        code = RUN_ERRORS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if code is not None:
+            return code
+    return None
+
+
+def debug_enabled(args_list: Sequence[str]) -> bool:
+    """``miles --debug ...`` (before the command) or ``MILES_DEBUG`` set to anything but 0/false/empty."""
+    command_at = next((i for i, a in enumerate(args_list) if not a.startswith("-")), len(args_list))
+    env = os.environ.get("MILES_DEBUG", "").strip().lower()
+    return "--debug" in args_list[:command_at] or env not in ("", "0", "false", "no")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``miles`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code.
 
-    Usage and configuration errors print ``miles: error: ...`` and return 2.
+    Usage, configuration and input errors print ``miles: error: ...`` and return 2; a run that
+    cannot go on prints ``miles: error: ...`` and returns 1 (:data:`RUN_ERRORS`). With
+    :func:`debug_enabled` they raise instead, with their traceback.
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
@@ -454,14 +565,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         parser, subs = build_parser(command)
         args, extras = parser.parse_known_args(args_list)
+        if "--debug" in extras:
+            raise ConfigError(
+                f"--debug goes before the command: miles --debug {args.command or 'COMMAND'} ..."
+            )
         if extras:
             raise unknown_argument_error(extras, subs[args.command] if args.command else parser)
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
         return COMMANDS[args.command].run(args)
-    except ConfigError as e:
-        print(f"miles: error: {e}", file=sys.stderr)
-        return 2
     except SystemExit as e:  # --help and --version exit through argparse
         return e.code if isinstance(e.code, int) else 0
+    except Exception as e:
+        code = error_exit_code(e)
+        if code is None or debug_enabled(args_list):
+            raise
+        print(f"miles: error: {e}", file=sys.stderr)
+        if code == 1:
+            print(
+                "miles: run it again with MILES_DEBUG=1 (or miles --debug ...) for the traceback",
+                file=sys.stderr,
+            )
+        return code

@@ -10,6 +10,11 @@ started by ``start()``) ever touches it. Everything else reaches it through a co
   result (or raises its exception) in the caller's loop; the RL hooks (weight updates, pause,
   memory release) and ``stats()`` go through it, so they never race a forward.
 
+Admission is bounded: with ``max_queued_requests``, a submission that would leave more than
+``max_running_requests + max_queued_requests`` requests unfinished raises ``EngineOverloaded``
+(the server's 503) and adds nothing. ``offload(fn)`` runs request preparation (tokenizing, chat
+templates) on one worker thread, so the event loop stays free to answer ``/health``.
+
 Lifecycle: ``start()`` -> use -> ``close()``. ``close()`` aborts what is in flight, delivers the
 final outputs and joins the thread. A stream that its consumer leaves early (client disconnect:
 the task is cancelled, or the generator is closed) aborts its unfinished requests, which frees
@@ -19,6 +24,7 @@ their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -40,6 +46,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _STOP = object()
 _THROUGHPUT_WINDOW_S = 10.0
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many requests are unfinished to admit more now (``max_queued_requests``)."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +125,22 @@ class RequestStream:
 class AsyncEngine:
     """Asyncio front of an ``Engine`` driven by its own thread (see the module docstring)."""
 
-    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.5) -> None:
+    def __init__(
+        self, engine: Engine, *, idle_poll_s: float = 0.5, max_queued_requests: int | None = None
+    ) -> None:
+        """``max_queued_requests``: how many requests may wait beyond those the engine runs
+        together (``None``: no bound)."""
         self.engine = engine
+        self.max_unfinished = (
+            None
+            if max_queued_requests is None
+            else engine.scheduler.max_running_requests + max_queued_requests
+        )
+        # Requests admitted and not finished (submitted, queued for the engine thread, or in the
+        # engine); changed under the lock by the loop (admission) and the engine thread (ends).
+        self._unfinished = 0
+        self._unfinished_lock = threading.Lock()
+        self._offload = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="miles-prepare")
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # request id -> sink; engine thread only
         self._idle_poll_s = idle_poll_s
@@ -148,6 +172,7 @@ class AsyncEngine:
         if self._closed:
             return
         self._closed = True
+        self._offload.shutdown(wait=False, cancel_futures=True)
         self._commands.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -159,12 +184,38 @@ class AsyncEngine:
     def new_request_id(self) -> str:
         return f"miles-{time.time_ns():x}-{next(self._ids)}"
 
+    @property
+    def num_unfinished(self) -> int:
+        """Requests admitted and not finished yet."""
+        return self._unfinished
+
+    async def offload(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` on the preparation thread (one, so a tokenizer is never used by two
+        preparations at once) and return its result: CPU-heavy request parsing stays off the
+        event loop."""
+        self._check_open()
+        return await asyncio.get_running_loop().run_in_executor(self._offload, fn)
+
+    def _admit(self, count: int) -> None:
+        with self._unfinished_lock:
+            if self.max_unfinished is not None and self._unfinished + count > self.max_unfinished:
+                raise EngineOverloaded(
+                    f"the engine is full: {self._unfinished} requests unfinished, {count} more asked, "
+                    f"at most {self.max_unfinished} (max running + max queued requests); retry later"
+                )
+            self._unfinished += count
+
+    def _release(self, count: int) -> None:
+        with self._unfinished_lock:
+            self._unfinished -= count
+
     # ---- requests ----------------------------------------------------------------------------
 
     async def submit(self, specs: Sequence[RequestSpec]) -> RequestStream:
         """Add ``specs`` together (all or none) and return the stream of their outputs.
 
-        An input the engine rejects raises its ``ValueError`` here, with nothing left queued.
+        An input the engine rejects raises its ``ValueError`` here, with nothing left queued;
+        a full engine raises ``EngineOverloaded``.
         """
         self._check_open()
         ids = [s.request_id for s in specs]
@@ -174,6 +225,7 @@ class AsyncEngine:
             raise ValueError("rid: request ids must be unique within a request")
         loop = asyncio.get_running_loop()
         sink = _Sink(loop, {rid: i for i, rid in enumerate(ids)})
+        self._admit(len(ids))
         self._enqueue_add(list(specs), sink, loop)
         stream = RequestStream(self, sink)
         try:
@@ -204,7 +256,8 @@ class AsyncEngine:
             self._adds_flush_scheduled = False
 
         if self._closed:  # close() came first: the engine thread will not run it
-            for _, sink in adds:
+            for specs, sink in adds:
+                self._release(len(specs))
                 sink.put(-1, RuntimeError("the engine was shut down"))
             return
 
@@ -292,6 +345,7 @@ class AsyncEngine:
             for rid in added:  # all or nothing: withdraw the ones already queued
                 self.engine.abort(rid)
                 self._sinks.pop(rid, None)
+            self._release(len(specs))
             sink.put(-1, e)
             return
         sink.put(-1, None)
@@ -350,14 +404,18 @@ class AsyncEngine:
             self._recent.append((now, new_tokens))
             while self._recent and now - self._recent[0][0] > _THROUGHPUT_WINDOW_S:
                 self._recent.popleft()
+        finished = 0
         for out in outputs:
             sink = self._sinks.get(out.request_id)
-            if out.finished:
-                self._sinks.pop(out.request_id, None)
+            if out.finished and self._sinks.pop(out.request_id, None) is not None:
+                finished += 1
             if sink is not None:
                 sink.put(sink.index_of[out.request_id], out)
+        if finished:
+            self._release(finished)
 
     def _fail_all(self, error: BaseException) -> None:
         sinks, self._sinks = self._sinks, {}
+        self._release(len(sinks))
         for rid, sink in sinks.items():
             sink.put(sink.index_of[rid], error)

@@ -4,7 +4,8 @@ Each request becomes ``len(prompts) * n`` engine requests submitted together (th
 a prompt share its KV blocks). ``seed`` gives choice ``i`` the sampling seed ``seed + i``, so the
 n choices differ yet the whole answer is reproducible. Streaming yields OpenAI chunk dicts; the
 server frames them as SSE. A decoded text that ends inside a multi-byte character is held
-back until the character is complete.
+back until the character is complete. Counts and text lengths are bounded as for ``/generate``
+(``RequestLimits``), and parsing runs on the engine's preparation thread (:func:`prepare_openai`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from typing import Any
 
 from miles.engine.async_engine import AsyncEngine, RequestSpec, RequestStream
 from miles.engine.protocol import (
+    DEFAULT_LIMITS,
     BadRequest,
+    RequestLimits,
+    check_count,
     check_fields,
     check_prompt,
+    check_text,
     decode_output,
     expect,
+    max_text_chars,
     sampling_params,
 )
 from miles.engine.request import RequestOutput
@@ -86,8 +92,17 @@ class OpenAIRequest:
     include_usage: bool
 
 
-def parse_openai(payload: Any, engine: AsyncEngine, *, chat: bool, model: str) -> OpenAIRequest:
-    """Validate an OpenAI completions / chat body into engine requests."""
+async def prepare_openai(
+    payload: Any, engine: AsyncEngine, *, chat: bool, model: str, limits: RequestLimits = DEFAULT_LIMITS
+) -> OpenAIRequest:
+    """``parse_openai`` on the engine's preparation thread (off the event loop)."""
+    return await engine.offload(lambda: parse_openai(payload, engine, chat=chat, model=model, limits=limits))
+
+
+def parse_openai(
+    payload: Any, engine: AsyncEngine, *, chat: bool, model: str, limits: RequestLimits = DEFAULT_LIMITS
+) -> OpenAIRequest:
+    """Validate an OpenAI completions / chat body into engine requests (counts before tokens)."""
     if not isinstance(payload, Mapping):
         raise BadRequest(None, f"the body must be a JSON object, got {type(payload).__name__}")
     check_fields(payload, CHAT_FIELDS if chat else COMPLETION_FIELDS, _UNSUPPORTED)
@@ -95,19 +110,20 @@ def parse_openai(payload: Any, engine: AsyncEngine, *, chat: bool, model: str) -
     tokenizer = core.tokenizer
     if tokenizer is None:
         raise BadRequest(None, "this engine has no tokenizer; the OpenAI API needs one")
-    if chat:
-        prompts = [_chat_prompt(payload.get("messages"), tokenizer)]
-        field = "messages"
-    else:
-        prompts = _completion_prompts(payload.get("prompt"), tokenizer)
-        field = "prompt"
-    prompts = [check_prompt(p, field, core.vocab_size, core.context_length) for p in prompts]
     if payload.get("echo"):
         raise BadRequest("echo", "echo is not supported")
-
     n = expect(payload, "n", int, 1, "an integer >= 1")
     if n < 1:
         raise BadRequest("n", f"must be an integer >= 1, got {n}")
+    check_count(n, "n", "choices", limits.max_requests)
+    most = max_text_chars(tokenizer, core.context_length)
+    if chat:
+        prompts = [_chat_prompt(payload.get("messages"), tokenizer, most, core.context_length)]
+        field = "messages"
+    else:
+        prompts = _completion_prompts(payload.get("prompt"), tokenizer, n, most, limits)
+        field = "prompt"
+    prompts = [check_prompt(p, field, core.vocab_size, core.context_length) for p in prompts]
     max_key = (
         "max_completion_tokens" if chat and payload.get("max_completion_tokens") is not None else "max_tokens"
     )
@@ -160,10 +176,13 @@ def parse_openai(payload: Any, engine: AsyncEngine, *, chat: bool, model: str) -
     )
 
 
-def _chat_prompt(messages: Any, tokenizer: Any) -> list[int]:
+def _chat_prompt(messages: Any, tokenizer: Any, max_chars: int, context_length: int) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "must be a non-empty list of {role, content} objects")
+    # Every message costs the template at least one token: more cannot fit the context.
+    check_count(len(messages), "messages", "messages", context_length)
     clean: list[dict[str, str]] = []
+    chars = 0
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise BadRequest("messages", f"message {i} must be an object with a string 'role'")
@@ -174,6 +193,11 @@ def _chat_prompt(messages: Any, tokenizer: Any) -> list[int]:
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise BadRequest("messages", f"message {i} must have string 'content'")
+        chars += len(check_text(m["role"], "messages", max_chars)) + len(
+            check_text(content, "messages", max_chars)
+        )
+        if chars > max_chars:
+            raise BadRequest("messages", f"more than {max_chars} characters: more than the context can hold")
         clean.append({"role": m["role"], "content": content})
     try:
         text = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
@@ -182,14 +206,17 @@ def _chat_prompt(messages: Any, tokenizer: Any) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
+def _completion_prompts(
+    prompt: Any, tokenizer: Any, n: int, max_chars: int, limits: RequestLimits
+) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [list(tokenizer.encode(prompt))]
+        return [list(tokenizer.encode(check_text(prompt, "prompt", max_chars)))]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return [list(tokenizer.encode(p)) for p in prompt]
         if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return [list(prompt)]
+        check_count(len(prompt) * n, "prompt", "requests (prompts x n)", limits.max_requests)
+        if all(isinstance(p, str) for p in prompt):
+            return [list(tokenizer.encode(check_text(p, "prompt", max_chars))) for p in prompt]
         if all(isinstance(p, list) for p in prompt):
             return [list(p) for p in prompt]
     raise BadRequest(

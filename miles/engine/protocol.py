@@ -13,13 +13,22 @@ response ``{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_t
          "input_token_logprobs", "output_top_logprobs", "routed_experts"}}`` (a list for a batch
          or ``n > 1``). ``routed_experts`` (MoE, when asked; final response only) is SGLang's:
          base64 of little-endian int32 ``[prompt + output tokens - 1, moe_layers, top_k]``.
+
+Every count a request controls is bounded (:class:`RequestLimits`): engine requests per call
+(prompts x ``n``, checked before any is built), ``top_logprobs_num``, ``rid`` lengths, and the
+characters of a text, refused before it is tokenized when it cannot fit the context. Parsing of
+texts (tokenization) and of large bodies runs on the engine's preparation thread; small
+pre-tokenized bodies are parsed inline, so a rollout reaches the engine as one admission
+(:func:`prepare_generate`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +81,59 @@ UNSUPPORTED_FIELDS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for; beyond it the answer is HTTP 400 naming the field."""
+
+    max_requests: int = 1024  # engine requests one call creates: prompts x n (choices)
+    max_top_logprobs: int = 20  # alternatives per token (the OpenAI API's bound)
+    max_rid_chars: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_top_logprobs", "max_rid_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RequestLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+_LONGEST_TOKEN: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def max_text_chars(tokenizer: Any, context_length: int) -> int:
+    """The most characters a text that fits ``context_length`` tokens can have.
+
+    Every token covers at most as many characters as its longest vocabulary string (byte-level
+    BPE and SentencePiece spell each covered character, or byte, in the token's string), so a
+    longer text has more tokens than the context holds and is refused before it is tokenized."""
+    try:
+        longest = _LONGEST_TOKEN[tokenizer]
+    except (KeyError, TypeError):
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        longest = max((len(str(t)) for t in vocab), default=0) or 64
+        with contextlib.suppress(TypeError):  # not weak-referenceable: computed again next time
+            _LONGEST_TOKEN[tokenizer] = longest
+    return context_length * longest
+
+
+def check_text(text: str, field: str, limit: int) -> str:
+    """``text`` if it is valid Unicode (no lone surrogates) of at most ``limit`` characters."""
+    if len(text) > limit:
+        raise BadRequest(
+            field, f"the text has {len(text)} characters: more than the context can hold (at most {limit})"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(field, f"not valid Unicode text: {e.reason} at character {e.start}") from None
+    return text
+
+
+def check_count(count: int, field: str, what: str, limit: int) -> None:
+    if count > limit:
+        raise BadRequest(field, f"{count} {what} in one request: at most {limit}")
+
+
 class BadRequest(ValueError):
     """Invalid client input; ``field`` names the offending request field (HTTP 400)."""
 
@@ -119,6 +181,8 @@ def sampling_params(data: Any, field: str = "sampling_params") -> SamplingParams
 def check_prompt(ids: list[int], field: str, vocab_size: int, context_length: int) -> list[int]:
     if not ids:
         raise BadRequest(field, "the prompt is empty")
+    if len(ids) >= context_length:
+        raise BadRequest(field, f"the prompt has {len(ids)} tokens; the context length is {context_length}")
     for i, t in enumerate(ids):
         if not isinstance(t, int) or isinstance(t, bool):
             raise BadRequest(field, f"token ids must be integers, got {t!r} at position {i}")
@@ -126,8 +190,6 @@ def check_prompt(ids: list[int], field: str, vocab_size: int, context_length: in
             raise BadRequest(
                 field, f"token id {t} at position {i} is outside the vocabulary [0, {vocab_size})"
             )
-    if len(ids) >= context_length:
-        raise BadRequest(field, f"the prompt has {len(ids)} tokens; the context length is {context_length}")
     return ids
 
 
@@ -153,44 +215,52 @@ def parse_generate(
     new_id: Callable[[], str],
     *,
     moe: bool = False,
+    limits: RequestLimits = DEFAULT_LIMITS,
 ) -> GenerateRequest:
     """Validate a ``/generate`` body; ``BadRequest`` names the first bad field. ``moe``: the
-    model has MoE layers (``return_routed_experts`` is refused otherwise)."""
+    model has MoE layers (``return_routed_experts`` is refused otherwise). Counts are checked
+    before the work they cost (tokenizing, building requests) is done."""
     if not isinstance(payload, Mapping):
         raise BadRequest(None, f"the body must be a JSON object, got {type(payload).__name__}")
     check_fields(payload, GENERATE_FIELDS, UNSUPPORTED_FIELDS)
     has_text, has_ids = payload.get("text") is not None, payload.get("input_ids") is not None
     if has_text == has_ids:
         raise BadRequest("text", "give exactly one of text or input_ids")
-    prompts: list[list[int]]
     if has_text:
         text = payload["text"]
         batched = isinstance(text, list)
         texts = text if batched else [text]
         if not texts or not all(isinstance(t, str) for t in texts):
             raise BadRequest("text", "must be a string or a non-empty list of strings")
+        check_count(len(texts), "text", "prompts", limits.max_requests)
         if tokenizer is None:
             raise BadRequest("text", "this engine has no tokenizer: send input_ids")
-        prompts = [list(tokenizer.encode(t)) for t in texts]
-        field = "text"
+        field, count = "text", len(texts)
     else:
         ids = payload["input_ids"]
         if not isinstance(ids, list):
             raise BadRequest("input_ids", "must be a list of token ids or a list of such lists")
         batched = bool(ids) and isinstance(ids[0], list)
-        prompts = ids if batched else [ids]
-        if batched and not all(isinstance(p, list) for p in prompts):
+        raw_prompts = ids if batched else [ids]
+        if batched and not all(isinstance(p, list) for p in raw_prompts):
             raise BadRequest("input_ids", "a batch must be a list of lists of token ids")
-        field = "input_ids"
-    prompts = [check_prompt(p, field, vocab_size, context_length) for p in prompts]
+        check_count(len(raw_prompts), "input_ids", "prompts", limits.max_requests)
+        field, count = "input_ids", len(raw_prompts)
 
     raw_params = payload.get("sampling_params") or {}
     if isinstance(raw_params, list):
-        if len(raw_params) != len(prompts):
-            raise BadRequest("sampling_params", f"{len(raw_params)} given for {len(prompts)} prompts")
+        if len(raw_params) != count:
+            raise BadRequest("sampling_params", f"{len(raw_params)} given for {count} prompts")
         params = [sampling_params(p) for p in raw_params]
     else:
-        params = [sampling_params(raw_params)] * len(prompts)
+        params = [sampling_params(raw_params)] * count
+    n_total = sum(p.n for p in params)
+    check_count(n_total, "sampling_params", "requests (prompts x n)", limits.max_requests)
+
+    if has_text:  # only now: tokenizing is the expensive part
+        most = max_text_chars(tokenizer, context_length)
+        raw_prompts = [list(tokenizer.encode(check_text(t, "text", most))) for t in texts]
+    prompts = [check_prompt(p, field, vocab_size, context_length) for p in raw_prompts]
 
     return_logprob = expect(payload, "return_logprob", bool, False, "true or false")
     start = expect(payload, "logprob_start_len", int, -1, "an integer >= -1")
@@ -201,23 +271,16 @@ def parse_generate(
             if start >= len(p):
                 raise BadRequest("logprob_start_len", f"{start} is not inside the prompt ({len(p)} tokens)")
     top = expect(payload, "top_logprobs_num", int, 0, "an integer >= 0")
-    if top < 0:
-        raise BadRequest("top_logprobs_num", f"must be an integer >= 0, got {top}")
+    if not 0 <= top <= limits.max_top_logprobs:
+        raise BadRequest(
+            "top_logprobs_num", f"must be an integer in [0, {limits.max_top_logprobs}], got {top}"
+        )
 
     routed = expect(payload, "return_routed_experts", bool, False, "true or false")
     if routed and not moe:
         raise BadRequest("return_routed_experts", "this model has no MoE layers: no experts to return")
 
-    n_total = sum(p.n for p in params)
-    rid = payload.get("rid")
-    if rid is None:
-        rids = [new_id() for _ in prompts]
-    elif isinstance(rid, str) and not batched:
-        rids = [rid]
-    elif isinstance(rid, list) and len(rid) == len(prompts) and all(isinstance(r, str) for r in rid):
-        rids = rid
-    else:
-        raise BadRequest("rid", "must be a string (one prompt) or a list of strings, one per prompt")
+    rids = _rids(payload.get("rid"), len(prompts), batched, new_id, limits)
     specs: list[RequestSpec] = []
     for prompt, sp, r in zip(prompts, params, rids):
         for j in range(sp.n):
@@ -244,6 +307,24 @@ def parse_generate(
         return_text_in_logprobs=expect(payload, "return_text_in_logprobs", bool, False, "true or false"),
         return_routed_experts=routed,
     )
+
+
+def _rids(
+    rid: Any, count: int, batched: bool, new_id: Callable[[], str], limits: RequestLimits
+) -> Sequence[str]:
+    if rid is None:
+        return [new_id() for _ in range(count)]
+    if isinstance(rid, str) and not batched:
+        rids = [rid]
+    elif isinstance(rid, list) and len(rid) == count and all(isinstance(r, str) for r in rid):
+        rids = rid
+    else:
+        raise BadRequest("rid", "must be a string (one prompt) or a list of strings, one per prompt")
+    for r in rids:
+        if not 0 < len(r) <= limits.max_rid_chars:
+            raise BadRequest("rid", f"a rid has 1 to {limits.max_rid_chars} characters, got {len(r)}")
+        check_text(r, "rid", limits.max_rid_chars)
+    return rids
 
 
 def decode_output(tokenizer: Any, out: RequestOutput, params: SamplingParams) -> str | None:
@@ -303,19 +384,61 @@ def encode_routed_experts(ids: Any) -> str:
     return base64.b64encode(ids.astype("<i4", copy=False).tobytes()).decode("ascii")
 
 
-async def run_generate(engine: AsyncEngine, payload: Any) -> dict[str, Any] | list[dict[str, Any]]:
+async def prepare_generate(
+    engine: AsyncEngine, payload: Any, limits: RequestLimits = DEFAULT_LIMITS
+) -> GenerateRequest:
+    """``parse_generate`` for ``engine``: inline for a small pre-tokenized body, else on the
+    engine's preparation thread (off the event loop).
+
+    Inline matters for reproducibility: the rollout's ``generate`` calls, made in one pass of the
+    event loop, must reach the engine in that pass, as one admission (``AsyncEngine._enqueue_add``).
+    Handed to a thread, each would come back whenever the thread finished it, and the engine's
+    batches, hence its GEMM shapes and log-prob bits, would depend on timing. Checking a few
+    thousand token ids costs the loop less than the hand-over; texts (tokenization) and large
+    bodies go to the thread."""
+    core = engine.engine
+
+    def parse() -> GenerateRequest:
+        return parse_generate(
+            payload,
+            core.tokenizer,
+            core.vocab_size,
+            core.context_length,
+            engine.new_request_id,
+            moe=core.routing is not None,
+            limits=limits,
+        )
+
+    return parse() if _small_token_ids(payload) else await engine.offload(parse)
+
+
+INLINE_TOKEN_IDS = 8192  # token ids a body may carry and still be parsed on the event loop
+
+
+def _small_token_ids(payload: Any) -> bool:
+    """Whether ``payload`` is pre-tokenized (no ``text``) with at most ``INLINE_TOKEN_IDS`` ids."""
+    if not isinstance(payload, Mapping) or payload.get("text") is not None:
+        return False
+    ids = payload.get("input_ids")
+    if not isinstance(ids, list) or len(ids) > INLINE_TOKEN_IDS:
+        return False
+    total = 0
+    for item in ids:
+        total += len(item) if isinstance(item, list) else 1
+        if total > INLINE_TOKEN_IDS:
+            return False
+    return True
+
+
+async def run_generate(
+    engine: AsyncEngine, payload: Any, limits: RequestLimits = DEFAULT_LIMITS
+) -> dict[str, Any] | list[dict[str, Any]]:
     """Serve one non-streaming ``/generate`` body on ``engine`` (what the server and
-    ``LocalEngineClient`` both do). Raises ``BadRequest`` for invalid input."""
+    ``LocalEngineClient`` both do). Raises ``BadRequest`` for invalid input, and the engine's
+    ``EngineOverloaded`` (full) or ``EngineStateError`` (memory released) as they come."""
     started = time.perf_counter()
     core = engine.engine
-    req = parse_generate(
-        payload,
-        core.tokenizer,
-        core.vocab_size,
-        core.context_length,
-        engine.new_request_id,
-        moe=core.routing is not None,
-    )
+    req = await prepare_generate(engine, payload, limits)
     try:
         outs = await engine.generate(req.specs)
     except ValueError as e:  # the engine's own checks (e.g. a rid already in use)

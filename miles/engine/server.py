@@ -1,41 +1,61 @@
 """HTTP server: SGLang's native API plus the OpenAI API over one ``AsyncEngine``.
 
-FastAPI and uvicorn are imported here only, and lazily (inside ``create_app``/``serve``), so
-importing this module is cheap. See docs/server.md for every endpoint.
+FastAPI and uvicorn are imported here only, and lazily (inside ``create_app``/``serve``). See
+docs/server.md for every endpoint and for the threat model; in short:
 
-Security: the server binds 127.0.0.1 by default. With ``api_key`` set, every endpoint except
-``/health`` needs ``Authorization: Bearer <key>`` (401 otherwise). *Admin* endpoints (weight
-updates, update groups, memory release/resume, pause/continue) change what the engine serves;
-with a key they need the same key, and without one they are allowed only from loopback clients
-(403 otherwise) unless ``allow_remote_admin`` is set (for trainers on other hosts).
+- The server binds 127.0.0.1 by default. ``/health`` is open to all.
+- *Admin* endpoints (``ADMIN_PATHS``: weight updates, update groups, memory release/resume,
+  pause/continue, weight read-back) change or reveal what the engine serves. With an admin key
+  (``--admin-api-key`` or ``$MILES_ADMIN_API_KEY``) they need ``Authorization: Bearer <admin
+  key>`` from anywhere; without one they answer loopback clients only, and only when the
+  ``Host`` header names loopback too (a DNS-rebinding page names its own host). The API key
+  never opens them.
+- With an API key (``--api-key``) every other endpoint needs it, or the admin key.
+- A body is JSON or nothing: a body of another ``Content-Type``, or an admin POST without
+  ``application/json``, gets 415 (a web page cannot send JSON to another origin without a CORS
+  preflight, which this server never grants). Bodies are bounded (413): ``max_request_bytes``,
+  and ``max_weight_update_bytes`` for ``/update_weights_from_tensor``.
+- Nothing from the network is unpickled but shared-memory/CUDA-IPC tensor handles, through
+  ``miles.engine.tensor_wire``'s allow-list, and only from callers on this host.
+
+Every error is a JSON answer that leaves the keep-alive connection usable: 400 names the field,
+503 says why (engine full, with ``Retry-After``; memory released), 500 is caught here rather
+than by Starlette, whose handler re-raises into uvicorn, which then drops the connection.
 """
 
 import asyncio
-import base64
-import io
+import datetime
+import gc
+import hmac
 import ipaddress
 import json
 import logging
+import math
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from miles.engine.async_engine import AsyncEngine
+from miles.engine.async_engine import AsyncEngine, EngineOverloaded
 from miles.engine.engine import Engine, EngineStateError
-from miles.engine.openai_api import openai_response, openai_stream, parse_openai
+from miles.engine.openai_api import openai_response, openai_stream, prepare_openai
 from miles.engine.protocol import (
     BadRequest,
+    RequestLimits,
     check_fields,
     expect,
     generate_response,
-    parse_generate,
+    prepare_generate,
     run_generate,
 )
+from miles.engine.tensor_wire import MAX_NAME_CHARS, WireError, decode_named_tensors
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from fastapi.responses import Response
+
+    from miles.engine.weights import UpdateGroup
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,21 +74,36 @@ ADMIN_PATHS = frozenset(
         "/get_weights_by_name",
     }
 )
+# Endpoints whose body carries tensors: they get ``max_weight_update_bytes``.
+WEIGHT_PATHS = frozenset({"/update_weights_from_tensor"})
+_MAX_TENSORS = 100_000  # tensors in one update (more than any model has parameters)
+_MAX_DIMS = 8
+_PARSE_IN_THREAD_BYTES = 1 << 20  # larger bodies are parsed off the event loop
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class ClientDisconnected(Exception):
     """The client went away before its answer was ready (its requests were aborted)."""
 
 
+class _BodyTooLarge(Exception):
+    """The request body grew past its limit while it was read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body exceeds {limit} bytes")
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """What ``miles serve`` needs: the model, the address, and the engine's sizing."""
+    """What ``miles serve`` needs: the model, the address, the keys, the limits and the engine's
+    sizing. The keys are left out of ``repr`` (logs) and of ``/get_server_info``."""
 
     model_path: str
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: str | None = None
-    allow_remote_admin: bool = False
+    api_key: str | None = field(default=None, repr=False)
+    admin_api_key: str | None = field(default=None, repr=False)
     served_model_name: str | None = None
     dtype: str = "float32"
     device: str = "auto"  # "auto": the first CUDA device when there is one, else the CPU
@@ -83,6 +118,32 @@ class ServerConfig:
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False
     log_level: str = "info"
+    # Limits (docs/server.md, "Limits"): what one client can make the server hold or do.
+    max_request_bytes: int = 32 * 1024**2
+    max_weight_update_bytes: int = 1024**3
+    max_queued_requests: int = 4096  # beyond max_running_requests; then 503 + Retry-After
+    max_requests_per_call: int = 1024  # engine requests (prompts x n) of one HTTP call
+    weight_update_group_timeout_s: float = 120.0  # rendezvous of /init_weights_update_group
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_bytes", "max_weight_update_bytes", "max_requests_per_call"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if not self.weight_update_group_timeout_s > 0:
+            raise ValueError(
+                f"weight_update_group_timeout_s must be > 0, got {self.weight_update_group_timeout_s}"
+            )
+        for name in ("api_key", "admin_api_key"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} must not be empty")
+        if self.api_key is not None and self.api_key == self.admin_api_key:
+            raise ValueError("the admin key must differ from the API key")
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_requests=self.max_requests_per_call)
 
 
 def build_engine(config: ServerConfig) -> Engine:
@@ -111,19 +172,35 @@ def build_engine(config: ServerConfig) -> Engine:
     )
 
 
-def _error(status: int, message: str, field: str | None = None) -> "Response":
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    503: "ServiceUnavailableError",
+}
+
+
+def _error(
+    status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> "Response":
     from fastapi.responses import JSONResponse
 
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError"}
     body = {
         "error": {
             "message": message,
-            "type": kind.get(status, "InternalServerError"),
+            "type": _ERROR_TYPES.get(status, "InternalServerError"),
             "param": field,
             "code": status,
         }
     }
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# ---- who may call what (docs/server.md, "Threat model") --------------------------------------
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -133,38 +210,269 @@ def _is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
-def _decode_named_tensors(data: Any) -> list[tuple[str, Any]]:
-    """``serialized_named_tensors`` of ``/update_weights_from_tensor``: one string per TP rank
-    (the built-in engine has one rank), each base64 of ``[(name, tensor), ...]`` either saved by
-    ``torch.save`` (a zip archive: loaded with ``weights_only``) or pickled by
-    ``torch.multiprocessing`` as SGLang's ``MultiprocessingSerializer`` does (CUDA IPC handles,
-    shared-memory CPU tensors: a colocated trainer hands its tensors over without copying them
-    through HTTP). The pickle is trusted like every weight-update endpoint: loopback or API key."""
+def _loopback_host_header(value: bytes | None) -> bool:
+    """The ``Host`` header names loopback (``localhost``, ``127.x``, ``[::1]``, any port).
+    A page that rebinds its own DNS name to 127.0.0.1 still sends that name, so it fails."""
+    if value is None:  # HTTP/1.0 without Host: no browser sends that
+        return True
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return _is_loopback(host)
+
+
+def same_host(scope: Mapping[str, Any]) -> bool:
+    """The client is on this machine: a loopback address, or this server's own address (a
+    colocated trainer that reaches the engine at the node's IP)."""
+    client, server = scope.get("client"), scope.get("server")
+    if not client:
+        return False
+    return _is_loopback(client[0]) or (server is not None and client[0] == server[0])
+
+
+def _bearer(headers: dict[bytes, bytes], key: str) -> bool:
+    return hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode())
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
+def body_limit(config: ServerConfig, path: str) -> int:
+    """The most bytes a request body to ``path`` may have."""
+    return config.max_weight_update_bytes if path in WEIGHT_PATHS else config.max_request_bytes
+
+
+def refusal(config: ServerConfig, scope: Mapping[str, Any]) -> "Response | None":
+    """The answer that refuses this request before its body is read, or ``None`` to serve it."""
+    if scope.get("path") == "/health":
+        return None
+    headers = dict(scope.get("headers") or [])
+    return _unauthorized(config, scope, headers) or _unacceptable_body(config, scope, headers)
+
+
+def _unauthorized(
+    config: ServerConfig, scope: Mapping[str, Any], headers: dict[bytes, bytes]
+) -> "Response | None":
+    path = scope.get("path", "")
+    if config.admin_api_key is not None and _bearer(headers, config.admin_api_key):
+        return None  # the admin key opens every endpoint
+    if path in ADMIN_PATHS:
+        if config.admin_api_key is not None:
+            return _error(
+                401,
+                f"{path} is an admin endpoint: it needs the admin key (Authorization: Bearer <admin key>)",
+            )
+        client = scope.get("client")
+        if not _is_loopback(client[0] if client else None):
+            return _error(
+                403, f"{path} is an admin endpoint: without --admin-api-key only loopback clients may call it"
+            )
+        if not _loopback_host_header(headers.get(b"host")):
+            return _error(
+                403,
+                f"{path} is an admin endpoint: without --admin-api-key the Host header must name loopback (localhost, 127.0.0.1, [::1])",
+            )
+    if config.api_key is not None and not _bearer(headers, config.api_key):
+        return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+    return None
+
+
+def _unacceptable_body(
+    config: ServerConfig, scope: Mapping[str, Any], headers: dict[bytes, bytes]
+) -> "Response | None":
+    path = scope.get("path", "")
+    length = headers.get(b"content-length", b"0").strip()
+    has_body = length not in (b"0", b"") or b"transfer-encoding" in headers
+    admin_post = path in ADMIN_PATHS and scope.get("method") == "POST"
+    if (has_body or admin_post) and not _is_json(headers.get(b"content-type")):
+        return _error(415, "the body must be JSON: send it with Content-Type: application/json")
+    # A 413 keeps the connection: uvicorn discards the unread rest of the body, so the client
+    # reads the answer (closing with data unread would reset the connection under its upload).
+    limit = body_limit(config, path)
+    if length.isdigit() and int(length) > limit:
+        return _error(413, f"the request body has {int(length)} bytes; at most {limit}")
+    return None
+
+
+class Guard:
+    """Plain ASGI middleware around the app (``BaseHTTPMiddleware`` would hide client
+    disconnects): refuses what :func:`refusal` refuses, bounds the body as it is read, and turns
+    any unexpected exception into a JSON 500 that keeps the connection open. (Starlette's own
+    500 handler re-raises the exception after answering, so uvicorn closes the connection.)"""
+
+    def __init__(self, inner: Any, config: ServerConfig) -> None:
+        self.inner = inner
+        self.config = config
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.inner(scope, receive, send)
+            return
+        denied = refusal(self.config, scope)
+        if denied is not None:
+            await denied(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        limit = body_limit(self.config, path)
+        received = 0
+        started = False
+
+        async def bounded_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _BodyTooLarge(limit)
+            return message
+
+        async def tracked_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.inner(scope, bounded_receive, tracked_send)
+        except Exception as exc:
+            if started:  # a stream cut short: only closing the connection says so
+                raise
+            if isinstance(exc, _BodyTooLarge):
+                answer = _error(413, str(exc))
+            else:
+                logger.exception("unhandled error on %s", path)
+                answer = _error(500, f"{type(exc).__name__}: {exc}")
+            await answer(scope, receive, send)
+
+
+# ---- request bodies -------------------------------------------------------------------------
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(None, f"invalid JSON body: {name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(None, f"invalid JSON body: the number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as strict JSON (RFC 8259): UTF-8, no ``NaN``/``Infinity``, no number that
+    overflows a float, no lone UTF-16 surrogate in a string, bounded nesting. ``BadRequest``
+    otherwise, with the reason."""
+    try:
+        text = raw.decode("utf-8")  # strict: refuses encoded surrogates too
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        if _LONE_SURROGATE_ESCAPE.search(text):  # only escapes can make one: check them
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except BadRequest:
+        raise
+    except UnicodeEncodeError:
+        raise BadRequest(
+            None, "invalid JSON body: a string holds a lone UTF-16 surrogate (not Unicode text)"
+        ) from None
+    except RecursionError:
+        raise BadRequest(None, "invalid JSON body: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digits past the limit
+        raise BadRequest(None, f"invalid JSON body: {e}") from None
+    return data
+
+
+# ---- weight-update groups --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateGroupSpec:
+    """A checked ``/init_weights_update_group`` body."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str
+    backend: str
+
+
+def parse_update_group(data: dict[str, Any]) -> UpdateGroupSpec:
+    """Every field checked (type and range) before anything connects anywhere."""
+    keys = ("master_address", "master_port", "rank_offset", "world_size", "group_name")
+    values = [
+        expect(data, k, str if k in ("master_address", "group_name") else int, None, what)
+        for k, what in zip(keys, ("a host", "a port", "an integer", "an integer", "a string"))
+    ]
+    for k, v in zip(keys, values):
+        if v is None:
+            raise BadRequest(k, "is required")
+    addr, port, offset, world, group = values
+    backend = expect(data, "backend", str, "gloo", "'gloo' or 'nccl'")
+    if not 0 < len(addr) <= 253 or any(c.isspace() or c in "/\x00" for c in addr):
+        raise BadRequest("master_address", f"must be a host name or IP address, got {addr!r:.80}")
+    if not 1 <= port <= 65535:
+        raise BadRequest("master_port", f"must be a port in [1, 65535], got {port}")
+    if not 2 <= world <= 65536:
+        raise BadRequest("world_size", f"must be in [2, 65536] (the trainer and the engines), got {world}")
+    if not 1 <= offset < world:
+        raise BadRequest(
+            "rank_offset", f"must be in [1, world_size) = [1, {world}) (rank 0 is the trainer), got {offset}"
+        )
+    if not 0 < len(group) <= 256:
+        raise BadRequest("group_name", f"must have 1 to 256 characters, got {len(group)}")
+    if backend not in ("gloo", "nccl"):
+        raise BadRequest("backend", f"must be 'gloo' or 'nccl', got {backend!r}")
+    return UpdateGroupSpec(addr, port, offset, world, group, backend)
+
+
+def join_update_group(spec: UpdateGroupSpec, timeout_s: float, device: Any) -> "UpdateGroup":
+    """The rendezvous of ``spec`` (blocking: call it on a worker thread), bounded by ``timeout_s``."""
     import torch
 
-    if isinstance(data, list):
-        if len(data) != 1:
-            raise BadRequest("serialized_named_tensors", f"one entry (tp_size 1) expected, got {len(data)}")
-        data = data[0]
-    if not isinstance(data, str):
-        raise BadRequest("serialized_named_tensors", "must be a base64 string (or a list of one)")
-    try:
-        raw = base64.b64decode(data, validate=True)
-        if raw[:2] == b"PK":  # torch.save's zip archive
-            named = torch.load(io.BytesIO(raw), weights_only=True)
-        else:
-            import pickle
+    from miles.engine.weights import init_custom_process_group
 
-            import torch.multiprocessing
+    if spec.backend == "nccl":
+        torch.cuda.set_device(device)  # this worker thread's current device is the engine's
+    timeout = datetime.timedelta(seconds=timeout_s)
+    return init_custom_process_group(
+        spec.master_address, spec.master_port, spec.rank_offset, spec.world_size, spec.group_name,
+        spec.backend, timeout=timeout,
+    )  # fmt: skip
 
-            named = pickle.loads(raw)
-    except Exception as e:
-        raise BadRequest("serialized_named_tensors", f"cannot decode: {type(e).__name__}: {e}") from None
-    if isinstance(named, dict):
-        named = list(named.items())
-    if not isinstance(named, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in named):
-        raise BadRequest("serialized_named_tensors", "must hold a list of (name, tensor) pairs")
-    return [(str(n), t) for n, t in named]
+
+def check_broadcast(names: list[Any], dtypes: list[Any], shapes: list[Any], max_bytes: int) -> None:
+    """``/update_weights_from_distributed``'s tensor list: names, known dtypes, shapes of
+    non-negative ints, at most ``max_bytes`` in all (the engine allocates them to receive)."""
+    import torch
+
+    from miles.engine.weights import parse_dtype
+
+    if not len(names) == len(dtypes) == len(shapes):
+        raise BadRequest(
+            "names", f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})"
+        )
+    if len(names) > _MAX_TENSORS:
+        raise BadRequest("names", f"{len(names)} tensors in one update: at most {_MAX_TENSORS}")
+    total = 0
+    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+            raise BadRequest("names", f"entry {i} must be a name of 1 to {MAX_NAME_CHARS} characters")
+        try:
+            size = torch.empty((), dtype=parse_dtype(dtype)).element_size() if isinstance(dtype, str) else 0
+        except (ValueError, TypeError, RuntimeError):  # not a dtype, or one torch cannot allocate
+            size = 0
+        if not size:
+            raise BadRequest("dtypes", f"entry {i} is not a torch dtype name: {dtype!r:.40}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise BadRequest("shapes", f"entry {i} must be a list of at most {_MAX_DIMS} sizes >= 0")
+        total += math.prod(shape) * size
+        if total > max_bytes:
+            raise BadRequest("shapes", f"the tensors exceed {max_bytes} bytes (--max-weight-update-bytes)")
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
@@ -177,10 +485,14 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    from miles.engine.async_engine import RequestSpec, RequestStream
 
     core = engine.engine
     tokenizer = core.tokenizer
     model_name = config.served_model_name or config.model_path
+    limits = config.limits
     started_at = time.time()
 
     @asynccontextmanager
@@ -189,57 +501,36 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
         engine.close()
 
     app = FastAPI(title="Miles engine", lifespan=lifespan)
-
-    def refusal(scope: dict[str, Any]) -> Response | None:
-        path = scope.get("path", "")
-        if config.api_key is not None and path != "/health":
-            headers = dict(scope.get("headers") or [])
-            if headers.get(b"authorization", b"") != f"Bearer {config.api_key}".encode():
-                return _error(401, "missing or wrong API key (Authorization: Bearer <key>)")
-        elif path in ADMIN_PATHS and not config.allow_remote_admin:
-            client = scope.get("client")
-            if not _is_loopback(client[0] if client else None):
-                return _error(403, f"{path} is admin-only: call it from loopback or start with --api-key")
-        return None
-
-    class Guard:
-        """Auth check as a plain ASGI middleware (``BaseHTTPMiddleware`` would hide client
-        disconnects from ``Request.is_disconnected``, which abort-on-disconnect relies on)."""
-
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            denied = refusal(scope) if scope["type"] == "http" else None
-            if denied is not None:
-                await denied(scope, receive, send)
-            else:
-                await self.inner(scope, receive, send)
-
-    app.add_middleware(Guard)
+    app.add_middleware(Guard, config=config)
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> Response:
         return _error(400, str(exc), exc.field)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:  # 404, 405: same shape
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(EngineOverloaded)
+    async def overloaded(request: Request, exc: EngineOverloaded) -> Response:
+        return _error(503, str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(EngineStateError)
+    async def unavailable(request: Request, exc: EngineStateError) -> Response:
+        return _error(503, str(exc))  # e.g. generating while memory is released
+
     @app.exception_handler(ClientDisconnected)
     async def gone(request: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s", request.url.path)
-        return _error(500, f"{type(exc).__name__}: {exc}")
-
     async def body(request: Request, known: frozenset[str] | None = None) -> dict[str, Any]:
-        raw = await request.body()
-        if not raw.strip():
+        raw = await request.body()  # bounded by Guard
+        if not raw or raw.isspace():
             data: Any = {}
+        elif len(raw) < _PARSE_IN_THREAD_BYTES:
+            data = parse_json(raw)
         else:
-            try:
-                data = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRequest(None, f"invalid JSON body: {e}") from None
+            data = await asyncio.to_thread(parse_json, raw)
         if not isinstance(data, dict):
             raise BadRequest(None, f"the body must be a JSON object, got {type(data).__name__}")
         if known is not None:
@@ -247,18 +538,26 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
         return data
 
     async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-        """Await ``work``, cancelling it (which aborts its requests) if the client goes away."""
+        """Await ``work``, cancelling it (which aborts its requests) if the client goes away.
+
+        The body is read by then, so the next ASGI message is the disconnect: one waiting task
+        per request, not a poll (polling every request five times a second starved the event
+        loop, and ``/health`` with it, once thousands were queued)."""
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
         task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(disconnected())
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.2)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    task.cancel()
-                    raise ClientDisconnected()
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise ClientDisconnected()
         finally:
             task.cancel()
+            watch.cancel()
 
     async def control(fn: Callable[[Engine], Any]) -> Response:
         """Run a control hook on the engine thread; engine refusals become 400 with the message."""
@@ -294,7 +593,6 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
-        from miles.engine.async_engine import RequestSpec
         from miles.types import SamplingParams
 
         spec = RequestSpec([0], SamplingParams(max_new_tokens=1, temperature=0.0), engine.new_request_id())
@@ -320,7 +618,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
     @app.get("/server_info")
     async def server_info() -> Response:
         stats = await engine.stats()
-        args = {k: v for k, v in asdict(config).items() if k != "api_key"}
+        args = {k: v for k, v in asdict(config).items() if k not in ("api_key", "admin_api_key")}
         return JSONResponse(
             {
                 **args,
@@ -383,25 +681,20 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
 
     # ---- generation --------------------------------------------------------------------------
 
+    async def submit(specs: list[RequestSpec]) -> RequestStream:
+        try:
+            return await engine.submit(specs)
+        except ValueError as e:  # the engine's own checks (e.g. a rid already in use)
+            raise BadRequest(None, str(e)) from None
+
     @app.post("/generate")
     async def generate(request: Request) -> Response:
         payload = await body(request)
-        logger.debug("/generate %s", payload)
         if not payload.get("stream"):
-            return JSONResponse(await until_disconnect(request, run_generate(engine, payload)))
+            return JSONResponse(await until_disconnect(request, run_generate(engine, payload, limits)))
         started = time.perf_counter()
-        req = parse_generate(
-            payload,
-            tokenizer,
-            core.vocab_size,
-            core.context_length,
-            engine.new_request_id,
-            moe=core.routing is not None,
-        )
-        try:
-            stream = await engine.submit(req.specs)
-        except ValueError as e:
-            raise BadRequest(None, str(e)) from None
+        req = await prepare_generate(engine, payload, limits)
+        stream = await submit(req.specs)
 
         async def chunks() -> AsyncIterator[dict[str, Any]]:
             async for index, out in stream:
@@ -410,11 +703,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
         return sse(chunks())
 
     async def openai(request: Request, chat: bool) -> Response:
-        req = parse_openai(await body(request), engine, chat=chat, model=model_name)
+        req = await prepare_openai(await body(request), engine, chat=chat, model=model_name, limits=limits)
         if not req.stream:
             outs = await until_disconnect(request, engine.generate(req.specs))
             return JSONResponse(openai_response(req, outs, tokenizer))
-        stream = await engine.submit(req.specs)
+        stream = await submit(req.specs)
         return sse(openai_stream(req, stream, tokenizer))
 
     @app.post("/v1/completions")
@@ -511,22 +804,37 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
             raise BadRequest(
                 "load_format", f"only null or 'direct' is supported, got {data['load_format']!r}"
             )
-        named = _decode_named_tensors(data.get("serialized_named_tensors"))
+        try:  # shared-memory / CUDA-IPC handles only mean something to a caller on this host
+            named = await asyncio.to_thread(
+                decode_named_tensors,
+                data.get("serialized_named_tensors"),
+                allow_shared=same_host(request.scope),
+                max_bytes=config.max_weight_update_bytes,
+                max_tensors=_MAX_TENSORS,
+            )
+        except WireError as e:
+            raise BadRequest("serialized_named_tensors", str(e)) from None
         version, flush = versioned(data)
         return await control(with_version(lambda e: e.update_weights_from_tensors(named, version, flush)))
 
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(request: Request) -> Response:
+        """The rendezvous runs on a worker thread, bounded by ``weight_update_group_timeout_s``:
+        generation goes on meanwhile, and an unreachable trainer costs a 400, not a frozen engine."""
         keys = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")
-        data = await body(request, frozenset(keys))
-        addr = expect(data, "master_address", str, None, "a host")
-        port, offset, world = (expect(data, k, int, None, "an integer") for k in keys[1:4])
-        group = expect(data, "group_name", str, None, "a string")
-        backend = expect(data, "backend", str, "gloo", "'gloo' or 'nccl'")
-        missing = [k for k, v in zip(keys, (addr, port, offset, world, group)) if v is None]
-        if missing:
-            raise BadRequest(missing[0], "is required")
-        return await control(lambda e: e.init_weights_update_group(addr, port, offset, world, group, backend))
+        spec = parse_update_group(await body(request, frozenset(keys)))
+        if spec.backend == "nccl" and core.model.device.type != "cuda":
+            raise BadRequest("backend", "'nccl' needs an engine on a CUDA device; use 'gloo'")
+        if await engine.call(lambda e: e.has_weights_update_group(spec.group_name)):
+            raise BadRequest("group_name", f"weights update group {spec.group_name!r} already exists")
+        timeout_s = config.weight_update_group_timeout_s
+        try:
+            group = await asyncio.to_thread(join_update_group, spec, timeout_s, core.model.device)
+        except Exception as e:  # torch's DistStoreError/DistNetworkError, a refused connection, ...
+            where = f"{spec.master_address}:{spec.master_port}"
+            message = f"cannot join weights update group {spec.group_name!r} at {where} within {timeout_s:g} s: {type(e).__name__}: {e}"
+            return JSONResponse({"success": False, "message": message}, status_code=400)
+        return await control(lambda e: e.add_weights_update_group(spec.group_name, group))
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request) -> Response:
@@ -537,11 +845,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
         for key, value in (("names", names), ("dtypes", dtypes), ("shapes", shapes), ("group_name", group)):
             if value is None:
                 raise BadRequest(key, "is required")
-        if not len(names) == len(dtypes) == len(shapes):
-            raise BadRequest(
-                "names",
-                f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})",
-            )
+        check_broadcast(names, dtypes, shapes, config.max_weight_update_bytes)
         version, flush = versioned(data)
         return await control(
             with_version(
@@ -588,9 +892,14 @@ def serve(config: ServerConfig) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    engine = AsyncEngine(build_engine(config)).start()
+    engine = AsyncEngine(build_engine(config), max_queued_requests=config.max_queued_requests).start()
     try:
         app = create_app(engine, config)
+        # What is loaded by now (torch, the model, the tokenizer) lives as long as the server: out
+        # of the collector's sight, so a full collection under load walks only the requests'
+        # objects (walking everything held the GIL, and /health with it, for most of a second).
+        gc.collect()
+        gc.freeze()
         logger.info("serving %s on http://%s:%d", config.model_path, config.host, config.port)
         uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
     finally:

@@ -3,6 +3,9 @@
 Under Ray each engine actor owns one of these (the server is a child process of the actor, so a
 crash of the server is observable, and recoverable, from the actor that survives it); tests use it
 directly to stand up independently deployed engines.
+
+``admin_key`` reaches the server through its environment (``$MILES_ADMIN_API_KEY``), never its
+command line, which any user of the machine can read with ``ps``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from miles.config import MilesConfig
+from miles.engine.client import ADMIN_KEY_ENV, EngineRequestError, http_call
 
 
 class EngineProcessError(RuntimeError):
@@ -61,7 +65,9 @@ class EngineProcess:
 
     ``port`` is fixed at construction, so a restarted server answers at the same URL (the
     router and the rollout client keep theirs). The log goes to ``log_path`` (appended across
-    restarts) so a failed start can be diagnosed.
+    restarts) so a failed start can be diagnosed. ``admin_key`` (``None``: the one in ``env``, if
+    any) guards the server's admin endpoints; a server on a non-loopback ``host`` needs one for
+    a trainer on another host to reach them.
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class EngineProcess:
         port: int | None = None,
         log_path: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.serve_args = list(serve_args)
         self.host = host
@@ -79,6 +86,10 @@ class EngineProcess:
         self.log_path = Path(log_path) if log_path else None
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if admin_key is not None:
+            if not admin_key:
+                raise ValueError("admin_key must not be empty")
+            self.env[ADMIN_KEY_ENV] = admin_key
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
@@ -91,8 +102,6 @@ class EngineProcess:
             raise EngineProcessError(f"the server at {self.url} is already running")
         cmd = [sys.executable, "-m", "miles", "serve", *self.serve_args]
         cmd += ["--host", self.host, "--port", str(self.port), "--log-level", "warning"]
-        if self.host not in ("127.0.0.1", "localhost", "::1"):
-            cmd.append("--allow-remote-admin")  # the trainer on another node pushes weights
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
@@ -167,9 +176,9 @@ def wait_healthy_url(
         if gone is not None:
             raise EngineProcessError(gone)
         try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            if http_call("GET", f"{url}/health", timeout_s=2.0, max_response_bytes=1 << 16).status == 200:
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, EngineRequestError):
             pass
         time.sleep(poll_s)
     raise EngineProcessError(f"engine at {url} not healthy after {timeout_s:.0f} s{detail()}")

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from miles.engine.client import EngineRequestError, http_call
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,9 +51,10 @@ class HealthMonitor:
         if self.process_alive is not None and not self.process_alive(index):
             return False
         try:
-            return httpx.get(f"{url}/health", timeout=self.timeout_s).status_code == 200
-        except httpx.HTTPError:
+            answer = http_call("GET", f"{url}/health", timeout_s=self.timeout_s, max_response_bytes=1 << 16)
+        except (httpx.HTTPError, EngineRequestError):
             return False
+        return answer.status == 200
 
     def check_once(self) -> list[int]:
         """One round: recover every engine that fails its check; returns their indices."""

@@ -12,7 +12,11 @@ Layout (DESIGN.md §8; slime's ``create_placement_groups`` in spirit):
 - each engine is a ``miles serve`` process owned by an :class:`EngineServer` actor (so a
   crashed server is seen, and restarted on the same port, by an actor that survives it);
   ``--rollout-external-engine-addrs`` replaces them with servers deployed on their own;
-- with more than one engine the rollout reaches them through sglang-router, started here.
+- with more than one engine the rollout reaches them through sglang-router, started here;
+- the engines' admin endpoints (weights, memory, pause) take an admin key: ``$MILES_ADMIN_API_KEY``
+  when the driver has it (external engines must be started with the same), else one generated
+  for the run. Engines get it through their environment (not their command line), the trainer
+  actors through their runtime environment, and every admin call Miles makes sends it.
 
 This process (the driver) keeps the data, the rollout manager and the metrics; every call that
 reaches the trainer ranks goes through :meth:`RayPlacement._on_trainers`, under one lock, so the
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +41,7 @@ import httpx
 import torch
 
 from miles.config import MilesConfig
-from miles.engine.client import HttpEngineClient
+from miles.engine.client import ADMIN_KEY_ENV, EngineRequestError, HttpEngineClient, http_call
 from miles.models.loading import load_config, load_tokenizer
 from miles.orchestrate.engine_process import EngineProcess, free_port, serve_arguments, wait_healthy_url
 from miles.orchestrate.health import HealthMonitor
@@ -77,7 +82,9 @@ def _env_vars() -> dict[str, str]:
 class EngineServer:
     """Ray actor body: one ``miles serve`` process on this actor's node and device."""
 
-    def __init__(self, config: MilesConfig, demand: tuple[int, int], index: int, log_dir: str) -> None:
+    def __init__(
+        self, config: MilesConfig, demand: tuple[int, int], index: int, log_dir: str, admin_key: str
+    ) -> None:
         cuda = torch.cuda.is_available()
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         assert config.model.hf_checkpoint is not None
@@ -91,6 +98,7 @@ class EngineServer:
             serve_arguments(config, dtype, tokens),
             host=_ray().util.get_node_ip_address(),
             log_path=Path(log_dir) / f"engine_{index}.log",
+            admin_key=admin_key,
         ).start()
 
     def wait_healthy(self, timeout_s: float) -> str:
@@ -132,6 +140,7 @@ class RayPlacement:
     use_gpu: bool
     placement_groups: list[Any]
     started_ray: bool
+    admin_key: str = field(default="", repr=False)  # the engines' (see the module docstring)
     monitor: HealthMonitor | None = None
     version: int = 0
     # Reentrant: a recovery holds it across reading the current version and re-syncing.
@@ -195,9 +204,12 @@ class RayPlacement:
             return {"num_cpus": share, **gpu, "scheduling_strategy": strategy, **resources}
 
         master = ray.get(ray.remote(_master_address).options(**on(pgs[0], 0), max_retries=0).remote())
+        admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
         worker_cls = ray.remote(TrainerWorker)
+        keyed = {"runtime_env": {"env_vars": {ADMIN_KEY_ENV: admin_key}}}  # the weight senders read it
         trainers = [
-            worker_cls.options(**on(pgs[0], r)).remote(config, r, world, master) for r in range(world)
+            worker_cls.options(**on(pgs[0], r), **keyed).remote(config, r, world, master)
+            for r in range(world)
         ]
         tokenizer = load_tokenizer(m.hf_checkpoint)
         dataset = PromptDataset.from_config(config.rollout, tokenizer)
@@ -212,7 +224,7 @@ class RayPlacement:
             engine_pg = pgs[0] if p.colocate else pgs[1]
             engines = [
                 engine_cls.options(**on(engine_pg, i % len(engine_pg.bundle_specs))).remote(
-                    config, demand, i, log_dir
+                    config, demand, i, log_dir, admin_key
                 )
                 for i in range(n_engines)
             ]
@@ -244,7 +256,7 @@ class RayPlacement:
             routed_experts_top_k=spec.num_experts_per_tok if r3 else None,
         )
         placement = cls(config, tokenizer, dataset, evals, manager, trainers, engines, list(urls), router,
-                        transport, use_gpu, pgs, started)  # fmt: skip
+                        transport, use_gpu, pgs, started, admin_key)  # fmt: skip
         if external:  # servers deployed on their own may hold any weights: start from ours
             placement.push_weights(0)
         if ft:
@@ -269,7 +281,7 @@ class RayPlacement:
     def _engine_post(self, path: str) -> None:
         for url in self._in_service_urls():
             try:
-                _post(url, path, {})
+                _post(url, path, {}, key=self.admin_key)
             except Exception:
                 if self.monitor is None or self._alive(url):
                     raise  # a dead engine is the monitor's; a live one refusing is an error
@@ -280,8 +292,8 @@ class RayPlacement:
         if self.engines and not _ray().get(self.engines[i].alive.remote(), timeout=60):
             return False
         try:
-            return httpx.get(f"{url}/health", timeout=5.0).status_code == 200
-        except httpx.HTTPError:
+            return http_call("GET", f"{url}/health", timeout_s=5.0, max_response_bytes=1 << 16).status == 200
+        except (httpx.HTTPError, EngineRequestError):
             return False
 
     def train(self, groups: list[Group], step: int) -> dict[str, float]:
@@ -400,8 +412,9 @@ class RayPlacement:
         while time.monotonic() < deadline and not stop.is_set():
             if self.version == version:
                 try:
-                    state = httpx.get(f"{url}/get_server_info", timeout=5).json()["internal_states"][0]
-                except httpx.HTTPError:
+                    info = http_call("GET", f"{url}/get_server_info", timeout_s=5, max_response_bytes=1 << 20)
+                    state = info.json()["internal_states"][0]
+                except (httpx.HTTPError, EngineRequestError, ValueError, KeyError):
                     continue
                 if state["num_running"] + state["num_waiting"] > 0:
                     self.kill_engine(index)

@@ -19,7 +19,10 @@ from typing import Any
 
 import httpx
 
+from miles.engine.client import EngineRequestError, HttpAnswer, http_call
 from miles.orchestrate.engine_process import free_port
+
+_MAX_ANSWER_BYTES = 16 * 1024**2  # the router's worker list: small JSON
 
 
 class RouterError(RuntimeError):
@@ -67,25 +70,40 @@ class SglangRouter:
             if self.proc.poll() is not None:
                 raise RouterError(f"sglang-router exited with {self.proc.returncode}{self._log_tail()}")
             try:
-                httpx.get(f"{self.url}/workers", timeout=1.0).raise_for_status()
-                return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
+                if self._call("GET", "/workers", timeout_s=1.0).status < 400:
+                    return self
+            except (httpx.HTTPError, RouterError):
+                pass
+            time.sleep(0.2)
         raise RouterError(f"sglang-router not up at {self.url} after {timeout_s:.0f} s{self._log_tail()}")
 
+    def _call(
+        self, method: str, path: str, payload: dict[str, Any] | None = None, timeout_s: float = 10.0
+    ) -> HttpAnswer:
+        try:
+            return http_call(method, f"{self.url}{path}", payload, timeout_s=timeout_s,
+                             max_response_bytes=_MAX_ANSWER_BYTES)  # fmt: skip
+        except EngineRequestError as e:  # an answer past the bound
+            raise RouterError(f"sglang-router {path}: {e}") from None
+
     def workers(self) -> list[dict[str, Any]]:
-        r = httpx.get(f"{self.url}/workers", timeout=10.0)
-        r.raise_for_status()
-        return list(r.json().get("workers", []))
+        r = self._call("GET", "/workers")
+        if r.status >= 400:
+            raise RouterError(f"sglang-router /workers: HTTP {r.status}: {r.text(300)}")
+        try:
+            workers = r.json().get("workers", [])
+        except (ValueError, AttributeError):
+            raise RouterError(f"sglang-router /workers: not a JSON object: {r.text(300)}") from None
+        return list(workers)
 
     def worker_urls(self) -> list[str]:
         return [str(w["url"]) for w in self.workers()]
 
     def add(self, url: str, timeout_s: float = 60.0) -> None:
         """Register ``url`` and wait until the router lists it healthy."""
-        r = httpx.post(f"{self.url}/workers", json={"url": url}, timeout=10.0)
-        if r.status_code >= 400:
-            raise RouterError(f"router refused worker {url}: {r.status_code} {r.text[:300]}")
+        r = self._call("POST", "/workers", {"url": url})
+        if r.status >= 400:
+            raise RouterError(f"router refused worker {url}: {r.status} {r.text(300)}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for w in self.workers():
@@ -99,9 +117,9 @@ class SglangRouter:
         for w in self.workers():
             if w.get("url") == url:
                 wid = w.get("id") or w.get("worker_id")
-                r = httpx.delete(f"{self.url}/workers/{wid}", timeout=10.0)
-                if r.status_code >= 400 and r.status_code != 404:
-                    raise RouterError(f"router refused to remove {url}: {r.status_code} {r.text[:300]}")
+                r = self._call("DELETE", f"/workers/{wid}")
+                if r.status >= 400 and r.status != 404:
+                    raise RouterError(f"router refused to remove {url}: {r.status} {r.text(300)}")
         deadline = time.monotonic() + 30
         while url in self.worker_urls() and time.monotonic() < deadline:
             time.sleep(0.1)

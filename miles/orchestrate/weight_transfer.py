@@ -13,19 +13,21 @@ engine depends on the transport:
   the engines (one node, or a shared filesystem).
 - ``tensor`` (colocated): each rank hands its own engine(s) the tensors in place, through
   ``/update_weights_from_tensor`` with a ``torch.multiprocessing`` pickle (SGLang's
-  ``MultiprocessingSerializer`` format): CUDA tensors travel as CUDA IPC handles, CPU tensors as
-  shared-memory files. Nothing is copied through HTTP but the handles.
+  ``MultiprocessingSerializer`` format, :func:`miles.engine.tensor_wire.encode_shared`): CUDA
+  tensors travel as CUDA IPC handles, CPU tensors as shared-memory files. Nothing is copied
+  through HTTP but the handles (the engine accepts them from callers on its own host only).
 
+Every call to an engine sends the admin key (``admin_key``, by default ``$MILES_ADMIN_API_KEY``:
+the Ray placement sets it for its trainer actors), has a timeout, and reads a bounded answer.
 HTTP and the engines' API only; nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import abc
-import base64
 import contextlib
+import datetime
 import functools
-import io
 import json
 import os
 import shutil
@@ -39,6 +41,8 @@ import httpx
 import torch
 from torch import nn
 
+from miles.engine.client import ADMIN_KEY_ENV, EngineRequestError, http_call
+from miles.engine.tensor_wire import encode_shared
 from miles.engine.weights import UpdateGroup, init_custom_process_group
 from miles.orchestrate.engine_process import free_port
 from miles.train.weight_sync import iter_weight_buckets
@@ -48,13 +52,20 @@ class WeightSyncError(RuntimeError):
     """An engine refused or failed a weight update (its URL and answer are in the message)."""
 
 
-def _post(url: str, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+_MAX_ANSWER_BYTES = 1024**2  # an engine's answer to a control call is a small JSON object
+
+
+def _post(
+    url: str, path: str, payload: dict[str, Any], timeout_s: float = 600.0, *, key: str | None = None
+) -> dict[str, Any]:
+    """POST ``payload`` to an engine's admin endpoint with the admin ``key``; its JSON answer."""
     try:
-        r = httpx.post(f"{url}{path}", json=payload, timeout=timeout_s)
-    except httpx.HTTPError as e:
+        r = http_call("POST", f"{url}{path}", payload, key=key, timeout_s=timeout_s,
+                      max_response_bytes=_MAX_ANSWER_BYTES)  # fmt: skip
+    except (httpx.HTTPError, EngineRequestError) as e:
         raise WeightSyncError(f"{url}{path}: {type(e).__name__}: {e}") from e
-    if r.status_code != 200:
-        raise WeightSyncError(f"{url}{path}: HTTP {r.status_code}: {r.text[:500]}")
+    if r.status != 200:
+        raise WeightSyncError(f"{url}{path}: HTTP {r.status}: {r.text()}")
     try:
         body = r.json()
     except ValueError:
@@ -64,8 +75,11 @@ def _post(url: str, path: str, payload: dict[str, Any], timeout_s: float = 600.0
 
 def _healthy(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/health", timeout=5.0).status_code == 200
-    except httpx.HTTPError:
+        return (
+            http_call("GET", f"{url}/health", timeout_s=5.0, max_response_bytes=_MAX_ANSWER_BYTES).status
+            == 200
+        )
+    except (httpx.HTTPError, EngineRequestError):
         return False
 
 
@@ -78,11 +92,17 @@ def _on_all(urls: Sequence[str], call: Callable[[str], Any]) -> list[Any]:
 
 
 class WeightSender(abc.ABC):
-    """One transport. ``send`` is called on every trainer rank with the same arguments."""
+    """One transport. ``send`` is called on every trainer rank with the same arguments.
 
-    def __init__(self, rank: int, bucket_bytes: int) -> None:
+    ``admin_key``: the engines' admin key (default: ``$MILES_ADMIN_API_KEY``, unset: none)."""
+
+    def __init__(self, rank: int, bucket_bytes: int, *, admin_key: str | None = None) -> None:
         self.rank = rank
         self.bucket_bytes = bucket_bytes
+        self.admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
+
+    def _post(self, url: str, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
+        return _post(url, path, payload, timeout_s, key=self.admin_key)
 
     @abc.abstractmethod
     def send(self, model: nn.Module, dtype: torch.dtype, version: int, engines: Sequence[str]) -> None:
@@ -98,12 +118,23 @@ class WeightSender(abc.ABC):
 
 
 class DistributedSender(WeightSender):
-    """Broadcast from trainer rank 0 to the engines; the group is kept while the engine set is."""
+    """Broadcast from trainer rank 0 to the engines; the group is kept while the engine set is.
+    ``group_timeout_s`` bounds the rendezvous (and each broadcast) of the group."""
 
-    def __init__(self, rank: int, bucket_bytes: int, *, master_address: str, backend: str) -> None:
-        super().__init__(rank, bucket_bytes)
+    def __init__(
+        self,
+        rank: int,
+        bucket_bytes: int,
+        *,
+        master_address: str,
+        backend: str,
+        group_timeout_s: float = 120.0,
+        admin_key: str | None = None,
+    ) -> None:
+        super().__init__(rank, bucket_bytes, admin_key=admin_key)
         self.master_address = master_address
         self.backend = backend
+        self.group_timeout_s = group_timeout_s
         self.group: UpdateGroup | None = None
         self.group_engines: tuple[str, ...] = ()
         self.group_name = ""
@@ -127,11 +158,15 @@ class DistributedSender(WeightSender):
             i, url = i_url
             payload = {"master_address": self.master_address, "master_port": port, "rank_offset": i + 1,
                        "world_size": world, "group_name": name, "backend": self.backend}  # fmt: skip
-            return _post(url, "/init_weights_update_group", payload)
+            # The engine answers once it joined (or gave up after its own rendezvous timeout).
+            return self._post(url, "/init_weights_update_group", payload, timeout_s=self.group_timeout_s + 60)
 
+        timeout = datetime.timedelta(seconds=self.group_timeout_s)
         with ThreadPoolExecutor(len(engines)) as pool:
             joined = pool.map(join, list(enumerate(engines)))
-            group = init_custom_process_group(self.master_address, port, 0, world, name, self.backend)
+            group = init_custom_process_group(
+                self.master_address, port, 0, world, name, self.backend, timeout=timeout
+            )
             list(joined)  # re-raises an engine's refusal
         self.group, self.group_engines, self.group_name = group, tuple(engines), name
         return group
@@ -141,7 +176,9 @@ class DistributedSender(WeightSender):
             return
         for url in self.group_engines:
             with contextlib.suppress(WeightSyncError):  # a dead engine has nothing to destroy
-                _post(url, "/destroy_weights_update_group", {"group_name": self.group_name}, timeout_s=10)
+                self._post(
+                    url, "/destroy_weights_update_group", {"group_name": self.group_name}, timeout_s=10
+                )
         if hasattr(self.group.backend, "shutdown"):
             self.group.backend.shutdown()
         self.group = None
@@ -158,7 +195,7 @@ class DistributedSender(WeightSender):
         if lead:
             try:
                 group = self._ensure_group(engines)
-                _on_all(engines, lambda u: _post(u, "/pause_generation", {}))
+                _on_all(engines, lambda u: self._post(u, "/pause_generation", {}))
             except Exception as e:
                 failure = e
         for bucket in iter_weight_buckets(model, dtype, self.bucket_bytes):
@@ -177,7 +214,8 @@ class DistributedSender(WeightSender):
             try:
                 with ThreadPoolExecutor(len(engines)) as pool:
                     answers = [
-                        pool.submit(_post, u, "/update_weights_from_distributed", payload) for u in engines
+                        pool.submit(self._post, u, "/update_weights_from_distributed", payload)
+                        for u in engines
                     ]
                     for _, t in bucket:
                         group.broadcast(t.to(group.device).contiguous(), 0)
@@ -188,7 +226,7 @@ class DistributedSender(WeightSender):
                 self._destroy()  # a broadcast half done leaves the group unusable
         if lead:
             with contextlib.suppress(WeightSyncError):
-                _on_all(engines, lambda u: _post(u, "/continue_generation", {}))
+                _on_all(engines, lambda u: self._post(u, "/continue_generation", {}))
         if failure is not None:
             raise WeightSyncError(f"weight update to {list(engines)} failed: {failure}") from failure
 
@@ -199,8 +237,10 @@ class DistributedSender(WeightSender):
 class DiskSender(WeightSender):
     """Rank 0 writes an HF directory under ``directory`` and the engines load it."""
 
-    def __init__(self, rank: int, bucket_bytes: int, *, directory: str | os.PathLike[str]) -> None:
-        super().__init__(rank, bucket_bytes)
+    def __init__(
+        self, rank: int, bucket_bytes: int, *, directory: str | os.PathLike[str], admin_key: str | None = None
+    ) -> None:
+        super().__init__(rank, bucket_bytes, admin_key=admin_key)
         self.directory = Path(directory)
         self.latest: Path | None = None
 
@@ -246,35 +286,21 @@ class DiskSender(WeightSender):
             raise WeightSyncError("no weights written yet")
         path = str(self.latest)
         payload = {"model_path": path, "weight_version": str(version), "flush_cache": True}
-        _on_all(engines, lambda u: _post(u, "/update_weights_from_disk", payload))
-
-
-def serialize_shared(named: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's ``MultiprocessingSerializer`` format: base64 of a ``torch.multiprocessing`` pickle.
-
-    CUDA tensors become IPC handles; CPU tensors are moved to shared memory (file-system
-    strategy: another process opens the file by name, no fd passing between unrelated processes).
-    The caller keeps ``named`` alive until the receiver answered."""
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing as tmp
-
-    tmp.set_sharing_strategy("file_system")
-    for _, t in named:
-        if t.device.type == "cpu":
-            t.share_memory_()
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(named)
-    return base64.b64encode(buf.getvalue()).decode()
+        _on_all(engines, lambda u: self._post(u, "/update_weights_from_disk", payload))
 
 
 class TensorSender(WeightSender):
     """Colocated: rank ``r`` sends the gathered buckets to the engines it shares a device with."""
 
     def __init__(
-        self, rank: int, bucket_bytes: int, *, own_engines: Callable[[Sequence[str]], Sequence[str]]
+        self,
+        rank: int,
+        bucket_bytes: int,
+        *,
+        own_engines: Callable[[Sequence[str]], Sequence[str]],
+        admin_key: str | None = None,
     ) -> None:
-        super().__init__(rank, bucket_bytes)
+        super().__init__(rank, bucket_bytes, admin_key=admin_key)
         self.own_engines = own_engines
 
     def send(self, model: nn.Module, dtype: torch.dtype, version: int, engines: Sequence[str]) -> None:
@@ -282,7 +308,7 @@ class TensorSender(WeightSender):
         failure: BaseException | None = None
         if mine:
             try:
-                _on_all(mine, lambda u: _post(u, "/pause_generation", {}))
+                _on_all(mine, lambda u: self._post(u, "/pause_generation", {}))
             except Exception as e:
                 failure = e
         for bucket in iter_weight_buckets(model, dtype, self.bucket_bytes):
@@ -290,18 +316,20 @@ class TensorSender(WeightSender):
                 continue
             named = [(n, t.detach().contiguous()) for n, t in bucket]
             payload: dict[str, Any] = {
-                "serialized_named_tensors": [serialize_shared(named)],
+                "serialized_named_tensors": [encode_shared(named)],
                 "weight_version": str(version),
                 "flush_cache": True,
             }
             try:
-                _on_all(mine, functools.partial(_post, path="/update_weights_from_tensor", payload=payload))
+                _on_all(
+                    mine, functools.partial(self._post, path="/update_weights_from_tensor", payload=payload)
+                )
             except Exception as e:
                 failure = e
             del named  # the engines copied them: the shared segments can go
         if mine:
             with contextlib.suppress(WeightSyncError):
-                _on_all(mine, lambda u: _post(u, "/continue_generation", {}))
+                _on_all(mine, lambda u: self._post(u, "/continue_generation", {}))
         if failure is not None:
             raise WeightSyncError(f"weight update to {mine} failed: {failure}") from failure
 
@@ -312,5 +340,4 @@ __all__ = [
     "TensorSender",
     "WeightSender",
     "WeightSyncError",
-    "serialize_shared",
 ]

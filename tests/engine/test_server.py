@@ -3,9 +3,11 @@ the official client, input errors, control hooks, auth, and abort on client disc
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import io
 import json
+import os
+import pickle
 import re
 import threading
 import time
@@ -215,15 +217,15 @@ def test_pause_in_place_abort_and_continue(http):
     assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort"
     assert http.post("/continue_generation", json={}).json()["success"] is True
     _error(http.post("/pause_generation", json={"mode": "sideways"}), "mode")
-    http.post("/continue_generation")
+    http.post("/continue_generation", json={})
     assert http.post("/abort_request", json={"abort_all": True}).status_code == 200
     _error(http.post("/abort_request", json={}), "rid")
 
 
 def _serialize(named: list[tuple[str, torch.Tensor]]) -> str:
-    buf = io.BytesIO()
-    torch.save(named, buf)
-    return base64.b64encode(buf.getvalue()).decode()
+    from miles.engine.tensor_wire import encode_safetensors
+
+    return encode_safetensors(named)
 
 
 def test_weight_updates_and_memory(http, tiny_model_dir):
@@ -286,12 +288,12 @@ def test_weight_updates_and_memory(http, tiny_model_dir):
 def test_shared_memory_tensor_update_and_weight_read_back(http, tiny_model_dir):
     """SGLang's MultiprocessingSerializer format (the colocated trainer's): the engine maps the
     sender's shared-memory tensor and serves exactly those values back from /get_weights_by_name."""
-    from miles.orchestrate.weight_transfer import serialize_shared
+    from miles.engine.tensor_wire import encode_shared
 
     norm = torch.linspace(-1.0, 1.0, 64)
     named = [("model.norm.weight", norm.clone())]
     r = http.post("/update_weights_from_tensor",
-                  json={"serialized_named_tensors": [serialize_shared(named)], "weight_version": "7"})  # fmt: skip
+                  json={"serialized_named_tensors": [encode_shared(named)], "weight_version": "7"})  # fmt: skip
     assert r.status_code == 200 and r.json()["weight_version"] == "7", r.text
     assert named[0][1].is_shared()  # handed over in place, not copied through the request
     back = http.post("/get_weights_by_name", json={"name": "model.norm.weight", "truncate_size": 64}).json()
@@ -334,7 +336,7 @@ def test_disconnect_aborts_and_frees_blocks(http, server_url):
             time.sleep(0.05)
         assert m["num_queue_reqs"] + m["num_running_reqs"] == 0
     finally:
-        http.post("/continue_generation")
+        http.post("/continue_generation", json={})
     assert _metrics(http)["num_free_blocks"] == total
 
 
@@ -384,36 +386,307 @@ def test_openai_client_completions_chat_and_streaming(server_url, tiny_model_dir
 # ---- auth and admin ------------------------------------------------------------------------------
 
 
-def test_api_key_and_admin_rules(local_engine, tiny_model_dir):
+def _asgi(app, client: tuple[str, int], host: str = "localhost"):
+    """An httpx client that reaches ``app`` as if from ``client`` (a remote address, say)."""
+    transport = httpx.ASGITransport(app=app, client=client)
+    return httpx.AsyncClient(transport=transport, base_url=f"http://{host}")
+
+
+def test_api_key_and_admin_key_rules(local_engine, tiny_model_dir):
     from miles.engine.server import ServerConfig, create_app
 
-    keyed = ThreadServer(create_app(local_engine, ServerConfig(tiny_model_dir, api_key="sekret"))).start()
+    keys = ServerConfig(tiny_model_dir, api_key="sekret", admin_api_key="admin-sekret")
+    keyed = ThreadServer(create_app(local_engine, keys)).start()
+    api, admin = {"Authorization": "Bearer sekret"}, {"Authorization": "Bearer admin-sekret"}
     try:
-        assert httpx.get(f"{keyed.url}/health").status_code == 200
-        assert httpx.get(f"{keyed.url}/get_model_info").status_code == 401
-        assert (
-            httpx.post(
-                f"{keyed.url}/generate", json={"input_ids": [1]}, headers={"Authorization": "Bearer nope"}
-            ).status_code
-            == 401
-        )
-        ok = httpx.post(
-            f"{keyed.url}/generate",
-            json={"input_ids": [1], "sampling_params": {"max_new_tokens": 1}},
-            headers={"Authorization": "Bearer sekret"},
-        )
-        assert ok.status_code == 200
+        with httpx.Client(base_url=keyed.url, timeout=60) as http:
+            assert http.get("/health").status_code == 200
+            assert http.get("/get_model_info").status_code == 401
+            assert (
+                http.post(
+                    "/generate", json={"input_ids": [1]}, headers={"Authorization": "Bearer nope"}
+                ).status_code
+                == 401
+            )
+            one = {"input_ids": [1], "sampling_params": {"max_new_tokens": 1}}
+            assert http.post("/generate", json=one, headers=api).status_code == 200
+            assert http.post("/generate", json=one, headers=admin).status_code == 200  # opens everything
+            # the API key never opens an admin endpoint, even from loopback; the admin key does
+            r = http.post("/continue_generation", json={}, headers=api)
+            assert r.status_code == 401 and "admin key" in r.json()["error"]["message"]
+            assert http.post("/continue_generation", json={}, headers=admin).json()["success"] is True
+            info = http.get("/get_server_info", headers=api).json()
+            assert (
+                "api_key" not in info
+                and "admin_api_key" not in info
+                and "admin-sekret" not in json.dumps(info)
+            )
     finally:
         keyed.stop()
+    assert "sekret" not in repr(keys)
 
-    async def remote_admin() -> tuple[int, int]:
-        app = create_app(local_engine, ServerConfig(tiny_model_dir))
-        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 4567))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            denied = await client.post("/continue_generation", json={})
-            allowed = await client.get("/get_weight_version")
-        return denied.status_code, allowed.status_code
+    async def remote() -> list[int]:
+        open_app = create_app(local_engine, ServerConfig(tiny_model_dir))
+        keyed_app = create_app(local_engine, ServerConfig(tiny_model_dir, admin_api_key="admin-sekret"))
+        codes = []
+        async with _asgi(open_app, ("10.1.2.3", 4567)) as c:  # no admin key: remote admin refused
+            codes += [(await c.post("/continue_generation", json={})).status_code]
+            codes += [(await c.get("/get_weight_version")).status_code]
+        async with _asgi(open_app, ("127.0.0.1", 4567), host="evil.example:30000") as c:  # DNS rebinding
+            codes += [(await c.post("/continue_generation", json={})).status_code]
+        async with _asgi(open_app, ("127.0.0.1", 4567), host="127.0.0.1:30000") as c:
+            codes += [(await c.post("/continue_generation", json={})).status_code]
+        async with _asgi(keyed_app, ("10.1.2.3", 4567)) as c:  # remote admin with the admin key
+            codes += [(await c.post("/continue_generation", json={})).status_code]
+            codes += [(await c.post("/continue_generation", json={}, headers=admin)).status_code]
+            codes += [(await c.get("/get_weight_version")).status_code]  # no API key: open
+        async with _asgi(keyed_app, ("127.0.0.1", 4567)) as c:  # loopback is no key
+            codes += [(await c.post("/continue_generation", json={})).status_code]
+        return codes
 
-    import asyncio
+    assert asyncio.run(remote()) == [403, 200, 403, 200, 401, 200, 200, 401]
 
-    assert asyncio.run(remote_admin()) == (403, 200)
+
+class _Exploit:
+    """The payload of the attack: unpickling it runs a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_pickled_payload_is_refused_and_never_runs(http, tmp_path):
+    """The exact attack (a pickle whose ``__reduce__`` calls ``os.system``) through the real
+    server: refused with a JSON content type (loopback, no key) and with text/plain, and the
+    command never runs."""
+    marker = tmp_path / "pwned"
+    blob = base64.b64encode(pickle.dumps(_Exploit(f"touch {marker}"))).decode()
+    payload = {"serialized_named_tensors": [blob]}
+    r = http.post("/update_weights_from_tensor", json=payload)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "serialized_named_tensors", r.text
+    assert "not allowed" in r.json()["error"]["message"]
+    r = http.post(
+        "/update_weights_from_tensor", content=json.dumps(payload), headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 415
+    r = http.post("/pause_generation", content=b"{}", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = http.post("/pause_generation")  # no body, no content type: what a cross-site form can send
+    assert r.status_code == 415
+    assert not marker.exists()  # os.system runs before it returns: the file would be there
+    assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_shared_memory_tensors_are_refused_from_another_host(local_engine, tiny_model_dir):
+    """CUDA-IPC / shared-memory handles only mean something on the sender's host: a remote caller,
+    even with the admin key, must send safetensors."""
+    from miles.engine.server import ServerConfig, create_app
+    from miles.engine.tensor_wire import encode_safetensors, encode_shared
+
+    app = create_app(local_engine, ServerConfig(tiny_model_dir, admin_api_key="admin-sekret"))
+    admin = {"Authorization": "Bearer admin-sekret"}
+    norm = torch.full((64,), 1.5)
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        async with _asgi(app, ("10.1.2.3", 4567)) as c:
+            shared = await c.post("/update_weights_from_tensor", headers=admin,
+                                  json={"serialized_named_tensors": [encode_shared([("model.norm.weight", norm.clone())])]})  # fmt: skip
+            plain = await c.post(
+                "/get_weights_by_name", headers=admin, json={"name": "model.norm.weight", "truncate_size": 2}
+            )
+        return shared, plain
+
+    shared, plain = asyncio.run(main())
+    assert shared.status_code == 400 and "this host" in shared.json()["error"]["message"], shared.text
+    assert plain.json() != [1.5, 1.5]  # nothing was applied
+    assert encode_safetensors([("model.norm.weight", norm)])  # the way a remote trainer sends them
+
+
+def test_an_error_keeps_the_keep_alive_connection(local_engine, tiny_model_dir):
+    """A 500 (an unexpected exception in a handler) answers JSON and the same connection serves
+    the next requests (Starlette's handler re-raised it and uvicorn then closed the connection:
+    ECONNRESET for the client's next request on it)."""
+    from miles.engine.server import ServerConfig, create_app
+
+    app = create_app(local_engine, ServerConfig(tiny_model_dir))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("injected fault")
+
+    server = ThreadServer(app).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, limits=httpx.Limits(max_connections=1)) as http:
+            r = http.get("/boom")
+            assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+            first = r.extensions["network_stream"].get_extra_info("client_addr")
+            for _ in range(10):
+                r = http.post(
+                    "/generate", json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 1}}
+                )
+                assert r.status_code == 200
+                assert (
+                    r.extensions["network_stream"].get_extra_info("client_addr") == first
+                )  # same connection
+            r = http.post(
+                "/generate", content=b'{"text": "\\ud800"}', headers={"content-type": "application/json"}
+            )
+            assert (
+                r.status_code == 400 and r.extensions["network_stream"].get_extra_info("client_addr") == first
+            )
+    finally:
+        server.stop()
+
+
+def test_generating_while_memory_is_released_is_503_saying_why(http):
+    assert http.post("/release_memory_occupation", json={"tags": ["kv_cache"]}).json()["success"] is True
+    try:
+        r = http.post("/generate", json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 1}})
+        assert r.status_code == 503 and "released" in r.json()["error"]["message"], r.text
+        r = http.post("/v1/completions", json={"prompt": [3, 4], "max_tokens": 1})
+        assert r.status_code == 503 and "released" in r.json()["error"]["message"], r.text
+    finally:
+        assert http.post("/resume_memory_occupation", json={}).json()["success"] is True
+    assert (
+        http.post(
+            "/generate", json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 1}}
+        ).status_code
+        == 200
+    )
+
+
+def test_full_engine_answers_503_with_retry_after(local_engine, tiny_model_dir):
+    """With no room to queue, a request beyond the running ones is refused at once (503 +
+    Retry-After), and the ones admitted still complete."""
+    from miles.engine.async_engine import AsyncEngine
+    from miles.engine.server import ServerConfig, build_engine, create_app
+
+    config = ServerConfig(
+        tiny_model_dir, max_total_tokens=512, page_size=8, max_running_requests=2, max_queued_requests=0
+    )
+    engine = AsyncEngine(build_engine(config), max_queued_requests=config.max_queued_requests).start()
+    server = ThreadServer(create_app(engine, config)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            assert http.post("/pause_generation", json={"mode": "in_place"}).json()["success"] is True
+            held = [{"input_ids": [5, i + 1], "sampling_params": {"max_new_tokens": 2}} for i in range(2)]
+            results: list[httpx.Response] = []
+            threads = [
+                threading.Thread(target=lambda b=b: results.append(http.post("/generate", json=b)))
+                for b in held
+            ]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while engine.num_unfinished < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            r = http.post("/generate", json={"input_ids": [6], "sampling_params": {"max_new_tokens": 1}})
+            assert (
+                r.status_code == 503
+                and r.headers["retry-after"] == "1"
+                and "full" in r.json()["error"]["message"]
+            )
+            assert http.get("/health").status_code == 200
+            http.post("/continue_generation", json={})
+            for t in threads:
+                t.join(30)
+            assert [x.status_code for x in results] == [200, 200]
+    finally:
+        server.stop()
+        engine.close()
+
+
+def test_update_group_rendezvous_times_out_without_blocking_generation(local_engine, tiny_model_dir):
+    """``/init_weights_update_group`` to a closed port: it fails with a clear message once its
+    timeout has passed, and a ``/generate`` sent meanwhile completes (the rendezvous used to run
+    on the engine thread, which froze generation for up to ten minutes)."""
+    from miles.engine.server import ServerConfig, create_app
+    from tests.engine.conftest import free_port
+
+    config = ServerConfig(tiny_model_dir, weight_update_group_timeout_s=2.0)
+    server = ThreadServer(create_app(local_engine, config)).start()
+    port = free_port()  # nothing listens there
+    body = {
+        "master_address": "127.0.0.1",
+        "master_port": port,
+        "rank_offset": 1,
+        "world_size": 2,
+        "group_name": "g",
+    }
+    answer: dict[str, httpx.Response] = {}
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            joining = threading.Thread(
+                target=lambda: answer.update(r=http.post("/init_weights_update_group", json=body))
+            )
+            joining.start()
+            time.sleep(0.3)  # the rendezvous has started
+            r = httpx.post(
+                f"{server.url}/generate",
+                json={"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 4}},
+                timeout=60,
+            )
+            assert r.status_code == 200 and len(r.json()["output_ids"]) == 4
+            assert joining.is_alive()  # generation did not wait for the rendezvous
+            joining.join(120)
+        r = answer["r"]
+        assert r.status_code == 400 and r.json()["success"] is False
+        assert f"127.0.0.1:{port}" in r.json()["message"] and "within 2 s" in r.json()["message"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"master_port": -1}, "master_port"),
+        ({"master_port": 70000}, "master_port"),
+        ({"world_size": 1}, "world_size"),
+        ({"rank_offset": 0}, "rank_offset"),
+        ({"rank_offset": 2}, "rank_offset"),
+        ({"backend": "mpi"}, "backend"),
+        ({"master_address": ""}, "master_address"),
+        ({"group_name": ""}, "group_name"),
+        ({"master_port": "80"}, "master_port"),
+    ],
+)
+def test_update_group_fields_are_validated(http, patch, field):
+    body = {
+        "master_address": "127.0.0.1",
+        "master_port": 29500,
+        "rank_offset": 1,
+        "world_size": 2,
+        "group_name": "g",
+    }
+    _error(http.post("/init_weights_update_group", json={**body, **patch}), field)
+
+
+def test_remote_tensor_broadcast_sizes_are_bounded(http):
+    big = {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[10**12]], "group_name": "g"}
+    _error(http.post("/update_weights_from_distributed", json=big), "shapes")
+    _error(http.post("/update_weights_from_distributed", json={**big, "shapes": [[-1]]}), "shapes")
+    _error(
+        http.post("/update_weights_from_distributed", json={**big, "dtypes": ["Size"], "shapes": [[1]]}),
+        "dtypes",
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--allow-remote-admin"], "--allow-remote-admin was removed"),
+        (["--api-key", "same", "--admin-api-key", "same"], "must differ from --api-key"),
+        (["--admin-api-key", ""], "must not be empty"),
+        (["--max-request-bytes", "0"], "--max-request-bytes must be >= 1"),
+        (["--sglang-max-queued-requests", "-1"], "--sglang-max-queued-requests must be >= 0"),
+        (["--weight-update-group-timeout", "0"], "--weight-update-group-timeout must be > 0"),
+    ],
+)
+def test_serve_flag_errors_say_what_to_do(flags, message, capsys, monkeypatch):
+    from miles.cli import main
+
+    monkeypatch.delenv("MILES_ADMIN_API_KEY", raising=False)
+    assert main(["serve", "--hf-checkpoint", "unused", *flags]) == 2
+    assert message in capsys.readouterr().err

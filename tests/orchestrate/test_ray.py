@@ -15,6 +15,7 @@ import torch
 
 from miles.config import parse_train_args
 from miles.orchestrate.loop import _loop, hook_args
+from miles.rollout.dump import load_rollout_dump
 from miles.utils.metrics import MetricsLogger, read_metrics
 from tests.orchestrate.test_loop import _argv
 
@@ -54,14 +55,19 @@ def _run(world: Path, run_dir: Path, *extra: str, during: Any = None) -> tuple[l
 
 
 def assert_engines_hold(placement: Any) -> None:
-    """Every engine's every parameter equals the trainer's (torch.equal, through HTTP)."""
+    """Every engine's every parameter equals the trainer's (torch.equal, through HTTP, with the
+    run's admin key: weight read-back is an admin endpoint)."""
     weights = placement.trainer_weights()
+    admin = {"Authorization": f"Bearer {placement.admin_key}"}
     for url in placement.engine_urls:
         version = httpx.get(f"{url}/get_weight_version", timeout=10).json()["weight_version"]
         assert version == str(placement.version), (url, version)
         for name, tensor in weights.items():
             r = httpx.post(
-                f"{url}/get_weights_by_name", json={"name": name, "truncate_size": 1 << 20}, timeout=30
+                f"{url}/get_weights_by_name",
+                json={"name": name, "truncate_size": 1 << 20},
+                headers=admin,
+                timeout=30,
             )
             assert r.status_code == 200, r.text
             served = torch.tensor(r.json(), dtype=torch.float32)
@@ -123,8 +129,17 @@ def test_colocated_shared_memory_handover(arith_world, tmp_path, ray_cluster):
 
 
 def test_disk_transport_one_rank_one_engine(arith_world, tmp_path, ray_cluster):
+    keys: dict[str, Any] = {}
+
+    def probe(placement: Any) -> None:  # an engine Ray started: its admin endpoints need the run's key
+        url = placement.engine_urls[0]
+        keys["no_key"] = httpx.post(f"{url}/continue_generation", json={}, timeout=30).status_code
+        keys["key"] = httpx.post(f"{url}/continue_generation", json={}, timeout=30,
+                                 headers={"Authorization": f"Bearer {placement.admin_key}"}).status_code  # fmt: skip
+
     rows, placement = _run(arith_world, tmp_path / "run", "--placement-backend", "ray", "--rollout-num-gpus", "1",
-                           "--update-weight-transport", "disk", "--num-rollout", "2")  # fmt: skip
+                           "--update-weight-transport", "disk", "--num-rollout", "2", during=probe)  # fmt: skip
+    assert keys == {"no_key": 401, "key": 200} and len(placement.admin_key) >= 32
     assert placement.router is None and placement.transport == "disk"
     assert all(r["perf/update_weights_time"] > 0 for r in rows)
     written = list((tmp_path / "run" / "weight_sync").iterdir())
@@ -154,7 +169,7 @@ def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost(arith_world,
     assert not placement.monitor.errors
     for step, r in enumerate(rows):
         assert r["rollout/failed_samples"] == 0 and r["rollout/num_samples"] == 32, (step, r)
-    samples = [s for step in range(3) for g in torch.load(dump / f"rollout_{step}.pt", weights_only=False)
+    samples = [s for step in range(3) for g in load_rollout_dump(dump / f"rollout_{step}.pt")
                for s in g.samples]  # fmt: skip
     indices = [s.index for s in samples]
     assert sorted(indices) == list(range(96))  # every sample once: none lost, none duplicated

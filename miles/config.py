@@ -210,6 +210,14 @@ class RolloutConfig(_Section):
     rm_type: str | None = _f(None, "built-in reward: math, countdown, exact, remote_rm, ...")
     rm_url: str | None = _f(None, "URL of the remote reward model")
     reward_key: str | None = _f(None, "key of the reward in a dict-valued reward")
+    rm_timeout: float = _f(60.0, "seconds one remote reward-model request may take", gt=0)
+    rm_max_retries: int = _f(3, "retries of a failed remote reward-model request", ge=0)
+    reward_timeout: float = _f(
+        600.0, "seconds one reward call (built-in or custom, retries included) may take", gt=0
+    )
+    max_failed_rollouts: int = _f(
+        3, "stop after this many consecutive rollout steps in which every sample failed", ge=1
+    )
     partial_rollout: bool = _f(False, "resume samples aborted at a weight update")
     mask_offpolicy_in_partial_rollout: bool = _f(False, "mask tokens sampled by older weights")
     skip_bad_samples: bool = _f(False, "skip unusable dataset rows with a warning")
@@ -331,6 +339,9 @@ class CheckpointConfig(_Section):
     load: str | None = _f(None, "checkpoint directory to resume from")
     save_interval: int | None = _f(None, "save every N rollout steps", ge=1)
     save_hf: str | None = _f(None, "also export Hugging Face safetensors here")
+    allow_fresh_start: bool = _f(
+        False, "with --load: start from --hf-checkpoint when it holds no checkpoint yet (auto-resume)"
+    )
     no_save_optim: bool = _f(False, "do not save the optimizer state")
 
 
@@ -339,6 +350,7 @@ class LogConfig(_Section):
     """Metrics sinks, logs and debugging dumps."""
 
     run_dir: str | None = _f(None, "directory of logs and metrics (default: runs/<date-time>)")
+    overwrite: bool = _f(False, "reuse a --run-dir that already holds a run, replacing its files")
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "Miles log level")
     log_interval: int = _f(1, "log metrics every N steps", ge=1)
     use_tensorboard: bool = _f(False, "write TensorBoard events")

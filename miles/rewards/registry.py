@@ -9,18 +9,35 @@ Built-ins (exact rules in each module and in docs/rewards_and_data.md):
 (:mod:`miles.rewards.countdown`), ``exact``, ``exact_ci``, ``f1`` (:mod:`miles.rewards.simple`),
 ``remote_rm`` (:mod:`miles.rewards.remote`). Modules are imported on first use, so importing
 the registry is cheap and httpx is loaded only for ``remote_rm``.
+
+Where :func:`load_function` looks: a dotted path's first component is imported from the
+current working directory when that directory holds it (``my_reward.py`` or a ``my_reward/``
+folder), else from ``sys.path``. So ``--custom-rm-path my_reward.score`` run from the folder
+holding ``my_reward.py`` works without ``PYTHONPATH=.``, as it does for slime users with their
+launch scripts. The directory is then put at the front of ``sys.path`` (as an absolute path,
+as ``PYTHONPATH=.`` would, unless it is there already), so the hook's own imports of its
+neighbours work too; it is added only when a hook is found there.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from miles.utils.suggest import did_you_mean
 
-__all__ = ["BUILTIN_REWARDS", "FunctionLoadError", "get_reward_function", "load_function"]
+__all__ = [
+    "BUILTIN_REWARDS",
+    "FunctionLoadError",
+    "get_reward_function",
+    "is_async_callable",
+    "load_function",
+]
 
 RewardFn = Callable[..., Any]
 
@@ -58,6 +75,7 @@ def get_reward_function(name: str) -> RewardFn:
 def load_function(path: str, *, require_async: bool = False, what: str = "function") -> Callable[..., Any]:
     """Import ``package.module.attr`` (or ``package.module:attr``) and return the callable.
 
+    The module is looked for in the current directory, then on ``sys.path`` (module docstring).
     Raises :class:`FunctionLoadError` naming the problem: an empty or relative path, no module
     of that name (the longest importable prefix is named), an error while importing the module
     (chained), a missing attribute (with the closest public name), an object that is not
@@ -66,6 +84,7 @@ def load_function(path: str, *, require_async: bool = False, what: str = "functi
     """
     if not path or not isinstance(path, str) or path.startswith(".") or path.endswith("."):
         raise FunctionLoadError(f"{what} path must be 'package.module.function', got {path!r}")
+    _use_current_directory(path.partition(":")[0].split(".")[0])
     if ":" in path:
         module_name, _, attr_path = path.partition(":")
         module, attrs = _import(module_name, path, what), attr_path.split(".")
@@ -82,7 +101,9 @@ def load_function(path: str, *, require_async: bool = False, what: str = "functi
                 attrs = parts[split:]
                 break
         if module is None:
-            raise FunctionLoadError(f"cannot load {what} {path!r}: no module named {parts[0]!r}")
+            raise FunctionLoadError(
+                f"cannot load {what} {path!r}: no module named {parts[0]!r}{_where_looked()}"
+            )
     obj: Any = module
     for i, attr in enumerate(attrs):
         if not hasattr(obj, attr):
@@ -99,7 +120,7 @@ def load_function(path: str, *, require_async: bool = False, what: str = "functi
         obj = getattr(obj, attr)
     if not callable(obj):
         raise FunctionLoadError(f"{what} {path!r} is a {type(obj).__name__}, not a function")
-    if require_async and not _is_async(obj):
+    if require_async and not is_async_callable(obj):
         raise FunctionLoadError(f"{what} {path!r} must be 'async def'")
     return obj
 
@@ -107,7 +128,8 @@ def load_function(path: str, *, require_async: bool = False, what: str = "functi
 def _import(name: str, path: str, what: str) -> Any:
     module = _try_import(name, path, what)
     if module is None:
-        raise FunctionLoadError(f"cannot load {what} {path!r}: no module named {name!r}")
+        where = _where_looked() if "." not in name else ""
+        raise FunctionLoadError(f"cannot load {what} {path!r}: no module named {name!r}{where}")
     return module
 
 
@@ -127,6 +149,32 @@ def _try_import(name: str, path: str, what: str) -> Any:
         ) from e
 
 
-def _is_async(obj: Any) -> bool:
-    # an instance with "async def __call__" counts too
+def _use_current_directory(top: str) -> None:
+    """Put the current directory at the front of ``sys.path`` if it holds module ``top``.
+
+    Only then: a directory that holds no hook changes nothing. Entries that already mean the
+    current directory (``""``, ``"."``, its absolute path) are not duplicated.
+    """
+    if not top.isidentifier() or top in sys.modules:
+        return
+    try:
+        cwd = Path.cwd()
+    except OSError:  # the directory was deleted under us: nothing to find there
+        return
+    if not ((cwd / f"{top}.py").is_file() or (cwd / top).is_dir()):
+        return
+    if not any(Path(p or ".").resolve() == cwd.resolve() for p in sys.path):
+        sys.path.insert(0, str(cwd))
+    importlib.invalidate_caches()  # the file may be newer than the finder's listing of the folder
+
+
+def _where_looked() -> str:
+    try:
+        return f" (looked in the current directory {os.getcwd()} and on sys.path)"
+    except OSError:
+        return " (looked on sys.path)"
+
+
+def is_async_callable(obj: Any) -> bool:
+    """An ``async def`` function, or an object whose ``__call__`` is one."""
     return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(type(obj).__call__)

@@ -3,8 +3,12 @@
 One rollout step draws ``over_sampling_batch_size`` prompts at a time, generates
 ``n_samples_per_prompt`` samples for each with bounded concurrency, scores them, and keeps the
 groups the dynamic-sampling filter accepts, until ``rollout_batch_size`` groups are kept (or the
-data runs out). A sample whose generation or reward fails is marked ``failed``, its error is
-logged once per distinct message, and the run goes on.
+data runs out). A sample whose generation or reward fails (or whose reward takes longer than
+``--reward-timeout``) is marked ``failed``, its error is logged once per distinct message, and the
+run goes on - unless every sample of ``--max-failed-rollouts`` consecutive steps failed: then
+:class:`RolloutError` stops the run, naming the most frequent errors. Evaluation never counts.
+A reward that stalls is reported every ``reward_stall_log_s`` seconds, and a progress line shows
+each rollout and evaluation (samples done out of the expected total).
 
 Sampling seeds are derived from (``rollout_seed``, step, sample index), so a resumed run
 regenerates exactly the rollout an uninterrupted run would have.
@@ -22,13 +26,24 @@ from typing import Any
 
 from miles.config import RolloutConfig
 from miles.rewards.registry import load_function
-from miles.rewards.scoring import FailureLog, RewardSpec, resolve_reward, score_samples
+from miles.rewards.scoring import FailureLog, RewardSpec, RewardWatch, resolve_reward, score_samples
 from miles.rollout.dataset import PromptDataset
 from miles.rollout.filters import apply_sample_filter, call_dynamic_filter, load_filter
 from miles.rollout.generate import GenerateClient, generate_sample, sample_seed
 from miles.types import Group, Sample, SampleStatus, SamplingParams
+from miles.utils.progress import Progress
+
+__all__ = ["RolloutError", "RolloutManager", "RolloutResult", "rollout_metrics"]
 
 log = logging.getLogger(__name__)
+
+_ERRORS_SHOWN = 5  # distinct errors quoted in a RolloutError
+_ERROR_CHARS = 300  # of each
+
+
+class RolloutError(RuntimeError):
+    """A rollout step that cannot give anything to train on: every sample of several steps in a
+    row failed, or no group survived the filters. The message says why and quotes the errors."""
 
 
 @dataclass
@@ -50,6 +65,7 @@ class RolloutManager:
         concurrency: int = 64,
         stop_token_ids: Sequence[int] = (),
         routed_experts_top_k: int | None = None,
+        reward_stall_log_s: float = 30.0,
     ) -> None:
         if config.rollout_batch_size is None:
             raise ValueError("rollout_batch_size is required")
@@ -73,6 +89,10 @@ class RolloutManager:
             load_filter(config.rollout_sample_filter_path) if config.rollout_sample_filter_path else None
         )
         self.failures = FailureLog(log)
+        self.reward_watch = RewardWatch(reward_stall_log_s, log)
+        # Rollout steps in a row in which every sample failed, and their errors.
+        self.failed_steps = 0
+        self._failed_step_errors: Counter[str] = Counter()
         self.stop_token_ids = tuple(config.rollout_stop_token_ids) + tuple(stop_token_ids)
         self._next_index = 0
         # Rollout routing replay: ask the engine for every token's experts (the model's top-k).
@@ -130,7 +150,9 @@ class RolloutManager:
             groups.append(group)
         return groups
 
-    async def _run_groups(self, groups: list[list[Sample]], step: int, eval_mode: bool) -> list[list[Sample]]:
+    async def _run_groups(
+        self, groups: list[list[Sample]], step: int, eval_mode: bool, progress: Progress
+    ) -> list[list[Sample]]:
         seed_base = self.config.rollout_seed + (1_000_000 if eval_mode else 0)
 
         async def one_group(group: list[Sample]) -> list[Sample]:
@@ -145,13 +167,27 @@ class RolloutManager:
                 )
             )
             samples = [x for out in outs for x in out]
-            await score_samples(samples, self.reward, self.config.group_rm, self.args, self.failures)
+            await score_samples(
+                samples,
+                self.reward,
+                self.config.group_rm,
+                self.args,
+                self.failures,
+                timeout_s=self.config.reward_timeout,
+                watch=self.reward_watch,
+            )
+            progress.advance(len(group))
             return samples
 
-        return list(await asyncio.gather(*(one_group(g) for g in groups)))
+        async with self.reward_watch.watching():  # one stall line for all groups, not one each
+            return list(await asyncio.gather(*(one_group(g) for g in groups)))
 
     async def generate_rollout(self, step: int) -> RolloutResult:
-        """Groups for one RL step (``rollout_batch_size`` of them unless the data runs out)."""
+        """Groups for one RL step (``rollout_batch_size`` of them unless the data runs out).
+
+        Raises :class:`RolloutError` after ``max_failed_rollouts`` consecutive steps in which
+        every sample failed, or when no group survives the filters.
+        """
         c = self.config
         assert c.rollout_batch_size is not None
         want, draw = c.rollout_batch_size, c.over_sampling_batch_size or c.rollout_batch_size
@@ -159,38 +195,79 @@ class RolloutManager:
         drops: Counter[str] = Counter()
         drawn = 0
         failed_before = self.failures.total
-        while len(kept) < want:
-            prompts = self.dataset.next_batch(draw)
-            if not prompts:
-                break
-            drawn += len(prompts)
-            for samples in await self._run_groups(self._expand(prompts, c.n_samples_per_prompt), step, False):
-                verdict = call_dynamic_filter(self.dynamic_filter, self.args, samples)
-                if not verdict.keep:
-                    drops[verdict.reason or "filtered"] += 1
-                    continue
-                if len(kept) < want:
-                    kept.append(Group(index=samples[0].group_index, samples=tuple(samples)))
+        produced: list[Sample] = []  # every sample of this step, kept or dropped by the filter
+        with Progress(f"rollout {step}", want * c.n_samples_per_prompt, "samples") as progress:
+            while len(kept) < want:
+                prompts = self.dataset.next_batch(draw)
+                if not prompts:
+                    break
+                drawn += len(prompts)
+                # Over-sampling draws more than the first estimate: the total grows with it.
+                progress.total = max(progress.total, drawn * c.n_samples_per_prompt)
+                groups = await self._run_groups(
+                    self._expand(prompts, c.n_samples_per_prompt), step, False, progress
+                )
+                for samples in groups:
+                    produced += samples
+                    verdict = call_dynamic_filter(self.dynamic_filter, self.args, samples)
+                    if not verdict.keep:
+                        drops[verdict.reason or "filtered"] += 1
+                        continue
+                    if len(kept) < want:
+                        kept.append(Group(index=samples[0].group_index, samples=tuple(samples)))
+        failed = self.failures.total - failed_before
+        self._count_failed_step(step, produced)
         if not kept:
-            raise RuntimeError(
+            raise RolloutError(
                 f"rollout step {step}: no group survived (drew {drawn} prompts; dropped {dict(drops)}; "
-                f"failed samples {self.failures.total - failed_before})"
+                f"failed samples {failed})"
             )
         removed = apply_sample_filter(self.sample_filter, self.args, [s for g in kept for s in g.samples])
         metrics = rollout_metrics(kept, prefix="rollout")
-        metrics["rollout/failed_samples"] = float(self.failures.total - failed_before)
+        metrics["rollout/failed_samples"] = float(failed)
         metrics["rollout/num_prompts_drawn"] = float(drawn)
         metrics["rollout/removed_samples"] = float(removed)
         for reason, count in drops.items():
             metrics[f"rollout/dynamic_filter/drop_{reason}"] = float(count)
         return RolloutResult(kept, metrics)
 
+    def _count_failed_step(self, step: int, samples: list[Sample]) -> None:
+        """Count a step in which every sample failed; raise once ``max_failed_rollouts`` came in a row."""
+        if not samples or any(s.status != SampleStatus.FAILED for s in samples):
+            self.failed_steps = 0
+            self._failed_step_errors.clear()
+            return
+        self.failed_steps += 1
+        self._failed_step_errors.update((s.error or "unknown error")[:_ERROR_CHARS] for s in samples)
+        limit = self.config.max_failed_rollouts
+        if self.failed_steps < limit:
+            log.warning(
+                "rollout step %d: all %d samples failed (%d of %d consecutive such steps stop the run: "
+                "--max-failed-rollouts)",
+                step,
+                len(samples),
+                self.failed_steps,
+                limit,
+            )
+            return
+        errors = self._failed_step_errors.most_common()
+        lines = [f"  {n}x {message}" for message, n in errors[:_ERRORS_SHOWN]]
+        if len(errors) > _ERRORS_SHOWN:
+            lines.append(f"  ... and {len(errors) - _ERRORS_SHOWN} other distinct errors")
+        raise RolloutError(
+            f"every sample failed in {self.failed_steps} consecutive rollout steps (up to step {step}; "
+            f"--max-failed-rollouts {limit}); most frequent errors:\n" + "\n".join(lines)
+        )
+
     async def evaluate(
         self, name: str, dataset: PromptDataset, step: int, n_samples: int = 1
     ) -> dict[str, float]:
-        """Mean reward over every prompt of ``dataset`` (``eval/<name>``), plus response lengths."""
-        groups = await self._run_groups(self._expand(dataset.samples(), n_samples), step, True)
-        return rollout_metrics([Group(g[0].group_index, tuple(g)) for g in groups], prefix=f"eval/{name}")
+        """Mean reward over every prompt of ``dataset`` (``eval/<name>``), plus response lengths.
+        Failed samples are reported, never counted towards ``--max-failed-rollouts``."""
+        groups = self._expand(dataset.samples(), n_samples)
+        with Progress(f"eval {name}", sum(len(g) for g in groups), "samples") as progress:
+            done = await self._run_groups(groups, step, True, progress)
+        return rollout_metrics([Group(g[0].group_index, tuple(g)) for g in done], prefix=f"eval/{name}")
 
 
 def rollout_metrics(groups: Sequence[Group], prefix: str) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import pytest
@@ -69,3 +70,46 @@ def test_load_function_errors(plugin, path, message):
 def test_require_async(plugin):
     with pytest.raises(FunctionLoadError, match="must be 'async def'"):
         load_function("myplugins.rm.sync_score", require_async=True, what="reward function")
+
+
+@pytest.fixture
+def in_dir(tmp_path, monkeypatch):
+    """``tmp_path`` as the current directory, with sys.path and sys.modules restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def test_hook_in_the_current_directory_is_found_without_pythonpath(in_dir):
+    """Regression: 'no module named my_reward' unless PYTHONPATH=. was set."""
+    (in_dir / "cwd_reward_xyz.py").write_text(
+        "async def score(args, sample):\n    import cwd_helper_xyz\n    return cwd_helper_xyz.VALUE\n"
+    )
+    (in_dir / "cwd_helper_xyz.py").write_text("VALUE = 0.25\n")  # imported lazily, at call time
+    (in_dir / "cwd_pkg_xyz").mkdir()
+    (in_dir / "cwd_pkg_xyz" / "rm.py").write_text("def score(args, sample):\n    return 1.0\n")
+    fn = load_function("cwd_reward_xyz.score", require_async=True, what="reward function")
+    assert asyncio.run(fn(None, None)) == 0.25
+    assert load_function("cwd_pkg_xyz.rm:score")(None, None) == 1.0  # a folder without __init__.py
+    assert sys.path.count(str(in_dir)) == 1  # added once, not per hook
+
+
+def test_current_directory_is_added_only_when_it_holds_the_hook(in_dir):
+    path_before = list(sys.path)
+    assert load_function("miles.rewards.simple.rm_exact").__name__ == "rm_exact"
+    with pytest.raises(FunctionLoadError) as e:
+        load_function("absent_mod_xyz.fn", what="reward function")
+    assert sys.path == path_before
+    assert str(e.value) == (
+        f"cannot load reward function 'absent_mod_xyz.fn': no module named 'absent_mod_xyz' "
+        f"(looked in the current directory {in_dir} and on sys.path)"
+    )
+
+
+def test_errors_of_a_hook_in_the_current_directory_stay_precise(in_dir):
+    (in_dir / "cwd_rm_xyz.py").write_text("async def score(args, sample):\n    return 1.0\n")
+    with pytest.raises(FunctionLoadError, match="'cwd_rm_xyz' has no attribute 'scor'; did you mean score?"):
+        load_function("cwd_rm_xyz.scor")

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import device_string, write_results  # noqa: E402
 from benchmarks.train_throughput import COMMON, MODELS  # noqa: E402
+from miles.rollout.dump import load_rollout_dump  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-moe-small": {**COMMON, **MODELS["qwen3-moe-small"]},
@@ -166,7 +167,7 @@ def _argv(world: Path, run_dir: Path, *extra: str) -> list[str]:
             "--n-samples-per-prompt", "8", "--rollout-max-response-len", "8", "--lr", "1e-3",
             "--use-dynamic-batch-size", "--max-tokens-per-gpu", "4096",
             "--placement-backend", "ray", "--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
-            "--run-dir", str(run_dir), *extra]  # fmt: skip
+            "--run-dir", str(run_dir), "--overwrite", *extra]  # fmt: skip
 
 
 def _run(argv: list[str], during: Any = None) -> tuple[list[dict[str, Any]], Any]:
@@ -222,7 +223,7 @@ def part_kill(out: Path) -> dict[str, Any]:
                                  "--rollout-max-response-len", "64", "--save-debug-rollout-data", str(dump)),
                            during=watch)  # fmt: skip
     done.set()
-    samples = [s for step in range(3) for g in torch.load(dump / f"rollout_{step}.pt", weights_only=False)
+    samples = [s for step in range(3) for g in load_rollout_dump(dump / f"rollout_{step}.pt")
                for s in g.samples]  # fmt: skip
     indices = sorted(s.index for s in samples)
     return {

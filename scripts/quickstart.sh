@@ -6,6 +6,8 @@
 #   2. a short SFT warm-up (recipes/arith_sft.yaml);
 #   3. GRPO with an exact-match reward (recipes/arith_grpo.yaml).
 # It prints held-out accuracy before, after SFT and after GRPO. About 5 minutes on 2 CPU cores.
+# It deletes runs/arith first: `miles train` refuses a --run-dir that already holds a run.
+# At the end it says how to put `miles` on your shell's PATH (source .venv/bin/activate).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 rm -rf runs/arith
@@ -22,3 +24,4 @@ print(f"held-out accuracy: random init {acc(sft)[0]:.3f} -> after SFT {acc(sft)[
 print(f"GRPO train reward: first step {rewards[0]:.3f} -> last step {rewards[-1]:.3f}")
 print("metrics: runs/arith/sft/metrics.jsonl, runs/arith/grpo/metrics.jsonl")
 PY
+miles_activate_hint

@@ -7,3 +7,4 @@ echo "[test] pre-commit (ruff lint, ruff format, mypy)"
 pre-commit run --all-files --show-diff-on-failure
 echo "[test] pytest"
 python -m pytest -q "$@"
+miles_activate_hint

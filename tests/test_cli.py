@@ -89,17 +89,33 @@ def test_registry_entries_are_complete() -> None:
 # --------------------------------------------------------------------------- train
 
 
+def _real_train(world: Path, run_dir: Path) -> list[str]:
+    """``TRAIN`` with files that exist: the tiny model and prompts of ``arith_world``."""
+    return ["train", "--hf-checkpoint", str(world / "model"), "--prompt-data", str(world / "train.jsonl"),
+            "--input-key", "prompt", "--label-key", "label", "--rm-type", "exact", "--rollout-batch-size", "4",
+            "--n-samples-per-prompt", "2", "--num-rollout", "3", "--run-dir", str(run_dir)]  # fmt: skip
+
+
 def test_train_dry_run_prints_yaml_that_parses_back(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, arith_world: Path
 ) -> None:
-    code, out, _ = run([*TRAIN, "--lr", "2e-6", "--rollout-backend", "sglang", "--sglang-quantization", "fp8",
-                        "--dry-run"], capsys)  # fmt: skip
+    flags = [
+        "--lr",
+        "2e-6",
+        "--sglang-page-size",
+        "32",
+        "--eval-prompt-data",
+        "arith",
+        str(arith_world / "eval.jsonl"),
+    ]
+    base = _real_train(arith_world, tmp_path / "run")
+    code, out, _ = run([*base, *flags, "--dry-run"], capsys)
     assert code == 0
-    assert "rollout_batch_size: 4" in out and "quantization: fp8" in out
+    assert "rollout_batch_size: 4" in out and "page_size: 32" in out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
     path = tmp_path / "resolved.yaml"
     path.write_text(out)
-    assert parse_train_args(["--config", str(path)]) == parse_train_args([*TRAIN[1:], "--lr", "2e-6",
-        "--rollout-backend", "sglang", "--sglang-quantization", "fp8"])  # fmt: skip
+    assert parse_train_args(["--config", str(path)]) == parse_train_args([*base[1:], *flags])
 
 
 def test_train_config_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -109,6 +125,21 @@ def test_train_config_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert (code, err) == (
         2,
         "miles: error: unrecognized argument --rollout-batchsize; did you mean --rollout-batch-size?\n",
+    )
+
+
+def test_a_flag_prefix_suggests_the_flag_it_begins(capsys: pytest.CaptureFixture[str]) -> None:
+    """A prefix wins over a closer-looking flag: --rollout-temp is --rollout-temperature's start,
+    though difflib scores --rollout-stop higher."""
+    from miles.utils.suggest import closest
+
+    assert closest("--rollout-temp", ["--rollout-stop", "--rollout-temperature"]) == "--rollout-temperature"
+    assert closest("--eval", ["--eval-top-k", "--eval-interval", "--val"]) == "--eval-top-k"  # the shortest
+    assert closest("--lr-x", ["--lr", "--lr-warmup-iters"]) == "--lr"  # no prefix: the most similar
+    code, _, err = run([*TRAIN, "--rollout-temp", "0.5"], capsys)
+    assert (code, err) == (
+        2,
+        "miles: error: unrecognized argument --rollout-temp; did you mean --rollout-temperature?\n",
     )
 
 

@@ -392,6 +392,11 @@ VALIDATION = [
      "instead of generating, so --debug-rollout-only would do nothing"),
     (["--debug-train-only"], "--debug-train-only needs --load-debug-rollout-data (the saved rollouts to train on)"),
     (["--save-interval", "5"], "--save-interval needs --save DIR"),
+    (["--allow-fresh-start"], "--allow-fresh-start needs --load DIR (it allows --load to find no checkpoint yet)"),
+    (["--advantage-estimator", "ppo", "--critic-load", "m", "--loss-type", "sft_loss", "--label-key", "y"],
+     "--advantage-estimator ppo needs --loss-type policy_loss (the critic's returns), got sft_loss"),
+    (["--loss-type", "sft_loss", "--n-samples-per-prompt", "1"], "--loss-type sft_loss trains on each prompt's "
+     "label as the response: give --label-key KEY"),
     # the parser itself
     (["--rollout-batchsize", "3"], "unrecognized argument --rollout-batchsize; did you mean --rollout-batch-size?"),
     (["--moe-aux-loss-cof", "0.1"], "unrecognized argument --moe-aux-loss-cof; did you mean --moe-aux-loss-coef?"),
@@ -433,7 +438,7 @@ def test_docs_name_only_real_flags() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]\b(?!-)", doc))
     known = {s.flag for s in SPECS.values()} | {o.flag for o in SGLANG_OPTIONS.values()}
-    known |= {"--no-" + s.flag[2:] for s in SPECS.values()} | {"--config", "--dry-run"}
+    known |= {"--no-" + s.flag[2:] for s in SPECS.values()} | {"--config", "--dry-run", "--debug"}
     slime_flags_mentioned = {"--custom-config-path"}
     misspelled_on_purpose = {"--rollout-temp", "--rollout-batchsize"}  # examples of errors
     assert flags - known - slime_flags_mentioned - misspelled_on_purpose == set()

@@ -238,22 +238,36 @@ def save_hf(
     tokenizer_source: str | os.PathLike[str] | None = None,
     max_shard_bytes: int = 5 * 1024**3,
     tensors: Mapping[str, torch.Tensor] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``config.json`` + safetensors (sharded above ``max_shard_bytes``) that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Written to a temporary
     directory first and renamed, so a crash never leaves a half-written checkpoint at ``out_dir``.
     An existing ``out_dir`` is replaced only if it is empty or an HF checkpoint (has config.json).
 
+    The tokenizer (with its chat template), so that ``AutoTokenizer`` loads ``out_dir`` too:
+    ``tokenizer_source``, a checkpoint (HF directory, .gguf or the SmolLM2 alias) whose tokenizer is
+    saved, or ``tokenizer``, a tokenizer object (:func:`load_tokenizer`'s). Without either, the
+    directory holds the model only.
+
     ``tensors``: the full HF-named tensors to write instead of ``model.state_dict()`` (a sharded
     model's, gathered by the caller: :func:`miles.train.weight_sync.save_trainer_hf`).
     """
     from safetensors.torch import save_file
 
+    if tokenizer is not None and tokenizer_source is not None:
+        raise ValueError("save_hf takes tokenizer= or tokenizer_source=, not both")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(
+            f"tokenizer must have save_pretrained (a transformers tokenizer), got {type(tokenizer).__name__}"
+        )
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise CheckpointError(
             f"refusing to replace {out}: it exists and is not a Hugging Face checkpoint directory"
         )
+    if tokenizer_source is not None:  # before any weight is written: a bad source fails at once
+        tokenizer = load_tokenizer(tokenizer_source)
     torch_dtype = resolve_dtype(dtype, model.spec) if dtype is not None else model.dtype
     dtype_name = next(k for k, v in _DTYPES.items() if v == torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,8 +296,8 @@ def save_hf(
             total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if tokenizer_source is not None:
-            load_tokenizer(tokenizer_source).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -36,6 +36,7 @@ from miles.train.trainer import Trainer, TrainerConfig
 from miles.train.trainer_sleep import awake
 from miles.train.weight_sync import iter_weight_buckets, save_trainer_hf
 from miles.types import Group
+from miles.utils.progress import announce
 
 
 def trainer_config(config: MilesConfig) -> TrainerConfig:
@@ -137,6 +138,7 @@ def build_trainer(config: MilesConfig, device: torch.device, *, fsdp: bool) -> T
     m = config.model
     assert m.hf_checkpoint is not None
     dtype = compute_dtype(config, device)
+    announce(f"loading the policy {m.hf_checkpoint} (float32 master weights, {device.type}) ...")
     policy = load_model(m.hf_checkpoint, dtype="float32", device=device)
     if fsdp:
         policy = parallelize(
@@ -149,7 +151,10 @@ def build_trainer(config: MilesConfig, device: torch.device, *, fsdp: bool) -> T
         apply_activation_checkpointing(policy)
     ref = None
     if config.algo.use_kl_loss or config.algo.kl_coef > 0:
+        announce(f"loading the reference model {m.ref_load or m.hf_checkpoint} ({dtype}) ...")
         ref = load_model(m.ref_load or m.hf_checkpoint, dtype=dtype, device=device).eval()
+    if uses_critic(config):
+        announce(f"loading the critic {m.critic_load} (float32) ...")
     critic = build_critic(config, device) if uses_critic(config) else None
     return Trainer(policy, trainer_config(config), device, ref_model=ref, critic=critic)
 
@@ -179,16 +184,19 @@ class LocalPlacement:
         # --sglang-enable-deterministic-inference alone also switches them: one process, one set.
         batch_invariant.set_batch_invariant(config.deterministic_mode or e.enable_deterministic_inference)
         dtype = compute_dtype(config, device)
+        announce(f"loading the tokenizer of {m.hf_checkpoint} ...")
         tokenizer = load_tokenizer(m.hf_checkpoint)
         fsdp = mixed_precision if mixed_precision is not None else device.type == "cuda"
         if fsdp:
             init_single_process_group(device)
         trainer = build_trainer(config, device, fsdp=fsdp)
+        announce(f"loading the engine's copy of {m.hf_checkpoint} ({dtype}) ...")
         engine_model = load_model(m.hf_checkpoint, dtype=dtype, device=device)
         context = e.context_length or engine_model.spec.max_position_embeddings
         r3 = config.use_rollout_routing_replay
         if r3 and not engine_model.spec.is_moe:
             raise ValueError("--use-rollout-routing-replay needs an MoE model; this one is dense")
+        announce(f"reading the prompts {config.rollout.prompt_data or '(replayed rollouts)'} ...")
         dataset = PromptDataset.from_config(config.rollout, tokenizer)
         evals = load_eval_datasets(config.rollout.eval_datasets, config.rollout, tokenizer)
         demand = kv_demand(config, engine_model.spec, [dataset, *evals.values()])

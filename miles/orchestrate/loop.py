@@ -16,26 +16,32 @@
 The trainer's part (old log-probs to optimizer steps) is ``train_step.train_on``, run by every
 trainer rank; rollout, rewards, data and metrics stay in this process in every placement.
 
-``miles train`` calls :func:`run_train`.
+``miles train`` calls :func:`run_train`, which first runs :func:`preflight`: every check that
+needs no model (files, hooks, flags, the run directory), so a mistake fails in a moment with
+``miles: error: ...`` instead of after the models have loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 from miles.config import MilesConfig, config_to_yaml, to_plain
+from miles.models.loading import CheckpointError, load_config, resolve_checkpoint
 from miles.orchestrate.placement import Placement
-from miles.train.checkpoint import latest_step
+from miles.rollout.dump import load_rollout_dump, save_rollout_dump
+from miles.train.checkpoint import TRACKER, iteration_dir, latest_step
 from miles.types import Group, SampleStatus
+from miles.utils.dataclass_flags import ConfigError
 from miles.utils.metrics import MetricsLogger
+from miles.utils.progress import announce
 
 
 class LoopError(RuntimeError):
@@ -118,16 +124,179 @@ def unbuilt_flags(config: MilesConfig) -> list[str]:
     return [flag for on, flag in checks if on]
 
 
-def run_train(config: MilesConfig) -> int:
-    """Run ``miles train`` (embedded, or on Ray with ``--placement ray``); returns the exit code."""
-    if config.algo.advantage_estimator == "ppo" and config.train.loss_type != "policy_loss":
-        raise LoopError("--advantage-estimator ppo needs --loss-type policy_loss (the critic's returns)")
+# What a run writes into its --run-dir (``miles plot`` adds plots/); --overwrite removes these only,
+# so a checkpoint directory the user keeps inside the run directory survives.
+RUN_FILES = ("metrics.jsonl", "config.yaml", "plots", "tensorboard", "wandb", "engines", "weight_sync")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What :func:`preflight` found: where the run writes, and how it starts."""
+
+    run_dir: Path
+    resume_step: int | None  # the step of the checkpoint --load resumes from; None: a fresh start
+    earlier_run: tuple[str, ...]  # RUN_FILES an earlier run left in run_dir
+
+
+def preflight(config: MilesConfig) -> RunPlan:
+    """Every check of a training run that needs no model: flags accepted but not built, the run
+    directory, the files it reads (``--prompt-data``, eval sets, ``--hf-checkpoint``, ``--load``,
+    ``--ref-load``, ``--critic-load``, replayed rollouts) and the hooks it imports (reward,
+    generate function, filters). Raises :class:`ConfigError` naming the flag and the file; changes
+    nothing. ``miles train`` runs it before building anything, and so does ``--dry-run``."""
     unbuilt = unbuilt_flags(config)
     if unbuilt:  # accepted by the parser (slime's names), not built: refuse rather than ignore
-        raise LoopError(f"not implemented yet: {'; '.join(unbuilt)}; drop the flag(s)")
-    run_dir = Path(config.log.run_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+        raise ConfigError(f"not implemented yet: {'; '.join(unbuilt)}; drop the flag(s)")
+    r, m, lg = config.rollout, config.model, config.log
+    resume_step = _check_load(config)
+    run_dir = Path(lg.run_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory")
+    earlier = tuple(name for name in RUN_FILES if (run_dir / name).exists())
+    if {"metrics.jsonl", "config.yaml"} & set(earlier) and resume_step is None and not lg.overwrite:
+        raise ConfigError(
+            f"--run-dir {run_dir} already holds a run ({', '.join(earlier)}): pass --overwrite to replace "
+            "it, --load CHECKPOINT_DIR to resume it, or choose another --run-dir"
+        )
+    if r.prompt_data is not None:  # required by the config rules unless rollouts are replayed
+        _check_data_file("--prompt-data", r.prompt_data)
+    replay = lg.load_debug_rollout_data
+    if replay is not None and "{rollout_id}" not in replay and not Path(replay).is_dir():
+        raise ConfigError(f"--load-debug-rollout-data {replay}: no such directory")
+    for name, path in r.eval_datasets:
+        _check_data_file(f"--eval-prompt-data {name}", path)
+    assert m.hf_checkpoint is not None  # required by the config rules
+    _check_model("--hf-checkpoint", m.hf_checkpoint)
+    if m.ref_load is not None:
+        _check_model("--ref-load", m.ref_load)
+    if m.critic_load is not None:
+        if (Path(m.critic_load) / TRACKER).is_file() or (Path(m.critic_load) / "meta.json").is_file():
+            raise ConfigError(
+                f"--critic-load {m.critic_load} is a Miles training checkpoint; it takes a Hugging Face model "
+                "(the critic's initial weights). To resume a PPO run, pass --load: the critic is saved with the policy"
+            )
+        _check_model("--critic-load", m.critic_load)
+    _check_hooks(config)
+    return RunPlan(run_dir, resume_step, earlier)
+
+
+def _check_load(config: MilesConfig) -> int | None:
+    """The step ``--load`` resumes from; None for no ``--load``, or none yet with ``--allow-fresh-start``."""
+    ck = config.checkpoint
+    if ck.load is None:
+        return None
+    path = Path(ck.load)
+    fresh = (
+        "pass --allow-fresh-start to start from --hf-checkpoint while it holds none "
+        "(slime's auto-resume: --load and --save the same directory)"
+    )
+    if not path.exists():
+        if ck.allow_fresh_start:
+            return None
+        raise ConfigError(f"--load {path}: no such directory; {fresh}")
+    if not path.is_dir():
+        raise ConfigError(f"--load {path} is a file; it takes a checkpoint directory (a --save directory)")
+    try:
+        step = latest_step(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--load: {e}") from None
+    if step is None:
+        if (path / "meta.json").is_file():
+            raise ConfigError(
+                f"--load {path} is one iteration of a checkpoint; pass the directory that holds {TRACKER}: "
+                f"--load {path.parent}"
+            )
+        if ck.allow_fresh_start:
+            return None
+        raise ConfigError(f"--load {path} holds no checkpoint (no {TRACKER}); {fresh}")
+    if not (iteration_dir(path, step) / "meta.json").is_file():
+        raise ConfigError(
+            f"--load {path}: {TRACKER} names step {step}, but {iteration_dir(path, step)} is missing or incomplete"
+        )
+    return step
+
+
+def _check_data_file(flag: str, path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{flag} {path}: no such file")
+    if not p.is_file():
+        raise ConfigError(f"{flag} {path} is a directory; it takes a .jsonl or .parquet file")
+
+
+def _check_model(flag: str, path: str) -> None:
+    """The checkpoint exists; an HF directory's config.json names a supported architecture. (A
+    GGUF's header is read by the model load itself: reading it here would double the wait.)"""
+    try:
+        if resolve_checkpoint(path).kind == "hf":
+            load_config(path)
+    except ValueError as e:  # CheckpointError, UnsupportedModelError
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def _check_hooks(config: MilesConfig) -> None:
+    """Import every hook the rollout manager will import, now: a typo fails before any model loads."""
+    from miles.rewards.registry import load_function
+    from miles.rewards.scoring import resolve_reward
+    from miles.rollout.filters import load_filter
+
+    r = config.rollout
+    try:
+        resolve_reward(r.rm_type, r.custom_rm_path)
+    except ValueError as e:  # no reward, or an unknown --rm-type
+        raise ConfigError(f"--rm-type: {e}" if r.rm_type and not r.custom_rm_path else str(e)) from None
+    except ImportError as e:  # FunctionLoadError, or an error inside the module
+        raise ConfigError(f"--custom-rm-path: {e}") from None
+    hooks = [
+        ("--custom-generate-function-path", r.custom_generate_function_path,
+         lambda p: load_function(p, require_async=True, what="generate function")),
+        ("--dynamic-sampling-filter-path", r.dynamic_sampling_filter_path, load_filter),
+        ("--rollout-sample-filter-path", r.rollout_sample_filter_path, load_filter),
+    ]  # fmt: skip
+    for flag, path, load in hooks:
+        if path is not None:
+            try:
+                load(path)
+            except ImportError as e:
+                raise ConfigError(f"{flag}: {e}") from None
+
+
+def start_run_dir(plan: RunPlan, config: MilesConfig) -> None:
+    """Create the run directory (removing an earlier run's files with ``--overwrite``), write
+    ``config.yaml`` and say where the run writes."""
+    run_dir = plan.run_dir
+    if plan.earlier_run and config.log.overwrite:
+        for name in plan.earlier_run:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        announce(
+            f"run directory: {run_dir} (--overwrite: removed the earlier run's {', '.join(plan.earlier_run)})"
+        )
+    elif plan.resume_step is not None and (run_dir / "metrics.jsonl").exists():
+        announce(f"run directory: {run_dir} (resuming: appending to its metrics.jsonl)")
+    else:
+        announce(f"run directory: {run_dir}")
+    ck = config.checkpoint
+    if plan.resume_step is not None:
+        announce(f"resuming from {ck.load} at step {plan.resume_step}")
+    elif ck.load is not None:
+        announce(
+            f"--load {ck.load} holds no checkpoint yet (--allow-fresh-start): starting from --hf-checkpoint"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
+
+
+def run_train(config: MilesConfig) -> int:
+    """Run ``miles train`` (embedded, or on Ray with ``--placement ray``); returns the exit code.
+
+    A mistake :func:`preflight` can see raises :class:`ConfigError` before anything is built."""
+    plan = preflight(config)
+    start_run_dir(plan, config)
+    run_dir = plan.run_dir
     placement = _build_placement(config, run_dir)
     logger = MetricsLogger(
         run_dir,
@@ -151,6 +320,7 @@ def _build_placement(config: MilesConfig, run_dir: Path) -> Placement:
     if config.placement.use_ray:
         from miles.orchestrate.ray import RayPlacement
 
+        announce(f"starting the Ray placement ({config.placement.actor_world_size} trainer ranks) ...")
         return RayPlacement.build(config, hook_args(config), run_dir=run_dir)
     from miles.orchestrate.local import LocalPlacement
 
@@ -174,7 +344,7 @@ def _loop(config: MilesConfig, placement: Placement, logger: MetricsLogger) -> N
         t0 = time.perf_counter()
         metrics: dict[str, float] = {}
         if lg.load_debug_rollout_data is not None:
-            groups = torch.load(_dump_path(lg.load_debug_rollout_data, step), weights_only=False)
+            groups = load_rollout_dump(_dump_path(lg.load_debug_rollout_data, step))
         elif policy:
             result = asyncio.run(placement.manager.generate_rollout(step))
             groups, metrics = result.groups, result.metrics
@@ -183,7 +353,7 @@ def _loop(config: MilesConfig, placement: Placement, logger: MetricsLogger) -> N
         if lg.save_debug_rollout_data is not None:
             path = _dump_path(lg.save_debug_rollout_data, step)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(groups, path)
+            save_rollout_dump(groups, path)
         metrics["perf/rollout_time"] = time.perf_counter() - t0
         if not lg.debug_rollout_only:
             t1 = time.perf_counter()
@@ -222,4 +392,14 @@ def _evaluate(placement: Placement, step: int) -> dict[str, float]:
     return out
 
 
-__all__ = ["LoopError", "hook_args", "run_train", "sft_groups", "unbuilt_flags"]
+__all__ = [
+    "RUN_FILES",
+    "LoopError",
+    "RunPlan",
+    "hook_args",
+    "preflight",
+    "run_train",
+    "sft_groups",
+    "start_run_dir",
+    "unbuilt_flags",
+]

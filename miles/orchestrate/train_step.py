@@ -16,10 +16,13 @@ the ranks again for its optimizer step.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from miles.algo.advantages import AdvantageParams
 from miles.algo.corrections import mismatch_metrics
@@ -31,6 +34,7 @@ from miles.train.flops import active_params, matmul_peak_flops, mfu
 from miles.train.packing import balanced_partition, batch_to, select_sequences, sequence_lengths
 from miles.train.trainer import Trainer
 from miles.types import Group, TrainBatch
+from miles.utils.progress import Progress
 
 
 def compute_dtype(config: MilesConfig, device: torch.device) -> str:
@@ -78,6 +82,32 @@ def reuses_own_logprobs(config: MilesConfig, steps: int) -> bool:
     return steps == 1 and not (a.use_tis or a.use_mis or a.use_rollout_logprobs or a.kl_coef > 0)
 
 
+@contextmanager
+def forward_progress(desc: str, total_tokens: int, models: Sequence[nn.Module], show: bool) -> Iterator[None]:
+    """A :class:`Progress` of the tokens that go through ``models``' forwards (each micro-batch's),
+    out of ``total_tokens``, shown when ``show`` (rank 0): a long training step says how far it is.
+
+    Counted by a forward pre-hook on each model, so the trainer needs no callback; a padding
+    micro-batch or an OOM retry counts again (the count stops at the total)."""
+    if not show or total_tokens <= 0:
+        yield
+        return
+    progress = Progress(desc, total_tokens, "tokens")
+
+    def count(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            progress.advance(ids.numel())
+
+    handles = [m.register_forward_pre_hook(count, with_kwargs=True) for m in models]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        progress.close()
+
+
 def train_on(
     trainer: Trainer,
     config: MilesConfig,
@@ -90,25 +120,62 @@ def train_on(
 ) -> dict[str, float]:
     """Old/ref log-probs, advantages and ``num_steps_per_rollout`` optimizer steps on ``groups``.
 
-    Returns the step's metrics (identical on every rank: the trainer reduces its own)."""
-    a = config.algo
+    Returns the step's metrics (identical on every rank: the trainer reduces its own). Rank 0
+    shows the step's progress: tokens through the policy's and reference model's forwards."""
     started = time.perf_counter()
     batch = batch_to(build_train_batch(groups), device)
     parts = partition(batch, world_size)
-    local = select_sequences(batch, parts[rank]) if world_size > 1 else batch
-    metrics: dict[str, float] = {}
-    policy = config.train.loss_type == "policy_loss"
-    old = ref = values = routing = None
     steps = config.rollout.num_steps_per_rollout or 1
     if batch.num_sequences % steps:
         raise ValueError(
             f"{batch.num_sequences} sequences cannot be split into --num-steps-per-rollout {steps} mini-batches"
         )
+    per = batch.num_sequences // steps
+    if per < world_size:
+        raise ValueError(
+            f"a mini-batch of {per} sequences cannot give each of the {world_size} trainer ranks one: "
+            "raise --rollout-batch-size x --n-samples-per-prompt or use fewer ranks"
+        )
+    # This rank's sequences of each optimizer step (token-balanced within each mini-batch).
+    lengths = sequence_lengths(batch)
+    plan: list[list[int]] = []
+    for i in range(steps):
+        seqs = list(range(i * per, (i + 1) * per))
+        share = (
+            balanced_partition([lengths[k] for k in seqs], world_size)[rank] if world_size > 1 else range(per)
+        )
+        plan.append([seqs[j] for j in share])
+    policy = config.train.loss_type == "policy_loss"
     # One update from the weights that generated the batch: the training forward's own detached
     # log-probs are the old ones (and its mismatch metrics are pre-update), so skip a forward.
     # (Not in critic-only warm-up steps: the policy runs no training forward there.)
-    on_policy = policy and reuses_own_logprobs(config, steps) and step >= config.train.num_critic_only_steps
-    if policy:
+    trains_policy = step >= config.train.num_critic_only_steps
+    on_policy = policy and reuses_own_logprobs(config, steps) and trains_policy
+    local_tokens = sum(lengths[k] for k in parts[rank])
+    # forwards over this rank's share before the updates: old log-probs, reference log-probs
+    passes = int(policy and not on_policy) + int(policy and trainer.ref_model is not None)
+    total = passes * local_tokens + (sum(lengths[k] for seqs in plan for k in seqs) if trains_policy else 0)
+    models = [trainer.model] + ([trainer.ref_model] if trainer.ref_model is not None else [])
+    with forward_progress(f"train step {step}", total, models, show=rank == 0):
+        metrics = _train(trainer, config, groups, batch, parts, plan, on_policy, rank)
+    metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    # Every rank trained its share of the global batch in this time: per-device MFU.
+    peak = matmul_peak_flops(device, getattr(torch, compute_dtype(config, device)))
+    seconds = time.perf_counter() - started
+    metrics["perf/mfu"] = mfu(active_params(trainer.model), batch.num_tokens // world_size, seconds, peak)
+    return metrics
+
+
+def _train(trainer: Trainer, config: MilesConfig, groups: list[Group], batch: TrainBatch, parts: list[list[int]],
+           plan: list[list[int]], on_policy: bool, rank: int) -> dict[str, float]:  # fmt: skip
+    """:func:`train_on`'s work: ``plan`` holds this rank's sequences of each optimizer step."""
+    a = config.algo
+    local = select_sequences(batch, parts[rank]) if len(parts) > 1 else batch
+    metrics: dict[str, float] = {}
+    old = ref = values = routing = None
+    if config.train.loss_type == "policy_loss":
         if not on_policy:
             old = gather_tokens(trainer.compute_logprobs(local), batch, parts)
             if trainer.old_routing is not None:  # R2: the experts of this forward, replayed below
@@ -140,17 +207,8 @@ def train_on(
             metrics.update(value_metrics(batch, values))
         if a.use_rollout_logprobs:
             old = batch.rollout_logprobs
-    per = batch.num_sequences // steps
-    if per < world_size:
-        raise ValueError(
-            f"a mini-batch of {per} sequences cannot give each of the {world_size} trainer ranks one: "
-            "raise --rollout-batch-size x --n-samples-per-prompt or use fewer ranks"
-        )
     sums: dict[str, float] = {}
-    for i in range(steps):
-        seqs = list(range(i * per, (i + 1) * per))
-        sub = select_sequences(batch, seqs)
-        mine = [seqs[j] for j in partition(sub, world_size)[rank]]
+    for mine in plan:
         idx = token_index(batch, mine)
         out = trainer.train_step(
             select_sequences(batch, mine),
@@ -161,21 +219,22 @@ def train_on(
             old_routing=None if routing is None else routing[idx],
         )
         for key, value in out.items():
-            sums[key] = sums.get(key, 0.0) + value / steps
+            sums[key] = sums.get(key, 0.0) + value / len(plan)
     if not on_policy:
         sums.pop("train/train_rollout_logprob_abs_diff", None)  # measured above, before any update
         if "train/routing_mismatch_frac" in metrics:
             sums.pop("train/routing_mismatch_frac", None)
             sums.pop("train/router_mismatch_frac", None)
     metrics.update(rename_critic_metrics(sums))
-    metrics["perf/tokens_per_s_train_tokens"] = float(batch.num_tokens)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    # Every rank trained its share of the global batch in this time: per-device MFU.
-    peak = matmul_peak_flops(device, getattr(torch, compute_dtype(config, device)))
-    seconds = time.perf_counter() - started
-    metrics["perf/mfu"] = mfu(active_params(trainer.model), batch.num_tokens // world_size, seconds, peak)
     return metrics
 
 
-__all__ = ["compute_dtype", "gather_tokens", "partition", "reuses_own_logprobs", "token_index", "train_on"]
+__all__ = [
+    "compute_dtype",
+    "forward_progress",
+    "gather_tokens",
+    "partition",
+    "reuses_own_logprobs",
+    "token_index",
+    "train_on",
+]

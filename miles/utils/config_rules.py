@@ -294,6 +294,18 @@ def check(v: Values) -> None:
             v.save_interval is not None and v.save is None,
             "--save-interval needs --save DIR",
         ),
+        (
+            v.loss_type == "sft_loss" and v.label_key is None and v.load_debug_rollout_data is None,
+            "--loss-type sft_loss trains on each prompt's label as the response: give --label-key KEY",
+        ),
+        (
+            v.allow_fresh_start and v.load is None,
+            "--allow-fresh-start needs --load DIR (it allows --load to find no checkpoint yet)",
+        ),
+        (
+            v.advantage_estimator == "ppo" and v.loss_type != "policy_loss",
+            f"--advantage-estimator ppo needs --loss-type policy_loss (the critic's returns), got {v.loss_type}",
+        ),
         (v.rm_type == "remote_rm" and v.rm_url is None, "--rm-type remote_rm needs --rm-url"),
         (
             v.group_rm and v.custom_rm_path is None,

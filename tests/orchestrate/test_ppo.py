@@ -11,6 +11,7 @@ import torch
 from miles.cli import main
 from miles.models.loading import load_model
 from miles.orchestrate.local import LocalPlacement
+from miles.rollout.dump import load_rollout_dump
 from miles.utils.metrics import read_metrics
 
 CRITIC_KEYS = ("train/critic-value_loss", "train/critic-value_clipfrac", "train/critic-grad_norm",
@@ -85,9 +86,7 @@ def test_value_loss_falls_on_a_fixed_batch(arith_world, tmp_path):
     assert main(argv) == 0
     for step in range(1, 6):
         shutil.copy(dump / "rollout_0.pt", dump / f"rollout_{step}.pt")
-    rewards = torch.tensor(
-        [s.reward for g in torch.load(dump / "rollout_0.pt", weights_only=False) for s in g.samples]
-    )
+    rewards = torch.tensor([s.reward for g in load_rollout_dump(dump / "rollout_0.pt") for s in g.samples])
     assert 0 < rewards.mean() < 1
     run_dir = tmp_path / "run"
     argv = _argv(arith_world, run_dir, "--num-rollout", "6", "--load-debug-rollout-data", str(dump),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from miles.cli import main
+from miles.rollout.dump import load_rollout_dump
 from miles.utils.metrics import read_metrics
 from tests.orchestrate.test_loop import _argv
 
@@ -28,7 +28,7 @@ def test_r3_run_logs_routing_mismatch_and_trains(arith_world, tmp_path, global_b
         frac = r["train/routing_mismatch_frac"]
         assert 0.0 <= frac <= 1.0
         assert math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0 and r["train/skipped_steps"] == 0
-    groups = torch.load(dump / "rollout_1.pt", weights_only=False)
+    groups = load_rollout_dump(dump / "rollout_1.pt")
     for s in (s for g in groups for s in g.samples):
         assert s.routed_experts is not None
         assert s.routed_experts.shape[0] == s.total_len - 1 and s.routed_experts.shape[2] == 2

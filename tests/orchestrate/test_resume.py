@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from miles.utils.metrics import read_metrics
 
 
@@ -56,3 +58,69 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(arith_world, tmp_p
     assert set(want) == {0, 1, 2, 3}
     for step in (2, 3):
         assert got[step] == want[step], step
+
+
+def _argv(world: Path, run_dir: Path, ckpt: Path, *extra: str) -> list[str]:
+    return _cmd(world, run_dir, ckpt, *extra)[3:]  # without "python -m miles"
+
+
+def test_load_of_nothing_fails_unless_a_fresh_start_is_allowed(arith_world, tmp_path, capsys):
+    """slime's auto-resume: --load and --save the same directory. Without --allow-fresh-start the
+    first run (nothing to load yet) is refused; with it, the first run starts fresh and says so,
+    and the same command run again resumes from the checkpoint, appending to the run's metrics."""
+    from miles.cli import main
+
+    ckpt, run_dir = tmp_path / "ckpt", tmp_path / "run"
+
+    def argv_of(steps: int) -> list[str]:
+        return [*_argv(arith_world, run_dir, ckpt, "--load", str(ckpt)), "--num-rollout", str(steps)]
+
+    argv = argv_of(2)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"miles: error: --load {ckpt}: no such directory; pass --allow-fresh-start"
+    ) and not (run_dir.exists())
+    ckpt.mkdir()
+    assert main(argv) == 2
+    assert f"--load {ckpt} holds no checkpoint" in capsys.readouterr().err
+
+    assert main([*argv, "--allow-fresh-start"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"[miles] --load {ckpt} holds no checkpoint yet (--allow-fresh-start): starting from --hf-checkpoint"
+        in err
+    )
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1]
+
+    assert main([*argv_of(4), "--allow-fresh-start"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == [f"[miles] run directory: {run_dir} (resuming: appending to its metrics.jsonl)",
+                         f"[miles] resuming from {ckpt} at step 2"]  # fmt: skip
+    assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3]
+
+
+def test_a_checkpoint_that_cannot_be_loaded_stops_the_run_with_status_1(
+    arith_world, tmp_path, capsys, monkeypatch
+):
+    """A run that cannot go on is not the user's typo: status 1, ``miles: error:`` naming the file,
+    no traceback, unless MILES_DEBUG asks for it."""
+    import json
+
+    from miles.cli import main
+    from miles.models.loading import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    assert main([*_argv(arith_world, tmp_path / "a", ckpt), "--num-rollout", "2"]) == 0
+    meta = ckpt / "iter_0000002" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": 999}))
+    capsys.readouterr()
+    argv = _argv(arith_world, tmp_path / "b", ckpt, "--load", str(ckpt))
+    monkeypatch.delenv("MILES_DEBUG", raising=False)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("miles: error: ") and str(meta.parent) in line for line in err), err
+    assert not any("Traceback" in line for line in err)
+    monkeypatch.setenv("MILES_DEBUG", "1")
+    with pytest.raises(CheckpointError):
+        main(argv)

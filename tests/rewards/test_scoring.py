@@ -269,11 +269,15 @@ def test_stalled_reward_is_logged_with_count_name_and_wait(caplog):
         _run(score_samples(samples, hang_forever, timeout_s=0.5, watch=watch))
     stalls = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reward stalled")]
     assert stalls, [r.getMessage() for r in caplog.records]
-    assert re.fullmatch(
-        r"reward stalled: 3 samples waiting on tests\.rewards\.test_scoring\.hang_forever "
-        r"for up to 0\.\d s \(timeout 0\.5 s\)",
-        stalls[0],
-    )
+    # Under load the first line may come before every call has started: one line names all three.
+    assert any(
+        re.fullmatch(
+            r"reward stalled: 3 samples waiting on tests\.rewards\.test_scoring\.hang_forever "
+            r"for up to 0\.\d s \(timeout 0\.5 s\)",
+            line,
+        )
+        for line in stalls
+    ), stalls
     assert len(stalls) <= 5  # one line per interval, not one per sample
     assert all(s.status == SampleStatus.FAILED for s in samples)
 

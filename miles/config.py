@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
+from miles.types import GREEDY_TEMPERATURE, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from miles.utils import config_rules as rules
 from miles.utils import sglang_options as sgl
 from miles.utils.dataclass_flags import (
@@ -510,8 +511,35 @@ def build_config(values: dict[str, Any], explicit: set[str], passthrough: dict[s
     rules.check_required(v)
     rules.derive(v, explicit)
     rules.check(v)
+    _check_sampling(v)
     sections = {
         name: cls(**{s.name: v[k] for k, s in SPECS.items() if s.section == name})
         for name, cls in _SECTION_TYPES.items()
     }
     return MilesConfig(**sections, **{s.name: v[k] for k, s in SPECS.items() if s.section == ""})
+
+
+def _check_sampling(v: rules.Values) -> None:
+    """The rollout's sampling settings against the engine's own bounds (``SamplingParams``), so a
+    bad value fails at start, naming its flag, not in the first rollout."""
+    greedy = f"{GREEDY_TEMPERATURE:g}"
+    if v.rollout_temperature < GREEDY_TEMPERATURE:
+        raise ConfigError(
+            f"--rollout-temperature must be >= {greedy}: RL trains on samples from the policy's "
+            f"distribution, and the engine samples greedily below {greedy} (use --eval-temperature 0 "
+            f"for greedy evaluation); got {v.rollout_temperature:g}"
+        )
+    if v.eval_temperature is not None and 0 < v.eval_temperature < GREEDY_TEMPERATURE:
+        raise ConfigError(
+            f"--eval-temperature {v.eval_temperature:g} is greedy in the engine (below {greedy}): give 0"
+        )
+    stops = v.rollout_stop
+    if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_STRING_CHARS for x in stops):
+        raise ConfigError(
+            f"--rollout-stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} "
+            f"characters, got {len(stops)} (longest {max(map(len, stops), default=0)})"
+        )
+    if len(v.rollout_stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ConfigError(
+            f"--rollout-stop-token-ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(v.rollout_stop_token_ids)}"
+        )

@@ -305,8 +305,18 @@ VALIDATION = [
     (["--save", "d", "--save-interval", "0"], "--save-interval must be >= 1, got 0"),
     (["--sglang-mem-fraction-static", "1.5"], "--sglang-mem-fraction-static must be in (0, 1], got 1.5"),
     (["--use-mis", "--mis-veto-threshold", "2"], "--mis-veto-threshold must be in (0, 1), got 2.0"),
-    (["--rollout-temperature", "0"], "--rollout-temperature must be > 0: RL trains on samples from the policy's "
-                                     "distribution (use --eval-temperature 0 for greedy evaluation)"),
+    (["--rollout-temperature", "0"], "--rollout-temperature must be >= 1e-06: RL trains on samples from the policy's "
+                                     "distribution, and the engine samples greedily below 1e-06 (use --eval-temperature 0 "
+                                     "for greedy evaluation); got 0"),
+    (["--rollout-temperature", "1e-9"], "--rollout-temperature must be >= 1e-06: RL trains on samples from the "
+                                        "policy's distribution, and the engine samples greedily below 1e-06 (use "
+                                        "--eval-temperature 0 for greedy evaluation); got 1e-09"),
+    (["--eval-temperature", "1e-9"], "--eval-temperature 1e-09 is greedy in the engine (below 1e-06): give 0"),
+    (["--rollout-stop", *(["x"] * 65)], "--rollout-stop takes at most 64 strings of at most 1024 characters, got 65 "
+                                        "(longest 1)"),
+    (["--rollout-stop", "x" * 1025], "--rollout-stop takes at most 64 strings of at most 1024 characters, got 1 "
+                                     "(longest 1025)"),
+    (["--rollout-stop-token-ids", *(["1"] * 1025)], "--rollout-stop-token-ids takes at most 1024 ids, got 1025"),
     (["--rollout-top-k", "0"], "--rollout-top-k must be -1 (off) or >= 1, got 0"),
     (["--eval-top-k", "0"], "--eval-top-k must be -1 (off) or >= 1, got 0"),
     (["--min-lr", "1e-5"], "--min-lr (1e-05) must not exceed --lr (1e-06)"),

@@ -167,11 +167,6 @@ def check(v: Values) -> None:
             v.colocate and external,
             "--colocate cannot share GPUs with engines at --rollout-external-engine-addrs",
         ),
-        (
-            v.rollout_temperature == 0,
-            "--rollout-temperature must be > 0: RL trains on samples from the policy's distribution "
-            "(use --eval-temperature 0 for greedy evaluation)",
-        ),
         (v.rollout_top_k == 0, "--rollout-top-k must be -1 (off) or >= 1, got 0"),
         (v.eval_top_k == 0, "--eval-top-k must be -1 (off) or >= 1, got 0"),
         (

@@ -45,6 +45,7 @@ class _NoReplay:
 
 
 def host_ms_per_step(args: argparse.Namespace, stream: bool) -> float:
+    from miles.config import EngineConfig
     from miles.engine.cuda_graph import DecodeGraphs
     from miles.engine.engine import Engine
     from miles.models.loading import build_model, load_tokenizer
@@ -54,8 +55,8 @@ def host_ms_per_step(args: argparse.Namespace, stream: bool) -> float:
     torch.manual_seed(0)
     model = build_model(ModelSpec.from_hf_config(TINY))
     blocks = args.requests * (args.max_prompt + args.warm_tokens + args.steps + 32) // 16
-    engine = Engine(model, load_tokenizer("smollm2-135m-instruct"), num_blocks=blocks, block_size=16,
-                    max_running_requests=args.requests)  # fmt: skip
+    engine = Engine(model, load_tokenizer("smollm2-135m-instruct"),
+                    EngineConfig(page_size=16, max_running_requests=args.requests), num_blocks=blocks)  # fmt: skip
     graphs = DecodeGraphs(model, engine.kv_cache, args.requests, 4096 // 16, scratch_block=blocks - 1)
     graphs._capture = lambda bs: graphs._graphs.setdefault(bs, _NoReplay())  # type: ignore[method-assign,arg-type]
     engine.runner.graphs = graphs

@@ -142,6 +142,7 @@ def run_miles(
     path: Path, args: argparse.Namespace, prompts: list[list[int]], outs: list[int], **engine_kw: Any
 ) -> dict[str, Any]:
     """Time one Miles engine (``engine_kw``: extra ``Engine`` arguments, e.g. the serial schedule)."""
+    from miles.config import EngineConfig
     from miles.engine.engine import Engine
     from miles.engine.llm import derive_num_blocks
     from miles.models.loading import load_model
@@ -150,15 +151,15 @@ def run_miles(
     model = load_model(path, dtype=args.dtype, device=args.device)
     ctx = args.max_input_len + args.max_output_len + 1
     num_blocks = derive_num_blocks(model, args.block_size, args.num_requests, ctx, 0.85, model.dtype)
-    engine = Engine(
-        model,
-        num_blocks=num_blocks,
-        block_size=args.block_size,
+    overlap = engine_kw.pop("overlap_schedule", None)
+    settings = EngineConfig(
+        page_size=args.block_size,
         max_running_requests=max(args.num_requests, 1),
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
+        max_prefill_tokens=args.max_num_batched_tokens,
+        random_seed=args.seed,
         **engine_kw,
     )
+    engine = Engine(model, None, settings, num_blocks=num_blocks, overlap_schedule=overlap)
     # Warm-up: the whole workload's prefill (the same chunks as the timed run) and a few decode
     # steps, so that every Triton specialisation the run needs is compiled before the clock
     # starts (the first variant timed once paid ~1 s per compilation, the later ones nothing).

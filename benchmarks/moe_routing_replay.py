@@ -41,7 +41,6 @@ Profiles:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import gc
 import importlib.util
@@ -176,7 +175,7 @@ def run_one(argv: list[str], *, replay: bool, engine_round: str = "none") -> lis
     run_dir = Path(config.log.run_dir or "")
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
     placement = LocalPlacement.build(config, hook_args(config))
-    placement.trainer.config = dataclasses.replace(placement.trainer.config, routing_replay=replay)
+    placement.trainer.use_rollout_routing_replay = replay
     if engine_round != "none":
         engine_model = placement.engine.engine.model
         round_engine_weights(engine_model, engine_round)

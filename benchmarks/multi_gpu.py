@@ -72,12 +72,13 @@ def _fsdp_rank(
     import torch.distributed as dist
 
     from miles.buffer.batching import build_train_batch
+    from miles.config import AlgoConfig, TrainConfig
     from miles.models.loading import build_model
     from miles.models.spec import ModelSpec
     from miles.train.expert_parallel import full_state_items
     from miles.train.packing import batch_to, shard_for_rank
     from miles.train.parallelize import parallelize
-    from miles.train.trainer import Trainer, TrainerConfig
+    from miles.train.trainer import Trainer
     from miles.types import Group, Sample, SampleStatus
 
     cuda = torch.cuda.is_available()  # without GPUs (--smoke-on-cpu): gloo ranks on the CPU
@@ -91,7 +92,9 @@ def _fsdp_rank(
     cfg = SHAPES[shape]
     model = build_model(ModelSpec.from_hf_config(cfg)).to(device)
     model = parallelize(model, param_dtype=torch.bfloat16, expert_parallel_size=ep)
-    trainer = Trainer(model, TrainerConfig(lr=1e-5, max_tokens_per_gpu=8192, seed=0), device)
+    train = TrainConfig(lr=1e-5, use_dynamic_batch_size=True, max_tokens_per_gpu=8192, weight_decay=0.0,
+                        calculate_per_token_loss=True, seed=0)  # fmt: skip
+    trainer = Trainer(model, train, AlgoConfig(), device)
     g = torch.Generator().manual_seed(1)
     samples = []
     for i in range(seqs):

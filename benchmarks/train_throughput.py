@@ -115,10 +115,11 @@ def main() -> None:
 
     import transformers
 
+    from miles.config import AlgoConfig, TrainConfig
     from miles.models import ModelSpec
     from miles.models.loading import build_model, save_hf
     from miles.train.flops import active_params, matmul_peak_flops
-    from miles.train.trainer import Trainer, TrainerConfig
+    from miles.train.trainer import Trainer
     from miles.types import TrainBatch
 
     device = torch.device(args.device)
@@ -155,8 +156,15 @@ def main() -> None:
     hf_dir = Path(tempfile.mkdtemp(prefix="miles-bench-"))
     save_hf(model, hf_dir / "model", dtype=dtype)
     n_active = active_params(model)
-    cfg = TrainerConfig(lr=1e-5, loss_type="sft_loss", max_tokens_per_gpu=args.tokens_per_micro_batch)
-    trainer = Trainer(model, cfg, device)
+    cfg = TrainConfig(
+        lr=1e-5,
+        loss_type="sft_loss",
+        use_dynamic_batch_size=True,
+        max_tokens_per_gpu=args.tokens_per_micro_batch,
+        weight_decay=0.0,
+        calculate_per_token_loss=True,
+    )
+    trainer = Trainer(model, cfg, AlgoConfig(), device)
 
     def miles_step() -> None:
         trainer.train_step(batch)

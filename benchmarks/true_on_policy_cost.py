@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def engine_tok_s(path: Path, args: argparse.Namespace, prompts: list[list[int]], outs: list[int]) -> float:
+    from miles.config import EngineConfig
     from miles.engine.engine import Engine
     from miles.engine.llm import derive_num_blocks
     from miles.models.loading import load_model
@@ -67,9 +68,9 @@ def engine_tok_s(path: Path, args: argparse.Namespace, prompts: list[list[int]],
     model = load_model(path, dtype=args.dtype, device=args.device)
     ctx = args.max_input_len + args.max_output_len + 1
     num_blocks = derive_num_blocks(model, args.block_size, args.num_requests, ctx, 0.5, model.dtype)
-    engine = Engine(model, num_blocks=num_blocks, block_size=args.block_size,
-                    max_running_requests=args.num_requests, max_num_batched_tokens=args.max_num_batched_tokens,
-                    seed=args.seed)  # fmt: skip
+    settings = EngineConfig(page_size=args.block_size, max_running_requests=args.num_requests,
+                            max_prefill_tokens=args.max_num_batched_tokens, random_seed=args.seed)  # fmt: skip
+    engine = Engine(model, None, settings, num_blocks=num_blocks)
     warm = SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True, sampling_seed=0)
     engine.generate([prompts[0][:8]], warm)
     engine.flush_cache()
@@ -85,8 +86,9 @@ def engine_tok_s(path: Path, args: argparse.Namespace, prompts: list[list[int]],
 
 
 def train_tok_s(path: Path, args: argparse.Namespace) -> float:
+    from miles.config import AlgoConfig, TrainConfig
     from miles.models.loading import load_model
-    from miles.train.trainer import Trainer, TrainerConfig
+    from miles.train.trainer import Trainer
     from miles.types import TrainBatch
 
     model = load_model(path, dtype=args.dtype, device=args.device)
@@ -102,8 +104,9 @@ def train_tok_s(path: Path, args: argparse.Namespace) -> float:
         rewards=torch.zeros(n_seq), response_lens=torch.full((n_seq,), args.train_seq_len - 1),
         sample_indices=tuple(range(n_seq)),
     )  # fmt: skip
-    trainer = Trainer(model, TrainerConfig(lr=1e-6, loss_type="sft_loss", max_tokens_per_gpu=tokens),
-                      torch.device(args.device))  # fmt: skip
+    train = TrainConfig(lr=1e-6, loss_type="sft_loss", use_dynamic_batch_size=True, max_tokens_per_gpu=tokens,
+                        weight_decay=0.0, calculate_per_token_loss=True)  # fmt: skip
+    trainer = Trainer(model, train, AlgoConfig(), torch.device(args.device))
     trainer.train_step(batch)  # warm-up
     sync(args.device)
     t0 = time.perf_counter()

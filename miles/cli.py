@@ -323,12 +323,6 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest weight update: /update_weights_from_tensor body, or one broadcast (default: %(default)s)",
     )
     parser.add_argument(
-        "--sglang-max-queued-requests",
-        type=int,
-        default=4096,
-        help="requests that may wait beyond the running ones; then 503 + Retry-After (default: %(default)s)",
-    )
-    parser.add_argument(
         "--max-requests-per-call",
         type=int,
         default=1024,
@@ -348,45 +342,53 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: CUDA when there is one)"
     )
-    parser.add_argument(
-        "--sglang-max-total-tokens", type=int, default=8192, help="KV-cache capacity in tokens"
-    )
-    parser.add_argument("--sglang-page-size", type=int, default=16, help="tokens per KV-cache block")
-    parser.add_argument(
-        "--sglang-max-running-requests", type=int, default=256, help="max requests decoded together"
-    )
-    parser.add_argument("--sglang-max-prefill-tokens", type=int, default=4096, help="max tokens in one step")
-    parser.add_argument("--sglang-context-length", type=int, default=None, help="default: the model's")
-    parser.add_argument("--sglang-disable-radix-cache", action="store_true", help="no prefix reuse")
-    parser.add_argument("--sglang-random-seed", type=int, default=None, help="seed of unseeded requests")
-    parser.add_argument(
-        "--sglang-cuda-graph-max-bs",
-        type=int,
-        default=None,
-        help="largest decode batch in a CUDA graph (256)",
-    )
-    parser.add_argument("--sglang-disable-cuda-graph", action="store_true", help="run decode eagerly")
-    parser.add_argument(
-        "--sglang-disable-overlap-schedule",
-        action="store_true",
-        help="read each decode step's tokens before queuing the next (default on CUDA: overlap)",
-    )
-    parser.add_argument(
-        "--sglang-enable-deterministic-inference",
-        action="store_true",
-        help="batch-invariant kernels: a request's tokens and log-probs do not depend on its batch",
-    )
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    _engine_arguments(parser)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    for flag in ("port", "sglang_max_total_tokens", "sglang_page_size", "sglang_max_running_requests"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.sglang_cuda_graph_max_bs is not None and args.sglang_cuda_graph_max_bs < 1:
-        raise ConfigError(f"--sglang-cuda-graph-max-bs must be >= 1, got {args.sglang_cuda_graph_max_bs}")
-    if args.sglang_max_prefill_tokens < 1:
-        raise ConfigError(f"--sglang-max-prefill-tokens must be >= 1, got {args.sglang_max_prefill_tokens}")
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's ``--sglang-*`` flags, generated from ``EngineConfig`` as ``miles train``'s are
+    (``--log-level`` is ``--sglang-log-level``'s other name). The rollout client's settings and the
+    SGLang options the built-in engine lacks are known but hidden, so that they are refused by name."""
+    import dataclasses
+
+    from miles.config import SPECS, EngineConfig, add_sglang_passthrough_arguments
+    from miles.utils.dataclass_flags import add_flag
+
+    group = parser.add_argument_group("engine: --sglang-* settings of the built-in engine (SGLang names)")
+    client = EngineConfig.client_fields()
+    for spec in SPECS.values():
+        if spec.section != "engine" or not spec.cli:
+            continue
+        if spec.name == "log_level":
+            spec = dataclasses.replace(spec, aliases=("--log-level",))
+        add_flag(group, spec)
+        if spec.name in client:
+            parser._option_string_actions[spec.flag].help = argparse.SUPPRESS
+    add_sglang_passthrough_arguments(parser)
+
+
+def engine_config_of(args: argparse.Namespace) -> Any:
+    """The ``EngineConfig`` of parsed ``miles serve`` arguments (defaults for the flags not given);
+    ``ConfigError`` for a value out of bounds or an SGLang option the built-in engine lacks."""
+    from miles.config import SPECS, EngineConfig, passthrough_options
+    from miles.utils import sglang_options as sgl
+
+    given = vars(args)
+    options = passthrough_options(args)
+    problem = sgl.passthrough_problem(options, "miles", external=False)
+    if problem is not None:
+        raise ConfigError(problem)
+    return EngineConfig(
+        **{s.name: given[key] for key, s in SPECS.items() if s.section == "engine" and key in given}
+    )
+
+
+def server_config_of(args: argparse.Namespace) -> Any:
+    """The ``ServerConfig`` of parsed ``miles serve`` arguments, every value checked (``ConfigError``
+    naming the flag) before anything loads. The admin key may come from ``$MILES_ADMIN_API_KEY``."""
+    engine = engine_config_of(args)
+    if args.port < 1:
+        raise ConfigError(f"--port must be >= 1, got {args.port}")
     if args.api_key is not None and not args.api_key:
         raise ConfigError("--api-key must not be empty")
     if args.allow_remote_admin:
@@ -406,47 +408,39 @@ def _run_serve(args: argparse.Namespace) -> int:
     for flag in ("max_request_bytes", "max_weight_update_bytes", "max_requests_per_call"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.sglang_max_queued_requests < 0:
-        raise ConfigError(f"--sglang-max-queued-requests must be >= 0, got {args.sglang_max_queued_requests}")
     if not args.weight_update_group_timeout > 0:
         raise ConfigError(
             f"--weight-update-group-timeout must be > 0, got {args.weight_update_group_timeout}"
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    from miles.engine.server import ServerConfig, serve
+    from miles.engine.server import ServerConfig
+
+    try:
+        return ServerConfig(
+            model_path=args.hf_checkpoint,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            admin_api_key=admin_key,
+            served_model_name=args.served_model_name,
+            dtype=args.dtype,
+            device=args.device,
+            engine=engine,
+            max_request_bytes=args.max_request_bytes,
+            max_weight_update_bytes=args.max_weight_update_bytes,
+            max_requests_per_call=args.max_requests_per_call,
+            weight_update_group_timeout_s=args.weight_update_group_timeout,
+        )
+    except ValueError as e:  # the engine settings a server refuses (client's, not implemented)
+        raise ConfigError(str(e)) from None
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    config = server_config_of(args)
+    from miles.engine.server import serve
     from miles.models.loading import CheckpointError
 
-    config = ServerConfig(
-        model_path=args.hf_checkpoint,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        admin_api_key=admin_key,
-        served_model_name=args.served_model_name,
-        dtype=args.dtype,
-        device=args.device,
-        max_total_tokens=args.sglang_max_total_tokens,
-        page_size=args.sglang_page_size,
-        max_running_requests=args.sglang_max_running_requests,
-        max_prefill_tokens=args.sglang_max_prefill_tokens,
-        context_length=args.sglang_context_length,
-        disable_radix_cache=args.sglang_disable_radix_cache,
-        random_seed=args.sglang_random_seed,
-        cuda_graph_max_bs=args.sglang_cuda_graph_max_bs,
-        disable_cuda_graph=args.sglang_disable_cuda_graph,
-        disable_overlap_schedule=args.sglang_disable_overlap_schedule,
-        log_level=args.log_level,
-        max_request_bytes=args.max_request_bytes,
-        max_weight_update_bytes=args.max_weight_update_bytes,
-        max_queued_requests=args.sglang_max_queued_requests,
-        max_requests_per_call=args.max_requests_per_call,
-        weight_update_group_timeout_s=args.weight_update_group_timeout,
-    )
-    if args.sglang_enable_deterministic_inference:
-        from miles.kernels.batch_invariant import set_batch_invariant
-
-        set_batch_invariant(True)  # process-wide: the engine thread runs the invariant kernels
     try:
         serve(config)
     except CheckpointError as e:

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
-from miles.types import GREEDY_TEMPERATURE, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from miles.utils import config_rules as rules
+from miles import config_rules as rules
 from miles.utils import sglang_options as sgl
 from miles.utils.dataclass_flags import (
     ConfigError,
@@ -89,7 +88,9 @@ class ModelConfig(_Section):
     ref_load: str | None = _f(None, "reference model for KL (default: --hf-checkpoint)")
     critic_load: str | None = _f(None, "initial critic (value model) weights; required by ppo")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f("auto", "bfloat16 on GPU, float32 on CPU")
-    trust_remote_code: bool = _f(False, "allow model code shipped with the checkpoint")
+    trust_remote_code: bool = _f(
+        False, "Miles never runs model code shipped with a checkpoint: --trust-remote-code is refused"
+    )
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,11 @@ class TrainConfig(_Section):
     use_dynamic_batch_size: bool = _f(False, "pack micro-batches up to --max-tokens-per-gpu")
     max_tokens_per_gpu: int | None = _f(None, "token budget of one packed micro-batch", ge=1)
     log_probs_max_tokens_per_gpu: int | None = _f(None, "token budget for log-prob passes", ge=1)
-    balance_data: bool = _f(False, "balance tokens across data-parallel ranks")
+    balance_data: bool = _f(
+        True,
+        "balance tokens across data-parallel ranks (always on: --no-balance-data is refused)",
+        slime="False; Miles always balances",
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
     optimizer_cpu_offload: bool = _f(False, "keep the optimizer state on the CPU")
     loss_type: Literal["policy_loss", "sft_loss"] = _f("policy_loss", "loss of the actor")
@@ -131,6 +136,18 @@ class TrainConfig(_Section):
     )
     moe_z_loss_coeff: float = _f(0.0, "MoE router z-loss coefficient", ge=0, aliases=("--moe-z-loss-coef",))
     use_routing_replay: bool = _f(False, "R2: replay the trainer's own routing")
+
+    @property
+    def loss_reduction(self) -> Literal["token_mean", "seq_mean"]:
+        """How losses are reduced (a ``LOSS_REDUCTIONS`` name): a mean over every trained token of
+        the global batch with ``--calculate-per-token-loss``, else per sample first."""
+        return "token_mean" if self.calculate_per_token_loss else "seq_mean"
+
+    @property
+    def micro_batch_max_tokens(self) -> int | None:
+        """The token budget of one packed micro-batch (``--max-tokens-per-gpu`` with
+        ``--use-dynamic-batch-size``); None: ``--micro-batch-size`` sequences per micro-batch."""
+        return self.max_tokens_per_gpu if self.use_dynamic_batch_size else None
 
 
 AdvantageEstimator = Literal[
@@ -173,6 +190,17 @@ class AlgoConfig(_Section):
     mis_seq_lower_bound: float = _f(0.99, "MIS sequence mask: lower bound", gt=0)
     mis_seq_upper_bound: float = _f(1.001, "MIS sequence mask: upper bound", gt=0)
     mis_veto_threshold: float | None = _f(None, "drop a sequence with a token ratio below this", gt=0, lt=1)
+
+    @property
+    def correction(self) -> Literal["none", "tis", "mis"]:
+        """The off-policy correction (a ``CORRECTIONS`` name): ``mis`` with ``--use-mis`` (which
+        truncates the kept tokens' weights as TIS does), else ``tis`` with ``--use-tis``."""
+        return "mis" if self.use_mis else "tis" if self.use_tis else "none"
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the run trains a critic (PPO: ``--advantage-estimator ppo``)."""
+        return self.advantage_estimator == "ppo"
 
 
 @dataclass(frozen=True)
@@ -243,26 +271,57 @@ class RolloutConfig(_Section):
 class EngineConfig(_Section):
     """The rollout engine: ``--sglang-<name>`` flags with SGLang's names and meanings.
 
+    The only declaration of the engine's settings. The built-in engine is built from it
+    (``Engine(model, tokenizer, config)``); ``miles serve`` generates its ``--sglang-*`` flags
+    from it and reports it back at ``/get_server_info``; the Ray placement starts its
+    ``miles serve`` processes with it written out as those flags. A ``None`` default is derived,
+    as its help says: ``max_total_tokens`` and ``mem_fraction_static`` from the memory,
+    ``context_length`` from the model, ``random_seed`` from ``--seed`` (unseeded in
+    ``miles serve``), ``tp_size`` from ``--rollout-num-gpus-per-engine``. Options the built-in
+    engine does not implement are refused when set (:meth:`unimplemented`).
+
+    Fields with ``client`` in their metadata (:meth:`client_fields`) are slime's settings of the
+    rollout's client of the engines, not of an engine; ``miles serve`` refuses them.
     ``sglang_passthrough`` holds real SGLang options the built-in engine does not implement,
     keyed by SGLang's CLI name (``"attention-backend"``), values as strings (``"true"`` for
     switches); it is non-empty only with ``--rollout-backend sglang``.
+
+    Every instance is checked against the fields' bounds and choices (``ConfigError`` naming the
+    flag), however it was built: flags, a YAML file, ``miles.LLM(**settings)`` or code.
     """
 
     FLAG_PREFIX: ClassVar[str] = "sglang_"
 
-    mem_fraction_static: float | None = _f(None, "memory fraction for weights + KV cache", gt=0, le=1)
-    page_size: int | None = _f(None, "tokens per KV-cache page", ge=1)
-    max_running_requests: int | None = _f(None, "max requests decoded together", ge=1)
-    max_total_tokens: int | None = _f(None, "KV-cache capacity in tokens", ge=1)
-    max_prefill_tokens: int | None = _f(None, "max tokens in one prefill batch", ge=1)
+    mem_fraction_static: float | None = _f(
+        None,
+        "memory fraction for the KV cache (default: in training 0.4 of the memory free at start, shared "
+        "with the trainer; in miles serve 0.85 of the GPU less the weights, or 1 GiB on the CPU)",
+        gt=0,
+        le=1,
+    )
+    page_size: int = _f(16, "tokens per KV-cache page", ge=1)
+    max_running_requests: int = _f(256, "max requests decoded together", ge=1)
+    max_total_tokens: int | None = _f(
+        None, "KV-cache capacity in tokens (default: from --sglang-mem-fraction-static of the memory)", ge=1
+    )
+    max_prefill_tokens: int = _f(4096, "max tokens in one prefill batch", ge=1)
+    max_queued_requests: int = _f(
+        4096, "requests that may wait beyond the running ones; more are refused (HTTP 503, Retry-After)", ge=0
+    )
     chunked_prefill_size: int | None = _f(None, "prefill chunk in tokens (-1 = off)", ge=-1)
-    cuda_graph_max_bs: int | None = _f(None, "largest decode batch in a CUDA graph", ge=1)
+    cuda_graph_max_bs: int = _f(
+        256, "largest decode batch in a CUDA graph (at most --sglang-max-running-requests)", ge=1
+    )
     disable_cuda_graph: bool = _f(False, "run decode eagerly")
-    disable_overlap_schedule: bool = _f(False, "read each decode step's tokens before queuing the next")
+    disable_overlap_schedule: bool = _f(
+        False, "read each decode step's tokens before queuing the next (the default overlaps on CUDA)"
+    )
     context_length: int | None = _f(None, "max context length (default: the model's)", ge=1)
     disable_radix_cache: bool = _f(False, "no prefix reuse in the KV cache")
-    random_seed: int | None = _f(None, "engine seed (default: --seed)")
-    enable_deterministic_inference: bool = _f(False, "batch-invariant kernels")
+    random_seed: int | None = _f(None, "seed of unseeded requests (default: --seed; unseeded in miles serve)")
+    enable_deterministic_inference: bool = _f(
+        False, "batch-invariant kernels: a request's tokens and log-probs do not depend on its batch"
+    )
     speculative_algorithm: Literal["EAGLE", "EAGLE3", "NEXTN", "STANDALONE"] | None = _f(None, "draft method")
     speculative_draft_model_path: str | None = _f(None, "draft model (EAGLE head or small model)")
     speculative_num_steps: int | None = _f(None, "draft steps per verification", ge=1)
@@ -272,12 +331,55 @@ class EngineConfig(_Section):
     dp_size: int = _f(1, "data-parallel size inside an engine", ge=1)
     ep_size: int = _f(1, "expert-parallel size inside an engine", ge=1)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = _f("info", "engine log level")
-    # Not SGLang server options: slime's settings of the client side of the engines.
-    server_concurrency: int = _f(512, "max in-flight requests per engine", ge=1)
-    router_ip: str | None = _f(None, "address of an existing sglang-router")
-    router_port: int | None = _f(None, "port of an existing sglang-router", ge=1)
-    router_request_timeout_secs: float = _f(14400.0, "request timeout through the router", gt=0)
+    # Not SGLang server options: slime's settings of the rollout's client of the engines.
+    server_concurrency: int = _f(512, "max in-flight rollout requests per engine", ge=1, client=True)
+    router_ip: str | None = _f(None, "address of an existing sglang-router", client=True)
+    router_port: int | None = _f(None, "port of an existing sglang-router", ge=1, client=True)
+    router_request_timeout_secs: float = _f(
+        14400.0, "seconds the rollout waits for an answer of the engines (or the router)", gt=0, client=True
+    )
     sglang_passthrough: Mapping[str, str] = _f({}, "SGLang options passed verbatim", cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for spec in SPECS.values():
+            if spec.section != "engine":
+                continue
+            value = getattr(self, spec.name)
+            message = check_bounds(spec, value)
+            if message is None and spec.choices and value is not None and value not in spec.choices:
+                message = f"{spec.flag} must be one of {', '.join(map(str, spec.choices))}, got {value!r}"
+            if message is not None:
+                raise ConfigError(message)
+
+    @classmethod
+    def client_fields(cls) -> frozenset[str]:
+        """The fields that set the rollout's client of the engines, not an engine."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("client"))
+
+    def unimplemented(self) -> list[str]:
+        """The options set here that the built-in engine does not implement, as flags with the
+        reason (empty: the built-in engine runs this config)."""
+        why = {"chunked_prefill_size": "prefill is chunked by --sglang-max-prefill-tokens"}
+        why.update(
+            (f.name, "speculative decoding")
+            for f in dataclasses.fields(self)
+            if f.name.startswith("speculative_")
+        )
+        out = [
+            f"--sglang-{n.replace('_', '-')} ({reason})"
+            for n, reason in why.items()
+            if getattr(self, n) is not None
+        ]
+        for name in ("tp_size", "dp_size", "ep_size"):
+            if getattr(self, name) not in (None, 1):
+                flag = f"--sglang-{name.replace('_', '-')}"
+                out.append(f"{flag} {getattr(self, name)} (an engine runs on one device: start more engines)")
+        out += [
+            f"--sglang-{name} (an SGLang option; --rollout-backend sglang passes it to an external server)"
+            for name in self.sglang_passthrough
+        ]
+        return out
 
     def sglang_server_args(self) -> list[str]:
         """Arguments for an external SGLang server: the SGLang options set here away from
@@ -404,6 +506,25 @@ _GROUP_TITLES = {
 _PASS_DEST = "sglang_passthrough:"  # argparse dest prefix of SGLang options kept verbatim
 
 
+def add_sglang_passthrough_arguments(parser: argparse.ArgumentParser) -> None:
+    """Make the SGLang options the built-in engine lacks known to ``parser``, hidden from
+    ``--help``, so that validation says what they are instead of "unrecognized argument". Each
+    lands in the namespace under :func:`passthrough_options`'s prefix, only when given."""
+    for opt in sgl.SGLANG_OPTIONS.values():
+        if opt.status != "builtin":
+            how: dict[str, Any] = (
+                {"metavar": "V"} if opt.takes_value else {"action": "store_const", "const": "true"}
+            )
+            parser.add_argument(
+                opt.flag, dest=_PASS_DEST + opt.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **how
+            )
+
+
+def passthrough_options(namespace: argparse.Namespace) -> dict[str, str]:
+    """The SGLang options :func:`add_sglang_passthrough_arguments` parsed, by SGLang name."""
+    return {dest[len(_PASS_DEST) :]: v for dest, v in vars(namespace).items() if dest.startswith(_PASS_DEST)}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and every config flag, grouped by section, to ``parser``."""
     parser.add_argument(
@@ -413,38 +534,31 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for spec in SPECS.values():
         if spec.cli:
             add_flag(groups[spec.section], spec)
-    # SGLang options the built-in engine lacks are known to the parser (hidden from --help) so
-    # that validation can say what they are instead of "unrecognized argument".
-    for opt in sgl.SGLANG_OPTIONS.values():
-        if opt.status != "builtin":
-            how: dict[str, Any] = (
-                {"metavar": "V"} if opt.takes_value else {"action": "store_const", "const": "true"}
-            )
-            parser.add_argument(
-                opt.flag, dest=_PASS_DEST + opt.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **how
-            )
+    add_sglang_passthrough_arguments(parser)
     parser.epilog = (
         "Other SGLang server options (--sglang-attention-backend, --sglang-quantization, ...) go to an "
         "external SGLang server with --rollout-backend sglang. See docs/configuration.md."
     )
 
 
-def parse_train_args(argv: Sequence[str]) -> MilesConfig:
+def parse_train_args(argv: Sequence[str], *, refuse_unbuilt: bool = True) -> MilesConfig:
     """Parse ``miles train`` arguments (and the ``--config`` file they name) into a validated
-    :class:`MilesConfig`. Raises :class:`ConfigError` with a message that names the fix."""
+    :class:`MilesConfig`. Raises :class:`ConfigError` with a message that names the fix.
+    ``refuse_unbuilt``: see :func:`build_config`."""
     parser = Parser(prog="miles train", allow_abbrev=False)
     add_train_arguments(parser)
     namespace, extras = parser.parse_known_args(list(argv))
     if extras:
         raise unknown_argument_error(extras, parser)
-    return config_from_namespace(namespace)
+    return config_from_namespace(namespace, refuse_unbuilt=refuse_unbuilt)
 
 
-def config_from_namespace(namespace: argparse.Namespace) -> MilesConfig:
+def config_from_namespace(namespace: argparse.Namespace, *, refuse_unbuilt: bool = True) -> MilesConfig:
     """Defaults, then the ``--config`` file, then the flags present in ``namespace``.
 
     The namespace must come from a parser built by :func:`add_train_arguments`, whose options
     default to SUPPRESS: a flag is in the namespace only when it was given.
+    ``refuse_unbuilt``: see :func:`build_config`.
     """
     values: dict[str, Any] = {k: s.default for k, s in SPECS.items()}
     explicit: set[str] = set()
@@ -458,9 +572,8 @@ def config_from_namespace(namespace: argparse.Namespace) -> MilesConfig:
         if dest in SPECS:
             values[dest] = value
             explicit.add(dest)
-        elif dest.startswith(_PASS_DEST):
-            passthrough[dest[len(_PASS_DEST) :]] = value
-    return build_config(values, explicit, passthrough)
+    passthrough.update(passthrough_options(namespace))
+    return build_config(values, explicit, passthrough, refuse_unbuilt=refuse_unbuilt)
 
 
 def config_to_yaml(config: MilesConfig) -> str:
@@ -498,48 +611,27 @@ def _set_from_yaml(
 # --------------------------------------------------------------------------- resolution
 
 
-def build_config(values: dict[str, Any], explicit: set[str], passthrough: dict[str, str]) -> MilesConfig:
-    """Check the merged flat settings, fill in derived ones, and freeze them into a MilesConfig.
+def build_config(
+    values: dict[str, Any], explicit: set[str], passthrough: dict[str, str], *, refuse_unbuilt: bool = True
+) -> MilesConfig:
+    """Check the merged flat settings, freeze them into a MilesConfig, and resolve it.
 
-    ``explicit`` holds the keys the user set (file or flags); ``passthrough`` the verbatim
-    SGLang options by name. The cross-field rules live in ``miles.utils.config_rules``.
+    ``explicit`` holds the keys the user set (file or flags); ``passthrough`` the verbatim SGLang
+    options by name. Each value is checked against its field's bounds here; the cross-field rules
+    and derived defaults (``miles.config_rules``) then run on the typed sections. Settings Miles
+    parses but does not build are refused last, unless ``refuse_unbuilt`` is False: for tools and
+    tests that read or write such a config. A run refuses them anyway (``loop.preflight``).
     """
     for key, spec in SPECS.items():
         if (message := check_bounds(spec, values[key])) is not None:
             raise ConfigError(message)
-    v = rules.Values(values, sglang_passthrough=dict(passthrough))
-    rules.check_required(v)
-    rules.derive(v, explicit)
-    rules.check(v)
-    _check_sampling(v)
+    flat = {**values, "sglang_passthrough": dict(passthrough)}
     sections = {
-        name: cls(**{s.name: v[k] for k, s in SPECS.items() if s.section == name})
+        name: cls(**{s.name: flat[k] for k, s in SPECS.items() if s.section == name})
         for name, cls in _SECTION_TYPES.items()
     }
-    return MilesConfig(**sections, **{s.name: v[k] for k, s in SPECS.items() if s.section == ""})
-
-
-def _check_sampling(v: rules.Values) -> None:
-    """The rollout's sampling settings against the engine's own bounds (``SamplingParams``), so a
-    bad value fails at start, naming its flag, not in the first rollout."""
-    greedy = f"{GREEDY_TEMPERATURE:g}"
-    if v.rollout_temperature < GREEDY_TEMPERATURE:
-        raise ConfigError(
-            f"--rollout-temperature must be >= {greedy}: RL trains on samples from the policy's "
-            f"distribution, and the engine samples greedily below {greedy} (use --eval-temperature 0 "
-            f"for greedy evaluation); got {v.rollout_temperature:g}"
-        )
-    if v.eval_temperature is not None and 0 < v.eval_temperature < GREEDY_TEMPERATURE:
-        raise ConfigError(
-            f"--eval-temperature {v.eval_temperature:g} is greedy in the engine (below {greedy}): give 0"
-        )
-    stops = v.rollout_stop
-    if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_STRING_CHARS for x in stops):
-        raise ConfigError(
-            f"--rollout-stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} "
-            f"characters, got {len(stops)} (longest {max(map(len, stops), default=0)})"
-        )
-    if len(v.rollout_stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise ConfigError(
-            f"--rollout-stop-token-ids takes at most {MAX_STOP_TOKEN_IDS} ids, got {len(v.rollout_stop_token_ids)}"
-        )
+    config = MilesConfig(**sections, **{s.name: flat[k] for k, s in SPECS.items() if s.section == ""})
+    config = rules.resolve(config, explicit)
+    if refuse_unbuilt:
+        rules.refuse_unbuilt(config)
+    return config

@@ -17,6 +17,7 @@ from miles.config import (
     config_to_yaml,
     parse_train_args,
 )
+from miles.config_rules import refuse_unbuilt
 from miles.utils.sglang_options import SGLANG_OPTIONS, options_with_status
 
 BASE = [
@@ -30,6 +31,11 @@ BASE = [
 
 def parse(*extra: str) -> MilesConfig:
     return parse_train_args([*BASE, *extra])
+
+
+def parse_unbuilt(*extra: str) -> MilesConfig:
+    """``parse``, keeping the settings Miles parses but refuses to run (their plumbing is tested)."""
+    return parse_train_args([*BASE, *extra], refuse_unbuilt=False)
 
 
 def error_of(*argv: str) -> str:
@@ -56,9 +62,10 @@ def test_training_backend_flags_under_usual_names() -> None:
 
 
 def test_engine_flags_with_sglang_prefix() -> None:
-    c = parse("--sglang-mem-fraction-static", "0.7", "--sglang-page-size", "16", "--sglang-max-running-requests", "64",
-              "--sglang-cuda-graph-max-bs", "32", "--sglang-disable-radix-cache",
-              "--sglang-speculative-algorithm", "EAGLE", "--sglang-speculative-num-steps", "3")  # fmt: skip
+    c = parse_unbuilt("--sglang-mem-fraction-static", "0.7", "--sglang-page-size", "16",
+                      "--sglang-max-running-requests", "64", "--sglang-cuda-graph-max-bs", "32",
+                      "--sglang-disable-radix-cache", "--sglang-speculative-algorithm", "EAGLE",
+                      "--sglang-speculative-num-steps", "3")  # fmt: skip
     e = c.engine
     assert (e.mem_fraction_static, e.page_size, e.max_running_requests, e.cuda_graph_max_bs) == (
         0.7,
@@ -156,8 +163,8 @@ def test_builtin_sglang_options_are_the_engine_fields() -> None:
 
 
 def test_sglang_passthrough_with_external_backend() -> None:
-    c = parse("--rollout-backend", "sglang", "--sglang-attention-backend", "fa3", "--sglang-enable-dp-attention",
-              "--sglang-schedule-policy", "lpm", "--sglang-page-size", "32")  # fmt: skip
+    c = parse_unbuilt("--rollout-backend", "sglang", "--sglang-attention-backend", "fa3",
+                      "--sglang-enable-dp-attention", "--sglang-schedule-policy", "lpm", "--sglang-page-size", "32")  # fmt: skip
     assert c.engine.sglang_passthrough == {"attention-backend": "fa3", "enable-dp-attention": "true",
                                            "schedule-policy": "lpm"}  # fmt: skip
     args = c.engine.sglang_server_args()
@@ -198,7 +205,7 @@ def test_every_table_option_parses_with_external_backend() -> None:
     argv = [*BASE, "--rollout-backend", "sglang"]
     for o in options_with_status("passthrough"):
         argv += [o.flag, "1"] if o.takes_value else [o.flag]
-    c = parse_train_args(argv)
+    c = parse_train_args(argv, refuse_unbuilt=False)
     assert set(c.engine.sglang_passthrough) == {o.name for o in options_with_status("passthrough")}
     assert all(" " not in name and not name.startswith("-") for name in SGLANG_OPTIONS)
 
@@ -219,7 +226,7 @@ def test_yaml_nested_sections(tmp_path: Path) -> None:
                            "  n_samples_per_prompt: 2\n  num_rollout: 1\nengine:\n  mem_fraction_static: 0.5\n"
                            "  sglang_max_running_requests: 8\nplacement: {rollout_backend: sglang}\n"
                            "sglang_passthrough: {attention-backend: triton}\n")  # fmt: skip
-    c = parse_train_args(["--config", path])
+    c = parse_train_args(["--config", path], refuse_unbuilt=False)
     assert c.engine.mem_fraction_static == 0.5 and c.engine.max_running_requests == 8
     assert c.engine.sglang_passthrough == {"attention-backend": "triton"}
 
@@ -235,17 +242,21 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 def test_yaml_passthrough_switches_and_values(tmp_path: Path) -> None:
     path = write(tmp_path, "rollout_backend: sglang\nsglang_enable_torch_compile: true\n"
                            "sglang-disable-overlap-schedule: false\nsglang_schedule_conservativeness: 0.5\n")  # fmt: skip
-    c = parse("--config", path)
+    c = parse_unbuilt("--config", path)
     assert c.engine.sglang_passthrough == {"enable-torch-compile": "true", "schedule-conservativeness": "0.5"}
 
 
 def test_dry_run_yaml_round_trips(tmp_path: Path) -> None:
-    c = parse("--rollout-backend", "sglang", "--sglang-attention-backend", "fa3", "--sglang-enable-dp-attention",
-              "--rollout-stop", "</s>", "--apply-chat-template-kwargs", '{"enable_thinking": false}', "--lr", "1e-5",
-              "--colocate", "--eval-prompt-data", "aime", "a.jsonl", "--eval-interval", "5", "--use-mis")  # fmt: skip
-    again = parse_train_args(["--config", write(tmp_path, config_to_yaml(c))])
+    c = parse_unbuilt("--rollout-backend", "sglang", "--sglang-attention-backend", "fa3", "--sglang-enable-dp-attention",
+                      "--rollout-stop", "</s>", "--apply-chat-template-kwargs", '{"enable_thinking": false}', "--lr",
+                      "1e-5", "--colocate", "--eval-prompt-data", "aime", "a.jsonl", "--eval-interval", "5",
+                      "--use-mis")  # fmt: skip
+    again = parse_train_args(["--config", write(tmp_path, config_to_yaml(c))], refuse_unbuilt=False)
     assert again == c
-    assert parse_train_args(["--config", write(tmp_path, config_to_yaml(again), "2.yaml")]) == c
+    assert (
+        parse_train_args(["--config", write(tmp_path, config_to_yaml(again), "2.yaml")], refuse_unbuilt=False)
+        == c
+    )
 
 
 YAML_ERRORS = [
@@ -423,6 +434,57 @@ def test_validation_message(extra: list[str], message: str) -> None:
     assert msg == message or msg.startswith(message), msg
 
 
+# Flags the parser accepts (slime's names) that Miles refuses, rather than ignore, when set: at
+# parse time, so --dry-run and library callers refuse them too (before: the loop's preflight
+# refused some; --trust-remote-code, --no-balance-data, --log-level and a multi-GPU engine on the
+# local placement were accepted and ignored).
+REFUSED = [
+    (["--trust-remote-code"], "--trust-remote-code: Miles runs its own model code for every supported architecture "
+     "and never runs code shipped with a checkpoint; drop the flag"),
+    (["--no-balance-data"], "--no-balance-data: Miles always balances the tokens of a step across data-parallel "
+     "ranks; drop the flag"),
+    (["--log-probs-max-tokens-per-gpu", "64"], "not implemented yet: --log-probs-max-tokens-per-gpu (log-prob passes "
+     "use --max-tokens-per-gpu); drop the flag(s)"),
+    (["--disable-rewards-normalization"], "not implemented yet: --disable-rewards-normalization; drop the flag(s)"),
+    (["--rollout-max-context-len", "64"], "not implemented yet: --rollout-max-context-len (use "
+     "--rollout-max-response-len); drop the flag(s)"),
+    (["--partial-rollout"], "not implemented yet: --partial-rollout; drop the flag(s)"),
+    (["--sglang-chunked-prefill-size", "64"], "not implemented yet: --sglang-chunked-prefill-size"),
+    (["--sglang-speculative-algorithm", "EAGLE"], "not implemented yet: --sglang-speculative-algorithm"),
+    (["--sglang-router-port", "9000"], "not implemented yet: --sglang-router-ip/--sglang-router-port (an existing "
+     "router; Miles starts its own); drop the flag(s)"),
+    (["--rollout-backend", "sglang"], "not implemented yet: --rollout-backend sglang without "
+     "--rollout-external-engine-addrs (Miles does not launch SGLang servers; point it at running ones); drop the flag(s)"),
+    (["--rollout-num-gpus-per-engine", "2"], "not implemented yet: --rollout-num-gpus-per-engine 2 (the built-in "
+     "engine runs on one device, without tensor parallelism; use more engines); drop the flag(s)"),
+    (["--log-level", "debug"], "not implemented yet: --log-level debug (Miles logs its warnings and errors only); "
+     "drop the flag(s)"),
+    (["--no-save-optim", "--use-unbiased-kl"], "not implemented yet: --use-unbiased-kl; --no-save-optim; "
+     "drop the flag(s)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extra", "message"), REFUSED, ids=[" ".join(e)[:60] for e, _ in REFUSED])
+def test_flags_not_built_are_refused_when_parsed(extra: list[str], message: str) -> None:
+    msg = error_of(*BASE, *extra)
+    assert msg == message or msg.startswith(message), msg
+
+
+def test_a_wrong_config_hears_the_rule_before_the_refusal() -> None:
+    assert error_of(*BASE, "--partial-rollout", "--colocate", "--rollout-external-engine-addrs", "h:1") == (
+        "--colocate cannot share GPUs with engines at --rollout-external-engine-addrs"
+    )
+
+
+def test_refusals_can_be_deferred_but_not_skipped() -> None:
+    """``refuse_unbuilt=False`` keeps such a config for tools; the run's preflight refuses it."""
+    c = parse_unbuilt("--partial-rollout", "--trust-remote-code")
+    assert c.rollout.partial_rollout and c.model.trust_remote_code
+    with pytest.raises(ConfigError, match="--trust-remote-code: Miles runs its own model code"):
+        refuse_unbuilt(c)
+    assert parse().train.balance_data is True  # what Miles does, so the resolved config says so
+
+
 REQUIRED = [
     ("--hf-checkpoint", "--hf-checkpoint is required: the policy model (a Hugging Face directory or a .gguf file)"),
     ("--rollout-batch-size", "--rollout-batch-size is required: the number of prompts per rollout step"),
@@ -493,7 +555,7 @@ def test_rpp_baseline_needs_groups_and_decay_iters_default_to_the_run():
 def test_a_flag_named_no_something_can_be_switched_on() -> None:
     """slime's ``--no-save-optim`` is a flag of its own; argparse's BooleanOptionalAction read
     every ``--no-`` prefix as "False", so it could never be set."""
-    assert parse_train_args([*BASE, "--no-save-optim"]).checkpoint.no_save_optim is True
+    assert parse_unbuilt("--no-save-optim").checkpoint.no_save_optim is True  # then refused: not built
     assert parse_train_args([*BASE, "--no-no-save-optim"]).checkpoint.no_save_optim is False
     assert parse_train_args([*BASE, "--colocate", "--no-colocate"]).placement.colocate is False
 

@@ -13,6 +13,7 @@ from miles.algo.advantages import (
     compute_advantages,
     normalize_advantages,
     token_level_rewards,
+    with_advantages,
 )
 from miles.algo.corrections import (
     CORRECTIONS,
@@ -70,4 +71,5 @@ __all__ = [
     "sft_loss",
     "token_level_rewards",
     "value_loss",
+    "with_advantages",
 ]

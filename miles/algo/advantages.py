@@ -16,7 +16,7 @@ penalty (``--kl-coef``): ``-kl_coef * kl_t`` is added to every trained token's r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import torch
@@ -29,6 +29,7 @@ from miles.algo.segments import (
     last_masked_index,
     segment_discounted_cumsum,
 )
+from miles.types import TrainBatch
 
 
 @dataclass(frozen=True)
@@ -348,3 +349,23 @@ def compute_advantages(
     if params.normalize:
         return AdvantageOutput(normalize_advantages(out.advantages, loss_mask), out.returns)
     return out
+
+
+def with_advantages(
+    batch: TrainBatch,
+    estimator: str,
+    params: AdvantageParams,
+    *,
+    kl: Tensor | None = None,
+    values: Tensor | None = None,
+) -> TrainBatch:
+    """``batch`` with ``advantages`` and ``returns`` from the estimator registered as ``estimator``
+    (its ``rewards``, one per sequence, grouped by prompt).
+
+    ``kl`` (per-token KL to the reference, ``[T]``) feeds the ``--kl-coef`` reward penalty;
+    ``values`` (``[T]``) the GAE estimator of PPO.
+    """
+    out = compute_advantages(
+        estimator, batch.rewards, batch.cu_seqlens, batch.loss_mask, params, kl=kl, values=values
+    )
+    return replace(batch, advantages=out.advantages.float(), returns=out.returns.float())

@@ -1,4 +1,7 @@
-"""Groups of samples -> one packed ``TrainBatch``, with advantages by the chosen estimator.
+"""Groups of samples -> one packed ``TrainBatch``: the bridge from the rollout to the trainer.
+
+The trainer takes it from there (:func:`miles.train.rl_step.rl_step`: scores, advantages by the
+chosen estimator, optimizer steps); the groups' rewards travel as ``TrainBatch.rewards``.
 
 Token alignment (see ``TrainBatch``): sequence ``i`` is ``prompt_ids + response_ids``; entry ``t``
 of the token-aligned tensors describes predicting token ``t``. Response token ``j`` sits at
@@ -8,8 +11,8 @@ Samples that cannot be trained on (failed, aborted, or without a reward) keep th
 group — the estimators need whole groups — but get a zero loss mask, and their reward is replaced
 by the mean of the group's valid rewards so they do not move the group's baseline.
 
-Routing replay: ``Sample.routed_experts`` ``[P + R - 1, layers, top_k]`` (row ``t``: the experts
-of the forward at token ``t``) lands on the sequence's first ``P + R - 1`` rows of
+Rollout routing replay (R3): ``Sample.routed_experts`` ``[P + R - 1, layers, top_k]`` (row ``t``:
+the experts of the forward at token ``t``) lands on the sequence's first ``P + R - 1`` rows of
 ``TrainBatch.routed_experts``; the last token of each sequence (never fed to the engine) gets a
 row of -1 ("no record"), and so does every row of a sample without a usable record (one that is
 not trained on). The batch has ``routed_experts`` when any sample has one.
@@ -18,12 +21,10 @@ not trained on). The batch has ``routed_experts`` when any sample has one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import torch
 
-from miles.algo.advantages import AdvantageParams, compute_advantages
 from miles.types import Group, Sample, TrainBatch
 
 
@@ -124,22 +125,3 @@ def _pack_routed_experts(samples: Sequence[Sample]) -> torch.Tensor | None:
             )
         start += s.total_len
     return torch.from_numpy(out)
-
-
-def with_advantages(
-    batch: TrainBatch,
-    estimator: str,
-    params: AdvantageParams,
-    *,
-    kl: torch.Tensor | None = None,
-    values: torch.Tensor | None = None,
-) -> TrainBatch:
-    """Return ``batch`` with ``advantages`` (and ``returns``) from the estimator registered as ``estimator``.
-
-    ``kl`` (per-token KL to the reference, ``[T]``) feeds the ``--kl-coef`` reward penalty;
-    ``values`` (``[T]``) the GAE estimator of PPO.
-    """
-    out = compute_advantages(
-        estimator, batch.rewards, batch.cu_seqlens, batch.loss_mask, params, kl=kl, values=values
-    )
-    return replace(batch, advantages=out.advantages.float(), returns=out.returns.float())

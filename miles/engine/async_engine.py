@@ -10,7 +10,7 @@ started by ``start()``) ever touches it. Everything else reaches it through a co
   result (or raises its exception) in the caller's loop; the RL hooks (weight updates, pause,
   memory release) and ``stats()`` go through it, so they never race a forward.
 
-Admission is bounded: with ``max_queued_requests``, a submission that would leave more than
+Admission is bounded by the engine's config: a submission that would leave more than
 ``max_running_requests + max_queued_requests`` requests unfinished raises ``EngineOverloaded``
 (the server's 503) and adds nothing. ``offload(fn)`` runs request preparation (tokenizing, chat
 templates) on one worker thread, so the event loop stays free to answer ``/health``.
@@ -125,17 +125,11 @@ class RequestStream:
 class AsyncEngine:
     """Asyncio front of an ``Engine`` driven by its own thread (see the module docstring)."""
 
-    def __init__(
-        self, engine: Engine, *, idle_poll_s: float = 0.5, max_queued_requests: int | None = None
-    ) -> None:
-        """``max_queued_requests``: how many requests may wait beyond those the engine runs
-        together (``None``: no bound)."""
+    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.5) -> None:
+        """At most ``engine.config.max_queued_requests`` requests wait beyond those the engine
+        runs together (``max_running_requests``)."""
         self.engine = engine
-        self.max_unfinished = (
-            None
-            if max_queued_requests is None
-            else engine.scheduler.max_running_requests + max_queued_requests
-        )
+        self.max_unfinished = engine.config.max_running_requests + engine.config.max_queued_requests
         # Requests admitted and not finished (submitted, queued for the engine thread, or in the
         # engine); changed under the lock by the loop (admission) and the engine thread (ends).
         self._unfinished = 0
@@ -198,7 +192,7 @@ class AsyncEngine:
 
     def _admit(self, count: int) -> None:
         with self._unfinished_lock:
-            if self.max_unfinished is not None and self._unfinished + count > self.max_unfinished:
+            if self._unfinished + count > self.max_unfinished:
                 raise EngineOverloaded(
                     f"the engine is full: {self._unfinished} requests unfinished, {count} more asked, "
                     f"at most {self.max_unfinished} (max running + max queued requests); retry later"

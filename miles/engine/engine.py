@@ -1,26 +1,34 @@
 """``Engine``: the inference core (no HTTP, no RL) over the shared model and a paged KV cache.
 
-Drive it with ``add_request`` + ``step`` (continuous batching; each step runs one forward and
-reports the requests that got a token or finished) or with ``generate`` (loops ``step`` until
-every given prompt is done). Not thread-safe: one caller drives it.
+Built from an ``EngineConfig`` (``miles.config``: the one declaration of the engine's settings,
+with SGLang's names) plus what is not a setting: the model, the tokenizer, and the KV cache's size
+when the caller computed it from the memory. Drive it with ``add_request`` + ``step``
+(continuous batching; each step runs one forward and reports the requests that got a token or
+finished) or with ``generate`` (loops ``step`` until every given prompt is done). Not
+thread-safe: one caller drives it.
 
-RL hooks (all synchronous, from the driving thread): weight updates (in-process tensors, whole or
-in buckets; a checkpoint on disk; a torch.distributed broadcast from the trainer), each bumping
-``weight_version`` and flushing the prefix cache; ``pause_generation``/``continue_generation``;
-``release_memory_occupation``/``resume_memory_occupation`` by tag (``weights``, ``kv_cache``).
+RL hooks (all synchronous, from the driving thread), with SGLang's names: weight updates
+(in-process tensors, whole or in buckets; a checkpoint on disk; a torch.distributed broadcast from
+the trainer), each bumping ``weight_version`` and flushing the prefix cache;
+``pause_generation``/``continue_generation``; ``release_memory_occupation``/
+``resume_memory_occupation`` by tag (``weights``, ``kv_cache``); ``get_weights_by_name``. How
+tensors are checked and applied is ``miles.engine.weight_load``; where they come from (disk, a
+broadcast group), ``miles.engine.weight_sources``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from miles.config import EngineConfig
 from miles.engine.cuda_graph import DecodeGraphs
 from miles.engine.kv_cache import BlockAllocator, KVCache
 from miles.engine.model_runner import ModelRunner, ScheduledRequest
@@ -30,14 +38,29 @@ from miles.engine.routing import RoutingStore
 from miles.engine.sampler import Sampler
 from miles.engine.scheduler import Scheduler
 from miles.engine.stopping import append_token, ensure_text
-from miles.engine.weight_sync import EngineStateError, WeightSyncMixin
-from miles.engine.weights import UpdateGroup, WeightUpdater, offload_parameters, restore_parameters
+from miles.engine.weight_load import (
+    WeightUpdateError,
+    WeightUpdater,
+    offload_parameters,
+    parse_weight_version,
+    restore_parameters,
+)
+from miles.engine.weight_sources import (
+    UpdateGroup,
+    broadcast_receive,
+    init_custom_process_group,
+    read_checkpoint_tensors,
+)
 from miles.kernels import batch_invariant
 from miles.models.layers import pack_projections, use_inference_kernels
 from miles.models.transformer import CausalLM
 from miles.types import SamplingParams, WeightVersion
 
 log = logging.getLogger(__name__)
+
+
+class EngineStateError(RuntimeError):
+    """The engine cannot do this now (busy, paused, memory released, ...); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -55,39 +78,59 @@ class EngineStats:
 MEMORY_TAGS = ("weights", "kv_cache")
 
 
-class Engine(WeightSyncMixin):
-    """Continuous-batching generation for one ``CausalLM``.
+class Engine:
+    """Continuous-batching generation for one ``CausalLM``, as ``config`` says.
 
-    ``num_blocks`` x ``block_size`` token slots of KV cache are allocated up front.
-    ``eos_token_ids`` default to the model config's plus the tokenizer's EOS. ``context_length``
-    (default: the model's ``max_position_embeddings``) bounds prompt plus output. A tokenizer
-    (anything with ``decode(ids) -> str``) is needed for stop strings and ``text`` in outputs.
-    ``seed`` seeds the generator of unseeded requests. ``weight_version`` (default ``"0"``) is
-    the version of the weights given; every output reports the version it was generated under.
-    ``overlap_schedule`` (default: on for dense models on CUDA, off on the CPU where it gains
-    nothing) queues each decode step before reading the previous one's tokens (see
-    ``miles.engine.overlap``); MoE models never overlap (their steps read expert counts on the host).
+    The KV cache is allocated up front: ``num_blocks`` blocks of ``config.page_size`` tokens, or
+    enough blocks for ``config.max_total_tokens`` (give one of the two). ``eos_token_ids``
+    default to the model config's plus the tokenizer's EOS. ``config.context_length`` (default:
+    the model's ``max_position_embeddings``) bounds prompt plus output. A tokenizer (anything with
+    ``decode(ids) -> str``) is needed for stop strings and ``text`` in outputs.
+    ``config.random_seed`` seeds the generator of unseeded requests. ``weight_version`` (default
+    ``"0"``) is the version of the weights given; every output reports the version it was
+    generated under. :attr:`config` is the configuration it runs with, derived values filled in.
+
+    The overlapped schedule (see ``miles.engine.overlap``) queues each decode step before reading
+    the previous one's tokens: on for dense models on CUDA unless
+    ``config.disable_overlap_schedule``, off on the CPU where it gains nothing; MoE models never
+    overlap (their steps read expert counts on the host). ``overlap_schedule`` forces it on or
+    off (tests run it on the CPU).
+
+    Options the engine does not implement (``EngineConfig.unimplemented``) raise ``ValueError``;
+    so does ``config.enable_deterministic_inference`` unless the batch-invariant kernels are on
+    (``miles.kernels.batch_invariant``: a process-wide switch, the caller's to set first).
     """
 
     def __init__(
         self,
         model: CausalLM,
         tokenizer: Any = None,
+        config: EngineConfig | None = None,
         *,
-        num_blocks: int,
-        block_size: int = 16,
-        max_running_requests: int = 256,
-        max_num_batched_tokens: int = 4096,
+        num_blocks: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
-        context_length: int | None = None,
-        enable_prefix_caching: bool = True,
         kv_dtype: torch.dtype | None = None,
-        seed: int | None = None,
         weight_version: str | int | None = None,
-        cuda_graph_max_bs: int | None = None,
-        disable_cuda_graph: bool = False,
         overlap_schedule: bool | None = None,
     ) -> None:
+        config = EngineConfig() if config is None else config
+        problems = config.unimplemented()
+        if problems:
+            raise ValueError(f"the built-in engine does not implement {'; '.join(problems)}")
+        if config.enable_deterministic_inference and not batch_invariant.enabled():
+            raise ValueError(
+                "enable_deterministic_inference needs the batch-invariant kernels, which are "
+                "process-wide: call miles.kernels.batch_invariant.set_batch_invariant(True) first"
+            )
+        block_size = config.page_size
+        if (num_blocks is None) == (config.max_total_tokens is None):
+            raise ValueError(
+                "size the KV cache with num_blocks or config.max_total_tokens (one of the two), got "
+                f"num_blocks={num_blocks} and max_total_tokens={config.max_total_tokens}"
+            )
+        if num_blocks is None:
+            assert config.max_total_tokens is not None
+            num_blocks = -(-config.max_total_tokens // block_size)
         spec = model.spec
         self.model = model.eval()
         use_inference_kernels(model)
@@ -96,7 +139,12 @@ class Engine(WeightSyncMixin):
             pack_projections(model)
         self.tokenizer = tokenizer
         self.vocab_size = spec.vocab_size
-        self.context_length = context_length or spec.max_position_embeddings
+        self.context_length = config.context_length or spec.max_position_embeddings
+        self.config = dataclasses.replace(
+            config,
+            context_length=self.context_length,
+            max_total_tokens=config.max_total_tokens or num_blocks * block_size,
+        )
         if eos_token_ids is None:
             eos = list(spec.eos_token_ids)
             tok_eos = getattr(tokenizer, "eos_token_id", None)
@@ -109,7 +157,7 @@ class Engine(WeightSyncMixin):
         # scaling depend on the data, read on the host). Their padding rows need a scratch block.
         graphs = (
             model.device.type == "cuda"
-            and not disable_cuda_graph
+            and not config.disable_cuda_graph
             and not spec.is_moe
             and spec.rope.type != "dynamic"
         )
@@ -122,8 +170,8 @@ class Engine(WeightSyncMixin):
             dtype=self.kv_cache_dtype,
             device=model.device,
         )
-        self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.allocator, max_running_requests, max_num_batched_tokens)
+        self.allocator = BlockAllocator(num_blocks, block_size, not config.disable_radix_cache)
+        self.scheduler = Scheduler(self.allocator, config.max_running_requests, config.max_prefill_tokens)
         # MoE: every forward records its experts per KV slot (rollout routing replay).
         self.routing = (
             RoutingStore(spec, num_blocks * block_size, block_size, model.device) if spec.is_moe else None
@@ -132,7 +180,7 @@ class Engine(WeightSyncMixin):
             DecodeGraphs(
                 model,
                 self.kv_cache,
-                max_bs=min(cuda_graph_max_bs or 256, max_running_requests),
+                max_bs=min(config.cuda_graph_max_bs, config.max_running_requests),
                 max_blocks=-(-self.context_length // block_size),
                 scratch_block=num_blocks,
             )
@@ -145,8 +193,8 @@ class Engine(WeightSyncMixin):
             log.info("captured %d decode CUDA graphs in %.2f s", len(self.graphs.captured), seconds)
         self.runner = ModelRunner(model, self.kv_cache, self.routing, self.graphs)
         generator = torch.Generator(device=model.device)
-        if seed is not None:
-            generator.manual_seed(seed)
+        if config.random_seed is not None:
+            generator.manual_seed(config.random_seed)
         else:
             generator.seed()
         self.sampler = Sampler(self.eos_token_ids, generator)
@@ -154,9 +202,9 @@ class Engine(WeightSyncMixin):
             raise ValueError(
                 "overlap_schedule needs a dense model: an MoE step reads its expert counts on the host"
             )
-        self.overlap = (
-            model.device.type == "cuda" if overlap_schedule is None else overlap_schedule
-        ) and not spec.is_moe
+        if overlap_schedule is None:
+            overlap_schedule = model.device.type == "cuda" and not config.disable_overlap_schedule
+        self.overlap = overlap_schedule and not spec.is_moe
         self._inflight: InflightStep | None = None
         self._version = WeightVersion() if weight_version is None else WeightVersion.parse(weight_version)
         self._weights = WeightUpdater(model)
@@ -452,6 +500,186 @@ class Engine(WeightSyncMixin):
                 f"cannot {what}: memory is released ({', '.join(self._released)}); "
                 "call resume_memory_occupation() first"
             )
+
+    # ---- weights (SGLang's update_weights_* family) ---------------------------------------------
+    # Every update is atomic: its arguments (weight_version, flush_cache) and every tensor are
+    # validated first (weight_load), then the weights are copied, the prefix cache flushed unless
+    # told not to and weight_version set. A refused update raises WeightUpdateError (a ValueError)
+    # and leaves weights, version and cache exactly as they were. An overlapped step in flight is
+    # read first, so its tokens are reported under the weights they were sampled with.
+
+    @property
+    def weight_version(self) -> str:
+        """The version of the weights in use (SGLang's ``weight_version``, a decimal string)."""
+        return str(self._version)
+
+    def get_weight_version(self) -> str:
+        return self.weight_version
+
+    def update_weights_from_tensors(
+        self,
+        named_tensors: Iterable[Any],
+        weight_version: str | int | None = None,
+        flush_cache: bool = True,
+    ) -> None:
+        """Set parameters from ``(HF name, tensor)`` pairs (or a sequence of buckets of pairs).
+
+        All-or-nothing: an unknown name, a wrong shape, a non-floating dtype or a NaN/infinite
+        value raises ``WeightUpdateError`` naming the tensor, and no parameter changes. Floating
+        tensors are cast to the model's dtype. A subset of the parameters may be given.
+        ``weight_version`` defaults to the current one plus one; a bad one is refused first.
+        """
+        version = self._start_update(weight_version, flush_cache)
+        if self._weights.in_session:
+            raise WeightUpdateError("a bucketed weight update is in progress: commit or abort it first")
+        self._weights.apply(named_tensors)
+        self._finish_update(version, flush_cache)
+
+    def begin_weight_update(self) -> None:
+        """Start a bucketed update: ``update_weights_bucket`` stages, ``commit`` applies all."""
+        self._check_updatable()
+        self._weights.begin()
+
+    def update_weights_bucket(self, named_tensors: Iterable[Any]) -> None:
+        """Validate and stage one bucket (a copy: the caller may reuse its buffers).
+
+        A bad bucket raises ``WeightUpdateError``, stages nothing, and makes ``commit`` refuse:
+        the caller then calls ``abort_weight_update``. So does a bucket refused because the
+        weights were released meanwhile.
+        """
+        try:
+            self._check_updatable()
+        except EngineStateError as e:
+            self._weights.mark_failed(str(e))
+            raise
+        self._weights.stage(named_tensors)
+
+    def commit_weight_update(self, weight_version: str | int | None = None, flush_cache: bool = True) -> None:
+        """Apply every staged bucket at once, then flush the prefix cache and set the version.
+
+        A bad ``weight_version`` refuses the commit and keeps the session (commit again or abort)."""
+        version = self._start_update(weight_version, flush_cache)
+        self._weights.commit()
+        self._finish_update(version, flush_cache)
+
+    def abort_weight_update(self) -> None:
+        """Drop the staged buckets; the weights stay as they were."""
+        self._weights.abort()
+
+    def update_weights_from_disk(
+        self, model_path: str, weight_version: str | int | None = None, flush_cache: bool = True
+    ) -> None:
+        """Load every parameter from an HF directory (or GGUF) and apply it atomically.
+
+        The checkpoint must hold the whole model (missing or unexpected tensors are refused); an
+        unreadable one (truncated, bad header, GGUF garbage, no ``config.json``) is refused too.
+        """
+        version = self._start_update(weight_version, flush_cache)
+        if not isinstance(model_path, str) or not model_path:
+            raise WeightUpdateError(f"model_path must be a non-empty string, got {model_path!r}")
+        tensors = read_checkpoint_tensors(self.model, model_path)
+        self._weights.apply(tensors)
+        self._finish_update(version, flush_cache)
+
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "gloo",
+    ) -> None:
+        """Join the trainer's broadcast group as rank ``rank_offset`` (the trainer is rank 0).
+
+        The rendezvous blocks the calling thread; the HTTP server runs it on a worker thread
+        (``init_custom_process_group``) and registers the result with
+        :meth:`add_weights_update_group`, so generation goes on meanwhile."""
+        if group_name in self._groups:
+            raise ValueError(f"weights update group {group_name!r} already exists")
+        self.add_weights_update_group(
+            group_name,
+            init_custom_process_group(
+                master_address, master_port, rank_offset, world_size, group_name, backend
+            ),
+        )
+
+    def has_weights_update_group(self, group_name: str) -> bool:
+        """Whether a group of that name is registered (checked before a rendezvous starts)."""
+        return group_name in self._groups
+
+    def add_weights_update_group(self, group_name: str, group: UpdateGroup) -> None:
+        """Register a group joined elsewhere (on another thread) under ``group_name``; a name
+        already in use is refused and the new group shut down."""
+        if group_name in self._groups:
+            if hasattr(group.backend, "shutdown"):
+                group.backend.shutdown()
+            raise ValueError(f"weights update group {group_name!r} already exists")
+        self._groups[group_name] = group
+
+    def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        group_name: str,
+        weight_version: str | int | None = None,
+        flush_cache: bool = True,
+    ) -> None:
+        """Receive each tensor by broadcast from rank 0 of ``group_name``, then apply atomically.
+
+        The version, names, dtypes and shapes are checked (against the model's parameters) before
+        anything is received, so a refused update allocates and receives nothing; received tensors
+        are checked (finite values) before any is applied.
+        """
+        group = self._groups.get(group_name) if isinstance(group_name, str) else None
+        if group is None:
+            raise ValueError(f"no weights update group {group_name!r}: call init_weights_update_group first")
+        version = self._start_update(weight_version, flush_cache)
+        if self._weights.in_session:
+            raise WeightUpdateError("a bucketed weight update is in progress: commit or abort it first")
+        received = broadcast_receive(group, names, dtypes, shapes, self._weights)
+        self._weights.apply(received)
+        self._finish_update(version, flush_cache)
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        """Forget the group (unknown names are ignored, as SGLang callers expect)."""
+        group = self._groups.pop(group_name, None)
+        if group is not None and hasattr(group.backend, "shutdown"):
+            group.backend.shutdown()
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[Any]:
+        """SGLang's weight read-back: the first ``truncate_size`` rows of parameter ``name`` (an
+        HF name; a tied ``lm_head.weight`` too) as nested float lists. Trainers use it to check
+        a weight sync."""
+        if "weights" in self._released:
+            raise EngineStateError("weights are released: resume_memory_occupation(['weights']) first")
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        if name not in params:
+            raise ValueError(f"no parameter named {name!r}")
+        rows: list[Any] = params[name].detach()[:truncate_size].float().cpu().tolist()
+        return rows
+
+    def _check_updatable(self) -> None:
+        self._drain()
+        if "weights" in self._released:
+            raise EngineStateError("weights are released: resume_memory_occupation(['weights']) first")
+
+    def _start_update(self, weight_version: str | int | None, flush_cache: bool) -> WeightVersion:
+        """The engine ready for an update and the version it will set, both checked before
+        anything changes."""
+        self._check_updatable()
+        if not isinstance(flush_cache, bool):
+            raise WeightUpdateError(f"flush_cache must be true or false, got {flush_cache!r}")
+        return parse_weight_version(weight_version, self._version)
+
+    def _finish_update(self, version: WeightVersion, flush_cache: bool) -> None:
+        """Only after the weights changed: nothing here can fail."""
+        if flush_cache:
+            # K/V computed under the old weights must not serve new requests. Running (paused
+            # in place) requests keep their own blocks; only the prefix map is dropped.
+            self.allocator.reset_prefix_cache()
+        self._version = version
 
     # ---- admission checks ----------------------------------------------------------------------
 

@@ -12,18 +12,25 @@ Each result is a dict: ``text``, ``output_ids`` and ``meta_info`` (``id``, ``fin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from miles.config import EngineConfig
 from miles.engine.engine import Engine, EngineStats
+from miles.engine.kv_cache import available_memory_bytes
 from miles.engine.request import RequestOutput
 from miles.models.loading import load_model, load_tokenizer
 from miles.models.transformer import CausalLM
 from miles.types import SamplingParams
+from miles.utils.suggest import did_you_mean
 
-# KV budget on CPU, where no allocator tells how much is free.
+# The KV budget of an engine that owns its device (``miles serve``, ``miles.LLM``), unless
+# --sglang-mem-fraction-static says otherwise: this fraction of the GPU less what is allocated (the
+# weights), as SGLang does; on the CPU a fixed budget, since the host's memory is everyone's.
+STANDALONE_MEM_FRACTION = 0.85
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -38,36 +45,54 @@ def derive_num_blocks(
     block_size: int,
     max_running_requests: int,
     context_length: int,
-    mem_fraction_static: float,
+    mem_fraction_static: float | None,
     dtype: torch.dtype,
 ) -> int:
     """Blocks that fit the memory budget, capped at what the running requests could ever use.
 
-    CUDA: ``mem_fraction_static`` of the device's memory minus what is allocated now (weights).
-    CPU: ``CPU_KV_CACHE_BYTES``.
+    CUDA: ``mem_fraction_static`` (None: ``STANDALONE_MEM_FRACTION``) of the device's memory minus
+    what is allocated now (weights). CPU: ``mem_fraction_static`` of the memory available now, or
+    ``CPU_KV_CACHE_BYTES`` without it.
     """
     per_block = kv_bytes_per_block(model, block_size, dtype)
     if model.device.type == "cuda":
         _, total = torch.cuda.mem_get_info(model.device)
-        budget = int(total * mem_fraction_static) - torch.cuda.memory_allocated(model.device)
-    else:
+        fraction = STANDALONE_MEM_FRACTION if mem_fraction_static is None else mem_fraction_static
+        budget = int(total * fraction) - torch.cuda.memory_allocated(model.device)
+    elif mem_fraction_static is None:
         budget = CPU_KV_CACHE_BYTES
+    else:
+        budget = int(available_memory_bytes(model.device) * mem_fraction_static)
     cap = -(-max_running_requests * context_length // block_size)
     num = min(budget // per_block, cap)
     if num < 1:
         raise ValueError(
             f"no memory left for the KV cache (budget {budget} bytes, {per_block} per block): "
-            "raise mem_fraction_static or give num_blocks"
+            "raise mem_fraction_static or give max_total_tokens"
         )
     return int(num)
+
+
+def standalone_config(model: CausalLM, config: EngineConfig) -> EngineConfig:
+    """``config`` with its KV capacity resolved for an engine that owns its device: its own
+    ``max_total_tokens``, else what :func:`derive_num_blocks` allows."""
+    if config.max_total_tokens is not None:
+        return config
+    context = config.context_length or model.spec.max_position_embeddings
+    blocks = derive_num_blocks(
+        model, config.page_size, config.max_running_requests, context, config.mem_fraction_static, model.dtype
+    )
+    return dataclasses.replace(config, max_total_tokens=blocks * config.page_size)
 
 
 class LLM:
     """A checkpoint loaded into an ``Engine`` (plus its tokenizer) for offline generation.
 
     ``model_path``: an HF directory, a GGUF file or the ``smollm2-135m-instruct`` alias.
-    ``device`` defaults to CUDA when available. ``num_blocks`` defaults to what the memory budget
-    allows (see ``derive_num_blocks``). ``skip_tokenizer_init`` serves token ids only (no text).
+    ``device`` defaults to CUDA when available. ``settings`` are the engine's, by their
+    ``EngineConfig`` (SGLang) names: ``LLM(path, page_size=8, random_seed=0, mem_fraction_static=0.5)``;
+    the KV cache holds ``max_total_tokens``, or what the memory allows (:func:`standalone_config`).
+    ``skip_tokenizer_init`` serves token ids only (no text).
     """
 
     def __init__(
@@ -76,43 +101,20 @@ class LLM:
         *,
         dtype: str = "float32",
         device: str | torch.device | None = None,
-        num_blocks: int | None = None,
-        block_size: int = 16,
-        max_running_requests: int = 256,
-        max_num_batched_tokens: int = 4096,
-        mem_fraction_static: float = 0.85,
-        context_length: int | None = None,
-        seed: int | None = None,
         skip_tokenizer_init: bool = False,
-        enable_prefix_caching: bool = True,
-        cuda_graph_max_bs: int | None = None,
-        disable_cuda_graph: bool = False,
-        overlap_schedule: bool | None = None,
+        **settings: Any,
     ) -> None:
+        names = [f.name for f in dataclasses.fields(EngineConfig)]
+        for key in settings:
+            if key not in names:
+                raise TypeError(f"LLM() got an unknown engine setting {key!r}{did_you_mean(key, names)}")
+        config = EngineConfig(**settings)  # checked before anything loads
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_path = model_path
         model = load_model(model_path, dtype=dtype, device=device)
         self.tokenizer: Any = None if skip_tokenizer_init else load_tokenizer(model_path)
-        ctx = context_length or model.spec.max_position_embeddings
-        if num_blocks is None:
-            num_blocks = derive_num_blocks(
-                model, block_size, max_running_requests, ctx, mem_fraction_static, model.dtype
-            )
-        self.engine = Engine(
-            model,
-            self.tokenizer,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            max_running_requests=max_running_requests,
-            max_num_batched_tokens=max_num_batched_tokens,
-            context_length=ctx,
-            enable_prefix_caching=enable_prefix_caching,
-            seed=seed,
-            cuda_graph_max_bs=cuda_graph_max_bs,
-            disable_cuda_graph=disable_cuda_graph,
-            overlap_schedule=overlap_schedule,
-        )
+        self.engine = Engine(model, self.tokenizer, standalone_config(model, config))
 
     # ---- generation --------------------------------------------------------------------------
 

@@ -20,17 +20,23 @@ characters of a text, refused before it is tokenized when it cannot fit the cont
 texts (tokenization) and of large bodies runs on the engine's preparation thread; small
 pre-tokenized bodies are parsed inline, so a rollout reaches the engine as one admission
 (:func:`prepare_generate`).
+
+The other endpoints' bodies are typed requests (frozen dataclasses) read by one validator,
+:func:`parse_request`, whose every refusal names the field.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import time
+import types
+import typing
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from miles.engine.async_engine import RequestSpec
 from miles.engine.request import RequestOutput
@@ -38,6 +44,8 @@ from miles.types import SamplingParams
 
 if TYPE_CHECKING:
     from miles.engine.async_engine import AsyncEngine
+
+R = TypeVar("R")
 
 GENERATE_FIELDS = frozenset(
     {
@@ -167,6 +175,62 @@ def expect(
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise BadRequest(name, f"must be {what}, got {value!r}")
     return value
+
+
+def parse_request(cls: type[R], payload: Mapping[str, Any]) -> R:
+    """A typed request (a frozen dataclass) from a JSON object, every field checked by name.
+
+    A field the class does not declare is refused (naming the known ones); ``null`` stands for
+    the field's default; a field without a default is required. Each value must have its field's
+    type: ``str``, ``int`` (never a ``bool``), ``float`` (an ``int`` too), ``bool``,
+    ``Literal[...]`` (one of its values), ``list[X]`` (every item an ``X``), ``Any``, or a union
+    of them. The class's ``__post_init__`` then checks what types cannot say (ranges, lengths),
+    raising ``BadRequest`` naming the field."""
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    check_fields(payload, frozenset(f.name for f in fields))
+    values: dict[str, Any] = {}
+    for f in fields:
+        value = payload.get(f.name)
+        if value is None:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BadRequest(f.name, "is required")
+            continue
+        if not _has_type(value, hints[f.name]):
+            raise BadRequest(f.name, f"must be {_type_words(hints[f.name])}, got {value!r:.80}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args if a is not type(None))
+    if origin is Literal:
+        return any(type(value) is type(choice) and value == choice for choice in args)
+    if origin is list or tp is list:
+        return isinstance(value, list) and (not args or all(_has_type(v, args[0]) for v in value))
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, int | float)
+    return isinstance(tp, type) and isinstance(value, tp)
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+
+
+def _type_words(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list and args and args[0] is not Any:
+        return f"a list of {_type_words(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return _TYPE_WORDS.get(origin or tp, str(tp))
 
 
 def sampling_params(data: Any, field: str = "sampling_params") -> SamplingParams:

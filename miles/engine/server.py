@@ -1,7 +1,12 @@
 """HTTP server: SGLang's native API plus the OpenAI API over one ``AsyncEngine``.
 
-FastAPI and uvicorn are imported here only, and lazily (inside ``create_app``/``serve``). See
-docs/server.md for every endpoint and for the threat model; in short:
+This module assembles the app: the settings of the server (:class:`ServerConfig`, which holds the
+engine's ``EngineConfig`` whole), who may call what, body limits, strict JSON, errors, and
+``serve``. The routes live by concept: ``routes_native`` (SGLang's generation, info and cache
+endpoints), ``routes_openai`` (``/v1/*``) and ``routes_admin`` (weights, memory, pause: typed
+request models). FastAPI and uvicorn are imported by these four modules only, and lazily
+(``create_app`` imports the routes, ``serve`` uvicorn). See docs/server.md for every endpoint and
+for the threat model; in short:
 
 - The server binds 127.0.0.1 by default. ``/health`` is open to all.
 - *Admin* endpoints (``ADMIN_PATHS``: weight updates, update groups, memory release/resume,
@@ -14,7 +19,8 @@ docs/server.md for every endpoint and for the threat model; in short:
 - A body is JSON or nothing: a body of another ``Content-Type``, or an admin POST without
   ``application/json``, gets 415 (a web page cannot send JSON to another origin without a CORS
   preflight, which this server never grants). Bodies are bounded (413): ``max_request_bytes``,
-  and ``max_weight_update_bytes`` for ``/update_weights_from_tensor``.
+  and ``max_weight_update_bytes`` for ``/update_weights_from_tensor``. They are parsed here, as
+  strict JSON, off the event loop when large.
 - Nothing from the network is unpickled but shared-memory/CUDA-IPC tensor handles, through
   ``miles.engine.tensor_wire``'s allow-list, and only from callers on this host.
 
@@ -23,8 +29,9 @@ Every error is a JSON answer that leaves the keep-alive connection usable: 400 n
 than by Starlette, whose handler re-raises into uvicorn, which then drops the connection.
 """
 
+from __future__ import annotations
+
 import asyncio
-import datetime
 import gc
 import hmac
 import ipaddress
@@ -34,28 +41,19 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from miles.config import EngineConfig
 from miles.engine.async_engine import AsyncEngine, EngineOverloaded
 from miles.engine.engine import Engine, EngineStateError
-from miles.engine.openai_api import openai_response, openai_stream, prepare_openai
-from miles.engine.protocol import (
-    BadRequest,
-    RequestLimits,
-    check_fields,
-    expect,
-    generate_response,
-    prepare_generate,
-    run_generate,
-)
-from miles.engine.tensor_wire import MAX_NAME_CHARS, WireError, decode_named_tensors
+from miles.engine.protocol import BadRequest, RequestLimits, check_fields
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-    from fastapi.responses import Response
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response, StreamingResponse
 
-    from miles.engine.weights import UpdateGroup
+    from miles.engine.async_engine import RequestSpec, RequestStream
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,8 +74,6 @@ ADMIN_PATHS = frozenset(
 )
 # Endpoints whose body carries tensors: they get ``max_weight_update_bytes``.
 WEIGHT_PATHS = frozenset({"/update_weights_from_tensor"})
-_MAX_TENSORS = 100_000  # tensors in one update (more than any model has parameters)
-_MAX_DIMS = 8
 _PARSE_IN_THREAD_BYTES = 1 << 20  # larger bodies are parsed off the event loop
 _LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
@@ -96,8 +92,9 @@ class _BodyTooLarge(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What ``miles serve`` needs: the model, the address, the keys, the limits and the engine's
-    sizing. The keys are left out of ``repr`` (logs) and of ``/get_server_info``."""
+    """What ``miles serve`` needs: the model, the address, the keys and the limits of the server,
+    and the engine's settings whole (``engine``). The keys are left out of ``repr`` (logs) and of
+    ``/get_server_info``."""
 
     model_path: str
     host: str = "127.0.0.1"
@@ -107,21 +104,11 @@ class ServerConfig:
     served_model_name: str | None = None
     dtype: str = "float32"
     device: str = "auto"  # "auto": the first CUDA device when there is one, else the CPU
-    max_total_tokens: int = 8192  # KV-cache capacity in tokens
-    page_size: int = 16  # tokens per KV block
-    max_running_requests: int = 256
-    max_prefill_tokens: int = 4096
-    context_length: int | None = None
-    disable_radix_cache: bool = False
-    random_seed: int | None = None
-    cuda_graph_max_bs: int | None = None
-    disable_cuda_graph: bool = False
-    disable_overlap_schedule: bool = False
-    log_level: str = "info"
-    # Limits (docs/server.md, "Limits"): what one client can make the server hold or do.
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Limits (docs/server.md, "Limits"): what one client can make the server hold or do. How many
+    # requests may wait is the engine's (EngineConfig.max_queued_requests).
     max_request_bytes: int = 32 * 1024**2
     max_weight_update_bytes: int = 1024**3
-    max_queued_requests: int = 4096  # beyond max_running_requests; then 503 + Retry-After
     max_requests_per_call: int = 1024  # engine requests (prompts x n) of one HTTP call
     weight_update_group_timeout_s: float = 120.0  # rendezvous of /init_weights_update_group
 
@@ -129,8 +116,6 @@ class ServerConfig:
         for name in ("max_request_bytes", "max_weight_update_bytes", "max_requests_per_call"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queued_requests < 0:
-            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
         if not self.weight_update_group_timeout_s > 0:
             raise ValueError(
                 f"weight_update_group_timeout_s must be > 0, got {self.weight_update_group_timeout_s}"
@@ -140,15 +125,42 @@ class ServerConfig:
                 raise ValueError(f"{name} must not be empty")
         if self.api_key is not None and self.api_key == self.admin_api_key:
             raise ValueError("the admin key must differ from the API key")
+        client = [
+            n for n in sorted(EngineConfig.client_fields()) if getattr(self.engine, n) != _ENGINE_DEFAULTS[n]
+        ]
+        if client:
+            flags = ", ".join("--sglang-" + n.replace("_", "-") for n in client)
+            raise ValueError(
+                f"not settings of a server: {flags} (they set the rollout's client of the engines, in miles train)"
+            )
+        problems = self.engine.unimplemented()
+        if problems:
+            raise ValueError(f"not implemented by the built-in engine: {'; '.join(problems)}")
 
     @property
     def limits(self) -> RequestLimits:
         return RequestLimits(max_requests=self.max_requests_per_call)
 
+    def info(self, engine: EngineConfig) -> dict[str, Any]:
+        """What ``/get_server_info`` reports of the settings, flat as SGLang's server args: the
+        server's (no keys) and ``engine``'s, the engine's configuration as resolved."""
+        server = {k: v for k, v in vars(self).items() if k not in ("api_key", "admin_api_key", "engine")}
+        return {**server, **{k: _plain(v) for k, v in vars(engine).items()}}
+
+
+_ENGINE_DEFAULTS = vars(EngineConfig())
+
+
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
 
 def build_engine(config: ServerConfig) -> Engine:
+    """The engine ``miles serve`` runs: the model on its device, the KV cache sized by
+    ``config.engine`` (``max_total_tokens``, else from the memory: ``llm.standalone_config``)."""
     import torch
 
+    from miles.engine.llm import standalone_config
     from miles.models.loading import load_model, load_tokenizer
 
     device = config.device
@@ -156,20 +168,7 @@ def build_engine(config: ServerConfig) -> Engine:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(config.model_path, dtype=config.dtype, device=device)
     tokenizer = load_tokenizer(config.model_path)
-    return Engine(
-        model,
-        tokenizer,
-        num_blocks=-(-config.max_total_tokens // config.page_size),
-        block_size=config.page_size,
-        max_running_requests=config.max_running_requests,
-        max_num_batched_tokens=config.max_prefill_tokens,
-        context_length=config.context_length,
-        enable_prefix_caching=not config.disable_radix_cache,
-        seed=config.random_seed,
-        cuda_graph_max_bs=config.cuda_graph_max_bs,
-        disable_cuda_graph=config.disable_cuda_graph,
-        overlap_schedule=False if config.disable_overlap_schedule else None,
-    )
+    return Engine(model, tokenizer, standalone_config(model, config.engine))
 
 
 _ERROR_TYPES = {
@@ -186,7 +185,7 @@ _ERROR_TYPES = {
 
 def _error(
     status: int, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
-) -> "Response":
+) -> Response:
     from fastapi.responses import JSONResponse
 
     body = {
@@ -245,7 +244,7 @@ def body_limit(config: ServerConfig, path: str) -> int:
     return config.max_weight_update_bytes if path in WEIGHT_PATHS else config.max_request_bytes
 
 
-def refusal(config: ServerConfig, scope: Mapping[str, Any]) -> "Response | None":
+def refusal(config: ServerConfig, scope: Mapping[str, Any]) -> Response | None:
     """The answer that refuses this request before its body is read, or ``None`` to serve it."""
     if scope.get("path") == "/health":
         return None
@@ -255,7 +254,7 @@ def refusal(config: ServerConfig, scope: Mapping[str, Any]) -> "Response | None"
 
 def _unauthorized(
     config: ServerConfig, scope: Mapping[str, Any], headers: dict[bytes, bytes]
-) -> "Response | None":
+) -> Response | None:
     path = scope.get("path", "")
     if config.admin_api_key is not None and _bearer(headers, config.admin_api_key):
         return None  # the admin key opens every endpoint
@@ -282,7 +281,7 @@ def _unauthorized(
 
 def _unacceptable_body(
     config: ServerConfig, scope: Mapping[str, Any], headers: dict[bytes, bytes]
-) -> "Response | None":
+) -> Response | None:
     path = scope.get("path", "")
     length = headers.get(b"content-length", b"0").strip()
     has_body = length not in (b"0", b"") or b"transfer-encoding" in headers
@@ -382,148 +381,35 @@ def parse_json(raw: bytes) -> Any:
     return data
 
 
-# ---- weight-update groups --------------------------------------------------------------------
+# ---- what the routes share ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class UpdateGroupSpec:
-    """A checked ``/init_weights_update_group`` body."""
+@dataclass
+class ServerState:
+    """What every route needs: the engine, the settings, and the request helpers (the body as
+    strict JSON, cancellation on disconnect, control hooks, event streams). ``create_app`` puts
+    one on ``app.state.miles``; a route gets it with :func:`state_of`."""
 
-    master_address: str
-    master_port: int
-    rank_offset: int
-    world_size: int
-    group_name: str
-    backend: str
+    engine: AsyncEngine
+    config: ServerConfig
+    started_at: float = field(default_factory=time.time)
 
+    @property
+    def core(self) -> Engine:
+        """The engine itself: read its constant attributes only (its thread owns the rest)."""
+        return self.engine.engine
 
-def parse_update_group(data: dict[str, Any]) -> UpdateGroupSpec:
-    """Every field checked (type and range) before anything connects anywhere."""
-    keys = ("master_address", "master_port", "rank_offset", "world_size", "group_name")
-    values = [
-        expect(data, k, str if k in ("master_address", "group_name") else int, None, what)
-        for k, what in zip(keys, ("a host", "a port", "an integer", "an integer", "a string"))
-    ]
-    for k, v in zip(keys, values):
-        if v is None:
-            raise BadRequest(k, "is required")
-    addr, port, offset, world, group = values
-    backend = expect(data, "backend", str, "gloo", "'gloo' or 'nccl'")
-    if not 0 < len(addr) <= 253 or any(c.isspace() or c in "/\x00" for c in addr):
-        raise BadRequest("master_address", f"must be a host name or IP address, got {addr!r:.80}")
-    if not 1 <= port <= 65535:
-        raise BadRequest("master_port", f"must be a port in [1, 65535], got {port}")
-    if not 2 <= world <= 65536:
-        raise BadRequest("world_size", f"must be in [2, 65536] (the trainer and the engines), got {world}")
-    if not 1 <= offset < world:
-        raise BadRequest(
-            "rank_offset", f"must be in [1, world_size) = [1, {world}) (rank 0 is the trainer), got {offset}"
-        )
-    if not 0 < len(group) <= 256:
-        raise BadRequest("group_name", f"must have 1 to 256 characters, got {len(group)}")
-    if backend not in ("gloo", "nccl"):
-        raise BadRequest("backend", f"must be 'gloo' or 'nccl', got {backend!r}")
-    return UpdateGroupSpec(addr, port, offset, world, group, backend)
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self.config.model_path
 
+    @property
+    def limits(self) -> RequestLimits:
+        return self.config.limits
 
-def join_update_group(spec: UpdateGroupSpec, timeout_s: float, device: Any) -> "UpdateGroup":
-    """The rendezvous of ``spec`` (blocking: call it on a worker thread), bounded by ``timeout_s``."""
-    import torch
-
-    from miles.engine.weights import init_custom_process_group
-
-    if spec.backend == "nccl":
-        torch.cuda.set_device(device)  # this worker thread's current device is the engine's
-    timeout = datetime.timedelta(seconds=timeout_s)
-    return init_custom_process_group(
-        spec.master_address, spec.master_port, spec.rank_offset, spec.world_size, spec.group_name,
-        spec.backend, timeout=timeout,
-    )  # fmt: skip
-
-
-def check_broadcast(names: list[Any], dtypes: list[Any], shapes: list[Any], max_bytes: int) -> None:
-    """``/update_weights_from_distributed``'s tensor list: names, known dtypes, shapes of
-    non-negative ints, at most ``max_bytes`` in all (the engine allocates them to receive)."""
-    import torch
-
-    from miles.engine.weights import parse_dtype
-
-    if not len(names) == len(dtypes) == len(shapes):
-        raise BadRequest(
-            "names", f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})"
-        )
-    if len(names) > _MAX_TENSORS:
-        raise BadRequest("names", f"{len(names)} tensors in one update: at most {_MAX_TENSORS}")
-    total = 0
-    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
-            raise BadRequest("names", f"entry {i} must be a name of 1 to {MAX_NAME_CHARS} characters")
-        try:
-            size = torch.empty((), dtype=parse_dtype(dtype)).element_size() if isinstance(dtype, str) else 0
-        except (ValueError, TypeError, RuntimeError):  # not a dtype, or one torch cannot allocate
-            size = 0
-        if not size:
-            raise BadRequest("dtypes", f"entry {i} is not a torch dtype name: {dtype!r:.40}")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > _MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise BadRequest("shapes", f"entry {i} must be a list of at most {_MAX_DIMS} sizes >= 0")
-        total += math.prod(shape) * size
-        if total > max_bytes:
-            raise BadRequest("shapes", f"the tensors exceed {max_bytes} bytes (--max-weight-update-bytes)")
-
-
-def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
-    """The FastAPI app over a started ``engine``; closing the app (lifespan end) closes it.
-
-    (No ``from __future__ import annotations`` in this module: FastAPI reads the handlers'
-    annotations, and ``Request`` is imported here, lazily, not at module level.)
-    """
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
-
-    from miles.engine.async_engine import RequestSpec, RequestStream
-
-    core = engine.engine
-    tokenizer = core.tokenizer
-    model_name = config.served_model_name or config.model_path
-    limits = config.limits
-    started_at = time.time()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        engine.close()
-
-    app = FastAPI(title="Miles engine", lifespan=lifespan)
-    app.add_middleware(Guard, config=config)
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest) -> Response:
-        return _error(400, str(exc), exc.field)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:  # 404, 405: same shape
-        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
-
-    @app.exception_handler(EngineOverloaded)
-    async def overloaded(request: Request, exc: EngineOverloaded) -> Response:
-        return _error(503, str(exc), headers={"Retry-After": "1"})
-
-    @app.exception_handler(EngineStateError)
-    async def unavailable(request: Request, exc: EngineStateError) -> Response:
-        return _error(503, str(exc))  # e.g. generating while memory is released
-
-    @app.exception_handler(ClientDisconnected)
-    async def gone(request: Request, exc: ClientDisconnected) -> Response:
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-
-    async def body(request: Request, known: frozenset[str] | None = None) -> dict[str, Any]:
+    async def body(self, request: Request, known: frozenset[str] | None = None) -> dict[str, Any]:
+        """The request's JSON object (an empty body is ``{}``), parsed strictly and, when large,
+        on a worker thread; with ``known``, a field outside it is refused by name."""
         raw = await request.body()  # bounded by Guard
         if not raw or raw.isspace():
             data: Any = {}
@@ -537,7 +423,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
             check_fields(data, known)
         return data
 
-    async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    async def until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
         """Await ``work``, cancelling it (which aborts its requests) if the client goes away.
 
         The body is read by then, so the next ASGI message is the disconnect: one waiting task
@@ -559,10 +445,20 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
             task.cancel()
             watch.cancel()
 
-    async def control(fn: Callable[[Engine], Any]) -> Response:
-        """Run a control hook on the engine thread; engine refusals become 400 with the message."""
+    async def submit(self, specs: list[RequestSpec]) -> RequestStream:
+        """Queue requests for streaming; the engine's own refusals (a rid in use) are 400s."""
         try:
-            result = await engine.call(fn)
+            return await self.engine.submit(specs)
+        except ValueError as e:
+            raise BadRequest(None, str(e)) from None
+
+    async def control(self, fn: Callable[[Engine], Any]) -> Response:
+        """Run a control hook on the engine thread; engine refusals become 400 with the message.
+        A dict the hook returns joins the answer."""
+        from fastapi.responses import JSONResponse
+
+        try:
+            result = await self.engine.call(fn)
         except (ValueError, EngineStateError) as e:  # WeightUpdateError is a ValueError
             return JSONResponse({"success": False, "message": str(e)}, status_code=400)
         out = {"success": True, "message": "ok"}
@@ -570,7 +466,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
             out.update(result)
         return JSONResponse(out)
 
+    @staticmethod
     def sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        """Server-sent events: one ``data:`` frame per chunk, then ``[DONE]``; a failure after
+        the status went out is reported in-band."""
+        from fastapi.responses import StreamingResponse
+
         async def frames() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
@@ -582,325 +483,92 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> "FastAPI":
 
         return StreamingResponse(frames(), media_type="text/event-stream")
 
-    # ---- health and info -------------------------------------------------------------------
 
-    @app.get("/health")
-    async def health() -> Response:
-        return JSONResponse(
-            {"status": "ok"} if engine.running else {"status": "down"},
-            status_code=200 if engine.running else 503,
-        )
+def state_of(request: Request) -> ServerState:
+    """The :class:`ServerState` of the app serving ``request``."""
+    state: ServerState = request.app.state.miles
+    return state
 
-    @app.get("/health_generate")
-    async def health_generate() -> Response:
-        from miles.types import SamplingParams
 
-        spec = RequestSpec([0], SamplingParams(max_new_tokens=1, temperature=0.0), engine.new_request_id())
-        await asyncio.wait_for(engine.generate([spec]), timeout=60)
-        return JSONResponse({"status": "ok"})
+# ---- the app ------------------------------------------------------------------------------------
 
-    @app.get("/get_model_info")
-    @app.get("/model_info")
-    async def model_info() -> Response:
-        return JSONResponse(
-            {
-                "model_path": config.model_path,
-                "tokenizer_path": config.model_path,
-                "is_generation": True,
-                "served_model_name": model_name,
-                "weight_version": core.weight_version,
-                "vocab_size": core.vocab_size,
-                "context_length": core.context_length,
-            }
-        )
 
-    @app.get("/get_server_info")
-    @app.get("/server_info")
-    async def server_info() -> Response:
-        stats = await engine.stats()
-        args = {k: v for k, v in asdict(config).items() if k not in ("api_key", "admin_api_key")}
-        return JSONResponse(
-            {
-                **args,
-                "engine": "miles",
-                "version": _version(),
-                "weight_version": core.weight_version,
-                "uptime_s": time.time() - started_at,
-                "internal_states": [asdict(stats)],
-            }
-        )
+def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    """The FastAPI app over a started ``engine``: the routes of ``routes_native``,
+    ``routes_openai`` and ``routes_admin`` behind :class:`Guard`, with every error a JSON answer.
+    Closing the app (lifespan end) closes the engine."""
+    from contextlib import asynccontextmanager
 
-    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
-    async def get_weights_by_name(request: Request) -> Response:
-        """SGLang's weight read-back: the first ``truncate_size`` rows of parameter ``name`` as
-        (nested) float lists. Trainers use it to check a weight sync."""
-        data = await body(request, frozenset({"name", "truncate_size"}))
-        name = expect(data, "name", str, None, "a parameter name")
-        if not name:
-            raise BadRequest("name", "is required")
-        size = expect(data, "truncate_size", int, 100, "an integer")
-        if size < 1:
-            raise BadRequest("truncate_size", f"must be >= 1, got {size}")
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+    from starlette.exceptions import HTTPException
 
-        def read(e: Engine) -> Any:
-            if "weights" in e._released:
-                raise EngineStateError("weights are released: resume_memory_occupation(['weights']) first")
-            params = dict(e.model.named_parameters(remove_duplicate=False))
-            if name not in params:
-                raise ValueError(f"no parameter named {name!r}")
-            return params[name].detach()[:size].float().cpu().tolist()
+    from miles.engine import routes_admin, routes_native, routes_openai
 
-        try:
-            values = await engine.call(read)
-        except (ValueError, EngineStateError) as e:
-            return JSONResponse({"success": False, "message": str(e)}, status_code=400)
-        return JSONResponse(values)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()
 
-    @app.get("/get_weight_version")
-    async def get_weight_version() -> Response:
-        return JSONResponse({"weight_version": core.weight_version})
+    app = FastAPI(title="Miles engine", lifespan=lifespan)
+    app.state.miles = ServerState(engine, config)
+    app.add_middleware(Guard, config=config)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        s = await engine.stats()
-        lines = []
-        for name, kind, value, help_ in (
-            ("num_running_reqs", "gauge", s.num_running, "requests being decoded"),
-            ("num_queue_reqs", "gauge", s.num_waiting, "requests waiting for KV blocks"),
-            ("token_usage", "gauge", s.kv_usage, "fraction of KV blocks in use"),
-            ("num_free_blocks", "gauge", s.num_free_blocks, "free KV blocks"),
-            ("generation_tokens_total", "counter", engine.generated_tokens_total, "tokens generated"),
-            ("prompt_tokens_total", "counter", engine.prompt_tokens_total, "prompt tokens received"),
-            ("num_requests_total", "counter", engine.requests_total, "requests received"),
-            ("cached_tokens_total", "counter", s.total_cached_tokens, "prompt tokens served from cache"),
-            ("gen_throughput", "gauge", engine.token_throughput(), "generated tokens/s, last 10 s"),
-        ):
-            lines += [f"# HELP sglang:{name} {help_}", f"# TYPE sglang:{name} {kind}"]
-            lines.append(f'sglang:{name}{{model_name="{model_name}"}} {float(value)}')
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def bad_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, BadRequest)
+        return _error(400, str(exc), exc.field)
 
-    # ---- generation --------------------------------------------------------------------------
+    async def http_error(request: Request, exc: Exception) -> Response:  # 404, 405: same shape
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
 
-    async def submit(specs: list[RequestSpec]) -> RequestStream:
-        try:
-            return await engine.submit(specs)
-        except ValueError as e:  # the engine's own checks (e.g. a rid already in use)
-            raise BadRequest(None, str(e)) from None
+    async def overloaded(request: Request, exc: Exception) -> Response:
+        return _error(503, str(exc), headers={"Retry-After": "1"})
 
-    @app.post("/generate")
-    async def generate(request: Request) -> Response:
-        payload = await body(request)
-        if not payload.get("stream"):
-            return JSONResponse(await until_disconnect(request, run_generate(engine, payload, limits)))
-        started = time.perf_counter()
-        req = await prepare_generate(engine, payload, limits)
-        stream = await submit(req.specs)
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        return _error(503, str(exc))  # e.g. generating while memory is released
 
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            async for index, out in stream:
-                yield generate_response(out, req.specs[index], req, tokenizer, started)
+    async def gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
-        return sse(chunks())
-
-    async def openai(request: Request, chat: bool) -> Response:
-        req = await prepare_openai(await body(request), engine, chat=chat, model=model_name, limits=limits)
-        if not req.stream:
-            outs = await until_disconnect(request, engine.generate(req.specs))
-            return JSONResponse(openai_response(req, outs, tokenizer))
-        stream = await submit(req.specs)
-        return sse(openai_stream(req, stream, tokenizer))
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await openai(request, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await openai(request, chat=True)
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": int(started_at),
-            "owned_by": "miles",
-            "root": config.model_path,
-        }
-        return JSONResponse({"object": "list", "data": [card]})
-
-    # ---- control plane -----------------------------------------------------------------------
-
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache() -> Response:
-        if await engine.call(lambda e: e.flush_cache()):
-            return JSONResponse({"success": True, "message": "cache flushed"})
-        return JSONResponse(
-            {"success": False, "message": "requests are in flight; try again when idle"}, status_code=400
-        )
-
-    @app.post("/abort_request")
-    async def abort_request(request: Request) -> Response:
-        data = await body(request, frozenset({"rid", "abort_all"}))
-        rid = expect(data, "rid", str, None, "a string")
-        if not expect(data, "abort_all", bool, False, "true or false") and rid is None:
-            raise BadRequest("rid", "give rid or abort_all: true")
-        aborted = await engine.abort(None if rid is None else rid)
-        return JSONResponse({"success": True, "aborted": aborted})
-
-    @app.post("/pause_generation")
-    async def pause_generation(request: Request) -> Response:
-        mode = expect(await body(request, frozenset({"mode"})), "mode", str, "abort", "'abort' or 'in_place'")
-        if mode not in ("abort", "in_place"):  # SGLang's "retract" is not implemented
-            raise BadRequest("mode", f"must be 'abort' or 'in_place', got {mode!r}")
-        return await control(lambda e: e.pause_generation(mode))
-
-    @app.post("/continue_generation")
-    async def continue_generation(request: Request) -> Response:
-        await body(request, frozenset())
-        return await control(lambda e: e.continue_generation())
-
-    def versioned(data: dict[str, Any]) -> tuple[str | None, bool]:
-        version = data.get("weight_version")
-        if version is not None and not isinstance(version, (str, int)):
-            raise BadRequest("weight_version", f"must be a string, got {version!r}")
-        flush = expect(data, "flush_cache", bool, True, "true or false")
-        return (None if version is None else str(version)), flush
-
-    def with_version(fn: Callable[[Engine], None]) -> Callable[[Engine], dict[str, Any]]:
-        def run(e: Engine) -> dict[str, Any]:
-            fn(e)
-            return {"weight_version": e.weight_version}
-
-        return run
-
-    @app.post("/update_weights_from_disk")
-    async def update_weights_from_disk(request: Request) -> Response:
-        data = await body(
-            request,
-            frozenset({"model_path", "load_format", "weight_version", "flush_cache", "abort_all_requests"}),
-        )
-        path = expect(data, "model_path", str, None, "a path")
-        if not path:
-            raise BadRequest("model_path", "is required")
-        version, flush = versioned(data)
-        return await control(with_version(lambda e: e.update_weights_from_disk(path, version, flush)))
-
-    @app.post("/update_weights_from_tensor")
-    async def update_weights_from_tensor(request: Request) -> Response:
-        data = await body(
-            request,
-            frozenset(
-                {
-                    "serialized_named_tensors",
-                    "load_format",
-                    "flush_cache",
-                    "weight_version",
-                    "abort_all_requests",
-                }
-            ),
-        )
-        if data.get("load_format") not in (None, "direct"):
-            raise BadRequest(
-                "load_format", f"only null or 'direct' is supported, got {data['load_format']!r}"
-            )
-        try:  # shared-memory / CUDA-IPC handles only mean something to a caller on this host
-            named = await asyncio.to_thread(
-                decode_named_tensors,
-                data.get("serialized_named_tensors"),
-                allow_shared=same_host(request.scope),
-                max_bytes=config.max_weight_update_bytes,
-                max_tensors=_MAX_TENSORS,
-            )
-        except WireError as e:
-            raise BadRequest("serialized_named_tensors", str(e)) from None
-        version, flush = versioned(data)
-        return await control(with_version(lambda e: e.update_weights_from_tensors(named, version, flush)))
-
-    @app.post("/init_weights_update_group")
-    async def init_weights_update_group(request: Request) -> Response:
-        """The rendezvous runs on a worker thread, bounded by ``weight_update_group_timeout_s``:
-        generation goes on meanwhile, and an unreachable trainer costs a 400, not a frozen engine."""
-        keys = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")
-        spec = parse_update_group(await body(request, frozenset(keys)))
-        if spec.backend == "nccl" and core.model.device.type != "cuda":
-            raise BadRequest("backend", "'nccl' needs an engine on a CUDA device; use 'gloo'")
-        if await engine.call(lambda e: e.has_weights_update_group(spec.group_name)):
-            raise BadRequest("group_name", f"weights update group {spec.group_name!r} already exists")
-        timeout_s = config.weight_update_group_timeout_s
-        try:
-            group = await asyncio.to_thread(join_update_group, spec, timeout_s, core.model.device)
-        except Exception as e:  # torch's DistStoreError/DistNetworkError, a refused connection, ...
-            where = f"{spec.master_address}:{spec.master_port}"
-            message = f"cannot join weights update group {spec.group_name!r} at {where} within {timeout_s:g} s: {type(e).__name__}: {e}"
-            return JSONResponse({"success": False, "message": message}, status_code=400)
-        return await control(lambda e: e.add_weights_update_group(spec.group_name, group))
-
-    @app.post("/update_weights_from_distributed")
-    async def update_weights_from_distributed(request: Request) -> Response:
-        keys = {"names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version", "load_format"}
-        data = await body(request, frozenset(keys))
-        names, dtypes, shapes = (expect(data, k, list, None, "a list") for k in ("names", "dtypes", "shapes"))
-        group = expect(data, "group_name", str, None, "a string")
-        for key, value in (("names", names), ("dtypes", dtypes), ("shapes", shapes), ("group_name", group)):
-            if value is None:
-                raise BadRequest(key, "is required")
-        check_broadcast(names, dtypes, shapes, config.max_weight_update_bytes)
-        version, flush = versioned(data)
-        return await control(
-            with_version(
-                lambda e: e.update_weights_from_distributed(names, dtypes, shapes, group, version, flush)
-            )
-        )
-
-    @app.post("/destroy_weights_update_group")
-    async def destroy_weights_update_group(request: Request) -> Response:
-        group = expect(await body(request, frozenset({"group_name"})), "group_name", str, None, "a string")
-        if group is None:
-            raise BadRequest("group_name", "is required")
-        return await control(lambda e: e.destroy_weights_update_group(group))
-
-    def tags_of(data: dict[str, Any]) -> list[str] | None:
-        tags = expect(data, "tags", list, None, "a list of 'weights' / 'kv_cache'")
-        if tags is not None and not all(isinstance(t, str) for t in tags):
-            raise BadRequest("tags", "must be a list of strings")
-        return tags
-
-    @app.post("/release_memory_occupation")
-    async def release_memory_occupation(request: Request) -> Response:
-        tags = tags_of(await body(request, frozenset({"tags"})))
-        return await control(lambda e: e.release_memory_occupation(tags))
-
-    @app.post("/resume_memory_occupation")
-    async def resume_memory_occupation(request: Request) -> Response:
-        tags = tags_of(await body(request, frozenset({"tags"})))
-        return await control(lambda e: e.resume_memory_occupation(tags))
-
+    app.add_exception_handler(BadRequest, bad_request)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(EngineOverloaded, overloaded)
+    app.add_exception_handler(EngineStateError, unavailable)
+    app.add_exception_handler(ClientDisconnected, gone)
+    for routes in (routes_native, routes_openai, routes_admin):
+        app.include_router(routes.router)
     return app
 
 
-def _version() -> str:
+def server_version() -> str:
     import miles
 
     return str(miles.__version__)
 
 
 def serve(config: ServerConfig) -> None:
-    """Load the model, start the engine thread and serve until interrupted (then shut down)."""
+    """Load the model, start the engine thread and serve until interrupted (then shut down).
+
+    With ``config.engine.enable_deterministic_inference`` the batch-invariant kernels are
+    switched on first, for the whole process (the engine thread runs them)."""
     import uvicorn
 
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    engine = AsyncEngine(build_engine(config), max_queued_requests=config.max_queued_requests).start()
+    from miles.kernels.batch_invariant import set_batch_invariant
+
+    level = config.engine.log_level
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.engine.enable_deterministic_inference:
+        set_batch_invariant(True)
+    engine = AsyncEngine(build_engine(config)).start()
     try:
         app = create_app(engine, config)
         # What is loaded by now (torch, the model, the tokenizer) lives as long as the server: out
         # of the collector's sight, so a full collection under load walks only the requests'
-        # objects (walking everything held the GIL, and /health with it, for most of a second).
+        # objects (walking everything held the GIL, and /health with it).
         gc.collect()
         gc.freeze()
         logger.info("serving %s on http://%s:%d", config.model_path, config.host, config.port)
-        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, access_log=False)
+        uvicorn.run(app, host=config.host, port=config.port, log_level=level, access_log=False)
     finally:
         engine.close()

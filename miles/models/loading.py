@@ -251,7 +251,7 @@ def save_hf(
     directory holds the model only.
 
     ``tensors``: the full HF-named tensors to write instead of ``model.state_dict()`` (a sharded
-    model's, gathered by the caller: :func:`miles.train.weight_sync.save_trainer_hf`).
+    model's, gathered by the caller: :func:`miles.train.weight_export.save_trainer_hf`).
     """
     from safetensors.torch import save_file
 

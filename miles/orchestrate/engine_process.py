@@ -10,6 +10,7 @@ command line, which any user of the machine can read with ``ps``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from miles.config import MilesConfig
+from miles.config import SPECS, EngineConfig, MilesConfig
 from miles.engine.client import ADMIN_KEY_ENV, EngineRequestError, http_call
 
 
@@ -36,28 +37,35 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def serve_arguments(config: MilesConfig, dtype: str, max_total_tokens: int) -> list[str]:
-    """``miles serve`` flags that make a server equal to the embedded engine of ``config``."""
-    e, m = config.engine, config.model
-    assert m.hf_checkpoint is not None
-    args = ["--hf-checkpoint", m.hf_checkpoint, "--dtype", dtype]
-    args += ["--sglang-max-total-tokens", str(max_total_tokens), "--sglang-page-size", str(e.page_size or 16)]
-    args += ["--sglang-max-running-requests", str(e.max_running_requests or 256)]
-    args += ["--sglang-max-prefill-tokens", str(e.max_prefill_tokens or 4096)]
-    if e.context_length is not None:
-        args += ["--sglang-context-length", str(e.context_length)]
-    if e.disable_radix_cache:
-        args.append("--sglang-disable-radix-cache")
-    if e.random_seed is not None:
-        args += ["--sglang-random-seed", str(e.random_seed)]
-    if e.cuda_graph_max_bs is not None:
-        args += ["--sglang-cuda-graph-max-bs", str(e.cuda_graph_max_bs)]
-    if e.disable_cuda_graph:
-        args.append("--sglang-disable-cuda-graph")
-    if e.disable_overlap_schedule:
-        args.append("--sglang-disable-overlap-schedule")
-    if config.deterministic_mode or e.enable_deterministic_inference:
-        args.append("--sglang-enable-deterministic-inference")
-    return args
+    """``miles serve`` flags that make a server equal to the embedded engine of ``config``: the
+    model, ``dtype``, and ``config.engine`` with its KV capacity resolved (``max_total_tokens``,
+    computed from the memory by the caller) written back as the ``--sglang-*`` flags it was
+    parsed from (:func:`engine_flags`)."""
+    assert config.model.hf_checkpoint is not None
+    engine = dataclasses.replace(config.engine, max_total_tokens=max_total_tokens)
+    return ["--hf-checkpoint", config.model.hf_checkpoint, "--dtype", dtype, *engine_flags(engine)]
+
+
+def engine_flags(engine: EngineConfig) -> list[str]:
+    """The ``--sglang-*`` flags that give ``engine`` back when ``miles serve`` parses them: every
+    setting of an engine away from its default. The rollout client's settings
+    (``EngineConfig.client_fields``) are the trainer's, not the server's, and verbatim SGLang
+    options reach no built-in engine: neither is written."""
+    client = EngineConfig.client_fields()
+    flags: list[str] = []
+    for spec in SPECS.values():
+        if spec.section != "engine" or not spec.cli or spec.name in client:
+            continue
+        value = getattr(engine, spec.name)
+        if value == spec.default:
+            continue
+        if spec.kind == "bool":
+            flags.append(spec.flag if value else "--no-" + spec.flag[2:])
+        elif value is None or spec.kind not in ("int", "float", "str"):
+            raise ValueError(f"{spec.flag}: {value!r} cannot be written as a flag")
+        else:
+            flags += [spec.flag, repr(value) if spec.kind == "float" else str(value)]
+    return flags
 
 
 class EngineProcess:
@@ -101,7 +109,7 @@ class EngineProcess:
         if self.alive():
             raise EngineProcessError(f"the server at {self.url} is already running")
         cmd = [sys.executable, "-m", "miles", "serve", *self.serve_args]
-        cmd += ["--host", self.host, "--port", str(self.port), "--log-level", "warning"]
+        cmd += ["--host", self.host, "--port", str(self.port)]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
@@ -194,4 +202,11 @@ def _port_free(host: str, port: int) -> bool:
         return True
 
 
-__all__ = ["EngineProcess", "EngineProcessError", "free_port", "serve_arguments", "wait_healthy_url"]
+__all__ = [
+    "EngineProcess",
+    "EngineProcessError",
+    "engine_flags",
+    "free_port",
+    "serve_arguments",
+    "wait_healthy_url",
+]

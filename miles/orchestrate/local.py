@@ -1,6 +1,6 @@
 """The embedded placement: trainer and engine in one process, on one device (CPU or one GPU).
 
-With ``--advantage-estimator ppo`` the trainer also holds the critic (:mod:`miles.orchestrate.ppo`).
+With ``--advantage-estimator ppo`` the trainer also holds the critic (:mod:`miles.train.critic`).
 
 Weights go from trainer to engine in memory (HF-named buckets). With ``--offload-rollout`` the
 engine releases its memory (weights and KV cache) while the trainer works, and with
@@ -11,13 +11,15 @@ on with ``--colocate`` or ``--offload``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from miles.algo.corrections import CorrectionParams
+from miles.buffer.batching import build_train_batch
 from miles.config import MilesConfig
 from miles.engine.async_engine import AsyncEngine
 from miles.engine.client import LocalEngineClient
@@ -26,69 +28,23 @@ from miles.engine.kv_cache import available_memory_bytes, kv_bytes_per_token, kv
 from miles.kernels import batch_invariant
 from miles.models.loading import load_model, load_tokenizer
 from miles.models.spec import ModelSpec
-from miles.orchestrate.ppo import build_critic, uses_critic
-from miles.orchestrate.train_step import compute_dtype, train_on
 from miles.rollout.dataset import PromptDataset, load_eval_datasets
 from miles.rollout.manager import RolloutManager
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
-from miles.train.parallelize import apply_activation_checkpointing, parallelize
-from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.critic import build_critic
+from miles.train.parallelize import parallelize
+from miles.train.rl_step import rl_step
+from miles.train.trainer import Trainer
 from miles.train.trainer_sleep import awake
-from miles.train.weight_sync import iter_weight_buckets, save_trainer_hf
+from miles.train.weight_export import iter_weight_buckets, save_trainer_hf
 from miles.types import Group
 from miles.utils.progress import announce
 
 
-def trainer_config(config: MilesConfig) -> TrainerConfig:
-    """Map the command-line configuration onto the trainer's own (explicitly: no silent defaults)."""
-    t, a, r = config.train, config.algo, config.rollout
-    correction = "mis" if a.use_mis else "tis" if a.use_tis else "none"
-    params = CorrectionParams(
-        tis_clip=a.tis_clip,
-        tis_clip_low=a.tis_clip_low,
-        mis_low=a.mis_token_lower_bound,
-        mis_high=a.mis_token_upper_bound,
-        mis_seq_low=a.mis_seq_lower_bound if a.mis_seq_level == "geometric" else None,
-        mis_seq_high=a.mis_seq_upper_bound if a.mis_seq_level == "geometric" else None,
-        mis_veto=a.mis_veto_threshold,
-    )
-    return TrainerConfig(
-        lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters,
-        lr_decay_style=t.lr_decay_style,
-        lr_decay_steps=t.lr_decay_iters,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad,
-        micro_batch_size=t.micro_batch_size,
-        max_tokens_per_gpu=t.max_tokens_per_gpu if t.use_dynamic_batch_size else None,
-        loss_type=t.loss_type,
-        policy_loss="gspo" if a.advantage_estimator == "gspo" else "ppo",
-        reduction="token_mean" if t.calculate_per_token_loss else "seq_mean",
-        eps_clip=a.eps_clip,
-        eps_clip_high=a.eps_clip_high,
-        eps_clip_c=a.eps_clip_c,
-        use_kl_loss=a.use_kl_loss,
-        kl_loss_coef=a.kl_loss_coef,
-        kl_loss_type=a.kl_loss_type,
-        entropy_coef=a.entropy_coef,
-        correction=correction,
-        correction_params=params,
-        use_rollout_logprobs=a.use_rollout_logprobs,
-        routing_replay=config.use_rollout_routing_replay,
-        own_routing_replay=t.use_routing_replay,
-        moe_aux_loss_coef=t.moe_aux_loss_coeff,
-        moe_z_loss_coef=t.moe_z_loss_coeff,
-        temperature=r.rollout_temperature,
-        gradient_checkpointing=t.gradient_checkpointing,
-        optimizer_cpu_offload=t.optimizer_cpu_offload,
-        seed=t.seed,
-        # slime counts critic-only steps in rollouts; the trainer counts its train_step calls.
-        num_critic_only_steps=t.num_critic_only_steps * (r.num_steps_per_rollout or 1),
-    )
+def compute_dtype(config: MilesConfig, device: torch.device) -> str:
+    """The engine's (and the trainer's compute) dtype: fp32 on CPU, else ``--dtype`` (bf16 by default)."""
+    m = config.model
+    return "float32" if device.type == "cpu" else (m.dtype if m.dtype != "auto" else "bfloat16")
 
 
 def init_single_process_group(device: torch.device) -> None:
@@ -135,7 +91,7 @@ def build_trainer(config: MilesConfig, device: torch.device, *, fsdp: bool) -> T
 
     ``fsdp``: shard the policy with FSDP2 over the default process group (which must exist),
     computing in :func:`compute_dtype`; otherwise a plain module (one process)."""
-    m = config.model
+    m, t, a = config.model, config.train, config.algo
     assert m.hf_checkpoint is not None
     dtype = compute_dtype(config, device)
     announce(f"loading the policy {m.hf_checkpoint} (float32 master weights, {device.type}) ...")
@@ -144,19 +100,30 @@ def build_trainer(config: MilesConfig, device: torch.device, *, fsdp: bool) -> T
         policy = parallelize(
             policy,
             param_dtype=getattr(torch, dtype),
-            activation_checkpointing=config.train.gradient_checkpointing,
-            expert_parallel_size=config.train.expert_model_parallel_size,
+            activation_checkpointing=t.gradient_checkpointing,
+            expert_parallel_size=t.expert_model_parallel_size,
         )
-    elif config.train.gradient_checkpointing:
-        apply_activation_checkpointing(policy)
     ref = None
-    if config.algo.use_kl_loss or config.algo.kl_coef > 0:
+    if a.use_kl_loss or a.kl_coef > 0:
         announce(f"loading the reference model {m.ref_load or m.hf_checkpoint} ({dtype}) ...")
         ref = load_model(m.ref_load or m.hf_checkpoint, dtype=dtype, device=device).eval()
-    if uses_critic(config):
+    critic = None
+    if a.uses_critic:
+        assert m.critic_load is not None  # required with --advantage-estimator ppo (config validation)
         announce(f"loading the critic {m.critic_load} (float32) ...")
-    critic = build_critic(config, device) if uses_critic(config) else None
-    return Trainer(policy, trainer_config(config), device, ref_model=ref, critic=critic)
+        critic = build_critic(m.critic_load, t, a, device)
+    return Trainer(
+        policy,
+        t,
+        a,
+        device,
+        dtype=getattr(torch, dtype),
+        temperature=config.rollout.rollout_temperature,
+        steps_per_rollout=config.rollout.num_steps_per_rollout or 1,
+        use_rollout_routing_replay=config.use_rollout_routing_replay,
+        ref_model=ref,
+        critic=critic,
+    )
 
 
 @dataclass
@@ -192,7 +159,6 @@ class LocalPlacement:
         trainer = build_trainer(config, device, fsdp=fsdp)
         announce(f"loading the engine's copy of {m.hf_checkpoint} ({dtype}) ...")
         engine_model = load_model(m.hf_checkpoint, dtype=dtype, device=device)
-        context = e.context_length or engine_model.spec.max_position_embeddings
         r3 = config.use_rollout_routing_replay
         if r3 and not engine_model.spec.is_moe:
             raise ValueError("--use-rollout-routing-replay needs an MoE model; this one is dense")
@@ -203,21 +169,8 @@ class LocalPlacement:
         max_tokens = e.max_total_tokens or default_kv_tokens(
             config, engine_model.spec, engine_model.dtype, demand, device
         )
-        page = e.page_size or 16
-        engine = Engine(
-            engine_model,
-            tokenizer,
-            num_blocks=-(-max_tokens // page),
-            block_size=page,
-            max_running_requests=e.max_running_requests or 256,
-            max_num_batched_tokens=e.max_prefill_tokens or 4096,
-            context_length=context,
-            enable_prefix_caching=not e.disable_radix_cache,
-            seed=e.random_seed,
-            cuda_graph_max_bs=e.cuda_graph_max_bs,
-            disable_cuda_graph=e.disable_cuda_graph,
-            overlap_schedule=False if e.disable_overlap_schedule else None,
-        )
+        logging.getLogger("miles.engine").setLevel(e.log_level.upper())  # the engine's own log level
+        engine = Engine(engine_model, tokenizer, dataclasses.replace(e, max_total_tokens=max_tokens))
         async_engine = AsyncEngine(engine).start()
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         manager = RolloutManager(
@@ -225,7 +178,7 @@ class LocalPlacement:
             dataset,
             LocalEngineClient(async_engine),
             args=args,
-            concurrency=e.server_concurrency or 512,
+            concurrency=e.server_concurrency,
             stop_token_ids=eos,
             routed_experts_top_k=engine_model.spec.num_experts_per_tok if r3 else None,
         )
@@ -245,7 +198,7 @@ class LocalPlacement:
             self._engine_memory(release=True)
         if p.offload_train:
             self.trainer.wake_up()
-        return train_on(self.trainer, self.config, groups, step, self.device)
+        return rl_step(self.trainer, build_train_batch(groups), group_size=len(groups[0]), step=step)
 
     def save_checkpoint(self, directory: str, step: int, extra: dict[str, Any]) -> None:
         save_checkpoint(directory, self.trainer, step, extra)  # wakes a sleeping trainer
@@ -274,7 +227,8 @@ class LocalPlacement:
     def _push(self, version: int) -> float:
         start = time.perf_counter()
         dtype = self.engine.engine.model.dtype
-        buckets = list(iter_weight_buckets(self.trainer.model, dtype, 512 * 1024**2))
+        size = self.config.placement.update_weight_buffer_size
+        buckets = list(iter_weight_buckets(self.trainer.model, dtype, size))
 
         def apply(engine: Engine) -> None:
             engine.update_weights_from_tensors(buckets, weight_version=str(version))

@@ -2,19 +2,19 @@
 
     for step in range(start, num_rollout):
         groups   = rollout(step)                 # engine generates, rewards score (or SFT targets)
-        batch    = pack(groups)                  # one TrainBatch, token-aligned
-        old      = trainer.logprobs(batch)       # + mismatch metrics against the engine's log-probs
-                                                 # (one update per rollout: the training forward's own)
-        ref      = reference.logprobs(batch)     # when a KL term is used
-        values   = critic.values(batch)          # PPO only (see miles/orchestrate/ppo.py)
-        batch    = advantages(batch, estimator, values)
+        batch    = pack(groups)                  # one TrainBatch, token-aligned (miles/buffer)
+        scores   = score(trainer, batch)         # old log-probs + mismatch metrics against the
+                                                 # engine's (one update per rollout: the training
+                                                 # forward's own), reference log-probs, PPO values
+        batch    = advantages(batch, scores)     # --advantage-estimator on the global batch
         for minibatch in split(batch, num_steps_per_rollout):
-            trainer.train_step(minibatch, old, ref)   # PPO: the critic's step first
+            trainer.train_step(minibatch, scores)     # PPO: the critic's step first
         engine.update_weights(trainer.weights, version=step + 1)
         evaluate / save every N steps
 
-The trainer's part (old log-probs to optimizer steps) is ``train_step.train_on``, run by every
-trainer rank; rollout, rewards, data and metrics stay in this process in every placement.
+The trainer's part (score to optimizer steps) is :func:`miles.train.rl_step.rl_step`, run by
+every trainer rank on the packed batch; rollout, rewards, data and metrics stay in this process
+in every placement.
 
 ``miles train`` calls :func:`run_train`, which first runs :func:`preflight`: every check that
 needs no model (files, hooks, flags, the run directory), so a mistake fails in a moment with
@@ -34,6 +34,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from miles.config import MilesConfig, config_to_yaml, to_plain
+from miles.config_rules import refuse_unbuilt
 from miles.models.loading import CheckpointError, load_config, resolve_checkpoint
 from miles.orchestrate.placement import Placement
 from miles.rollout.dump import load_rollout_dump, save_rollout_dump
@@ -97,33 +98,6 @@ def sft_groups(placement: Placement, step: int) -> list[Group]:
     return groups
 
 
-def unbuilt_flags(config: MilesConfig) -> list[str]:
-    """Flags slime users pass that Miles parses but does not implement yet, when set."""
-    t, a, r, e, p, ck = (
-        config.train,
-        config.algo,
-        config.rollout,
-        config.engine,
-        config.placement,
-        config.checkpoint,
-    )
-    checks = [
-        (t.log_probs_max_tokens_per_gpu is not None, "--log-probs-max-tokens-per-gpu (log-prob passes use --max-tokens-per-gpu)"),
-        (a.disable_rewards_normalization, "--disable-rewards-normalization"),
-        (a.use_unbiased_kl, "--use-unbiased-kl"),
-        (r.rollout_max_context_len is not None, "--rollout-max-context-len (use --rollout-max-response-len)"),
-        (r.partial_rollout, "--partial-rollout"),
-        (e.chunked_prefill_size is not None, "--sglang-chunked-prefill-size (use --sglang-max-prefill-tokens)"),
-        (e.speculative_algorithm is not None, "--sglang-speculative-algorithm (speculative rollouts)"),
-        (e.router_ip is not None or e.router_port is not None, "--sglang-router-ip/--sglang-router-port "
-         "(an existing router; Miles starts its own)"),
-        (p.rollout_backend == "sglang" and not p.rollout_external_engine_addrs, "--rollout-backend sglang without "
-         "--rollout-external-engine-addrs (Miles does not launch SGLang servers; point it at running ones)"),
-        (ck.no_save_optim, "--no-save-optim"),
-    ]  # fmt: skip
-    return [flag for on, flag in checks if on]
-
-
 # What a run writes into its --run-dir (``miles plot`` adds plots/); --overwrite removes these only,
 # so a checkpoint directory the user keeps inside the run directory survives.
 RUN_FILES = ("metrics.jsonl", "config.yaml", "plots", "tensorboard", "wandb", "engines", "weight_sync")
@@ -144,9 +118,7 @@ def preflight(config: MilesConfig) -> RunPlan:
     ``--ref-load``, ``--critic-load``, replayed rollouts) and the hooks it imports (reward,
     generate function, filters). Raises :class:`ConfigError` naming the flag and the file; changes
     nothing. ``miles train`` runs it before building anything, and so does ``--dry-run``."""
-    unbuilt = unbuilt_flags(config)
-    if unbuilt:  # accepted by the parser (slime's names), not built: refuse rather than ignore
-        raise ConfigError(f"not implemented yet: {'; '.join(unbuilt)}; drop the flag(s)")
+    refuse_unbuilt(config)  # parsing refused these already, unless built with refuse_unbuilt=False
     r, m, lg = config.rollout, config.model, config.log
     resume_step = _check_load(config)
     run_dir = Path(lg.run_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}")
@@ -401,5 +373,4 @@ __all__ = [
     "run_train",
     "sft_groups",
     "start_run_dir",
-    "unbuilt_flags",
 ]

@@ -45,9 +45,8 @@ from miles.engine.client import ADMIN_KEY_ENV, EngineRequestError, HttpEngineCli
 from miles.models.loading import load_config, load_tokenizer
 from miles.orchestrate.engine_process import EngineProcess, free_port, serve_arguments, wait_healthy_url
 from miles.orchestrate.health import HealthMonitor
-from miles.orchestrate.local import default_kv_tokens, kv_demand
+from miles.orchestrate.local import compute_dtype, default_kv_tokens, kv_demand
 from miles.orchestrate.router import SglangRouter
-from miles.orchestrate.train_step import compute_dtype
 from miles.orchestrate.trainer_worker import TrainerWorker, node_ip
 from miles.orchestrate.weight_transfer import _post
 from miles.rollout.dataset import PromptDataset, load_eval_datasets
@@ -117,6 +116,19 @@ class EngineServer:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+def rollout_client(config: MilesConfig, url: str) -> HttpEngineClient:
+    """The rollout's client of the engines at ``url`` (the router, or the one engine): each answer
+    awaited up to ``--sglang-router-request-timeout-secs``; with ``--use-fault-tolerance`` it
+    retries long enough for a crashed engine to be restarted."""
+    ft = config.placement.use_fault_tolerance
+    return HttpEngineClient(
+        url,
+        timeout_s=config.engine.router_request_timeout_secs,
+        max_retries=30 if ft else 5,
+        max_backoff_s=5.0,
+    )
 
 
 def _master_address() -> tuple[str, int]:
@@ -239,9 +251,7 @@ class RayPlacement:
         ray.get([t.set_weight_transport.remote(transport, master_address=master[0], directory=directory,
                                                engines=urls) for t in trainers])  # fmt: skip
         ft = p.use_fault_tolerance
-        client = HttpEngineClient(
-            router.url if router else urls[0], max_retries=30 if ft else 5, max_backoff_s=5.0
-        )
+        client = rollout_client(config, router.url if router else urls[0])
         r3 = config.use_rollout_routing_replay
         if r3 and not spec.is_moe:
             raise ValueError("--use-rollout-routing-replay needs an MoE model; this one is dense")

@@ -3,8 +3,8 @@
 Lifecycle, driven by :class:`miles.orchestrate.ray.RayPlacement` on every rank at once:
 ``TrainerWorker(config, rank, world_size, master)`` joins the default process group (NCCL on
 GPU, gloo on CPU) and builds the FSDP2-sharded policy (plus reference model and critic) exactly
-as the embedded placement does; then, per step, ``train`` (the shared
-:func:`miles.orchestrate.train_step.train_on`), ``push_weights``, and on demand
+as the embedded placement does; then, per step, ``train`` (the groups packed into one batch, then
+the shared :func:`miles.train.rl_step.rl_step`), ``push_weights``, and on demand
 ``save_checkpoint`` / ``load_checkpoint`` / ``save_hf``, ``sleep`` / ``wake_up`` (colocated
 offload). Every method that gathers or reduces is collective: call it on all ranks together.
 """
@@ -19,14 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from miles.buffer.batching import build_train_batch
 from miles.config import MilesConfig
 from miles.kernels import batch_invariant
-from miles.orchestrate.local import build_trainer
-from miles.orchestrate.train_step import compute_dtype, train_on
+from miles.orchestrate.local import build_trainer, compute_dtype
 from miles.orchestrate.weight_transfer import DiskSender, DistributedSender, TensorSender, WeightSender
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
+from miles.train.rl_step import rl_step
 from miles.train.trainer_sleep import awake
-from miles.train.weight_sync import save_trainer_hf
+from miles.train.weight_export import iter_weight_buckets, save_trainer_hf
 from miles.types import Group
 
 
@@ -65,9 +66,8 @@ class TrainerWorker:
         return self.rank
 
     def train(self, groups: list[Group], step: int) -> dict[str, float]:
-        return train_on(
-            self.trainer, self.config, groups, step, self.device, rank=self.rank, world_size=self.world_size
-        )
+        """Every rank packs the same groups into the same global batch, then trains on its share."""
+        return rl_step(self.trainer, build_train_batch(groups), group_size=len(groups[0]), step=step)
 
     # ---- weights to the engines ---------------------------------------------------------------
 
@@ -139,8 +139,6 @@ class TrainerWorker:
     def weights(self) -> dict[str, torch.Tensor]:
         """Full, HF-named CPU copies of the policy's weights in the engine dtype (tests compare
         them with the engines'). Collective."""
-        from miles.train.weight_sync import iter_weight_buckets
-
         out: dict[str, torch.Tensor] = {}
         for bucket in iter_weight_buckets(self.trainer.model, self.dtype, 1 << 30):
             out.update((n, t.detach().cpu()) for n, t in bucket)

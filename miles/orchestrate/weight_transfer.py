@@ -1,7 +1,7 @@
 """Trainer -> engine servers: the three weight-sync transports, seen from the trainer ranks.
 
 Every trainer rank calls :meth:`WeightSender.send` at the same time: the FSDP gather inside
-:func:`miles.train.weight_sync.iter_weight_buckets` is collective. Which rank talks to which
+:func:`miles.train.weight_export.iter_weight_buckets` is collective. Which rank talks to which
 engine depends on the transport:
 
 - ``distributed`` (disaggregated): rank 0 and the engines form one broadcast group
@@ -43,9 +43,9 @@ from torch import nn
 
 from miles.engine.client import ADMIN_KEY_ENV, EngineRequestError, http_call
 from miles.engine.tensor_wire import encode_shared
-from miles.engine.weights import UpdateGroup, init_custom_process_group
+from miles.engine.weight_sources import UpdateGroup, init_custom_process_group
 from miles.orchestrate.engine_process import free_port
-from miles.train.weight_sync import iter_weight_buckets
+from miles.train.weight_export import iter_weight_buckets
 
 
 class WeightSyncError(RuntimeError):

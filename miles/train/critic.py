@@ -1,5 +1,23 @@
 """The PPO critic: a value head on a copy of the policy backbone, with its own optimizer.
 
+One rollout step with a critic (``--advantage-estimator ppo``), as slime's ``train.py``
+(:func:`miles.train.rl_step.train_rl_step` runs it)::
+
+    values = critic.compute_values(batch)       # V(s_t) from the critic before it sees this batch
+    batch  = gae(batch, values)                 # r_t: the reward on the last response token,
+                                                #      minus kl_coef * KL(old || ref) on every token
+    for minibatch in split(batch):
+        trainer.train_step(minibatch)           # value loss (--value-clip) on the critic, then the
+                                                # PPO loss on the policy -- the critic only, during
+                                                # the first --num-critic-only-steps rollout steps
+
+The trainer holds the critic (``Trainer(critic=...)``), so checkpoints (model, optimizer and LR
+schedule) and offload cover it too. The critic starts from ``--critic-load`` (a Hugging Face model,
+usually the policy's own checkpoint) with a zero-initialised value head (:func:`build_critic`).
+Its settings are the policy's (``TrainConfig``: AdamW, clipping, micro-batching, loss reduction,
+``--optimizer-cpu-offload``) but for ``--critic-lr`` and ``--critic-lr-warmup-iters``
+(:func:`~miles.train.optim.critic_lr_schedule`) and ``--value-clip``.
+
 Token alignment follows the policy's log-probs: entry ``t`` is the value of the state *before*
 token ``t`` (the hidden state of row ``t - 1``), i.e. the value of the state in which token
 ``t`` was chosen; it is 0 at each sequence's first token. The loss is
@@ -15,44 +33,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from miles.algo import loss_normalizer, value_loss
+from miles.config import AlgoConfig, TrainConfig
 from miles.models import CausalLM, VarlenContext
-from miles.train.optim import LRSchedule, build_training_optimizer
+from miles.models.loading import load_model
+from miles.train.checkpoint import TRACKER
+from miles.train.optim import build_training_optimizer, critic_lr_schedule
 from miles.train.packing import batch_to, select_sequences, select_tokens
+from miles.train.parallelize import apply_activation_checkpointing
 from miles.train.steps import aligned_bins, clipped_step, first_token_mask
 from miles.types import TrainBatch
-
-
-@dataclass(frozen=True)
-class CriticConfig:
-    """Optimizer, loss and micro-batching of the critic (slime's ``--critic-*`` flags)."""
-
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 0
-    lr_decay_style: str = "constant"
-    lr_decay_steps: int | None = None
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    value_clip: float | None = 0.2  # None disables the clip
-    reduction: str = "token_mean"
-    micro_batch_size: int = 1
-    max_tokens_per_gpu: int | None = None
-    optimizer_cpu_offload: bool = False  # AdamW state + fp32 masters in CPU memory
-
-    def lr_schedule(self) -> LRSchedule:
-        return LRSchedule(
-            self.lr, self.min_lr, self.lr_warmup_steps, self.lr_decay_style, self.lr_decay_steps
-        )
 
 
 class ValueModel(nn.Module):
@@ -84,27 +80,31 @@ class ValueModel(nn.Module):
 
 
 class Critic:
-    """Trains a :class:`ValueModel` on ``batch.returns`` with its own AdamW and LR schedule."""
+    """Trains a :class:`ValueModel` on ``batch.returns`` with its own AdamW and LR schedule
+    (module docstring: the settings it takes from ``train`` and ``algo``)."""
 
     def __init__(
         self,
         model: ValueModel,
-        config: CriticConfig,
+        train: TrainConfig,
+        algo: AlgoConfig,
         device: torch.device | str = "cpu",
         *,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        self.model, self.config, self.device = model, config, torch.device(device)
+        self.model, self.train_config, self.device = model, train, torch.device(device)
+        self.value_clip = algo.value_clip
         self.group = process_group
         self.dp_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
-        self.optimizer, self.scheduler = build_training_optimizer(model, config, self.device)
+        self.optimizer, self.scheduler = build_training_optimizer(
+            model, train, critic_lr_schedule(train), self.device
+        )
 
     def _bins(self, batch: TrainBatch) -> list[list[int]]:
-        cfg = self.config
         return aligned_bins(
             batch,
-            micro_batch_size=cfg.micro_batch_size,
-            max_tokens=cfg.max_tokens_per_gpu,
+            micro_batch_size=self.train_config.micro_batch_size,
+            max_tokens=self.train_config.micro_batch_max_tokens,
             dp_size=self.dp_size,
             group=self.group,
             device=self.device,
@@ -128,11 +128,11 @@ class Critic:
         ``critic_grad_norm``, ``critic_lr``."""
         if batch.returns is None:
             raise ValueError("the critic trains on batch.returns, which is None")
-        cfg = self.config
+        reduction = self.train_config.loss_reduction
         batch = batch_to(batch, self.device)
         old = self.compute_values(batch) if old_values is None else old_values.to(self.device, torch.float32)
         assert batch.returns is not None  # narrowed above; batch_to keeps it
-        normalizer = loss_normalizer(cfg.reduction, batch.loss_mask, batch.cu_seqlens).to(self.device)
+        normalizer = loss_normalizer(reduction, batch.loss_mask, batch.cu_seqlens).to(self.device)
         if self.dp_size > 1:
             dist.all_reduce(normalizer, group=self.group)
         self.model.train()
@@ -149,8 +149,8 @@ class Critic:
                 returns,
                 mb.loss_mask,
                 mb.cu_seqlens,
-                value_clip=cfg.value_clip,
-                reduction=cfg.reduction,
+                value_clip=self.value_clip,
+                reduction=reduction,
                 normalizer=normalizer,
             )
             (loss * (1.0 if bin_ else 0.0)).backward()
@@ -166,7 +166,7 @@ class Critic:
             self.model,
             self.optimizer,
             self.scheduler,
-            clip_grad=cfg.clip_grad,
+            clip_grad=self.train_config.clip_grad,
             loss=loss_value,
             device=self.device,
         )
@@ -176,3 +176,17 @@ class Critic:
             "critic_grad_norm": norm,
             "critic_lr": lr,
         }
+
+
+def build_critic(path: str, train: TrainConfig, algo: AlgoConfig, device: torch.device) -> Critic:
+    """A critic on the backbone of ``--critic-load`` ``path`` (a Hugging Face model; fp32 master
+    weights), with activation checkpointing under ``--gradient-checkpointing``, and its optimizer."""
+    if (Path(path) / TRACKER).is_file() or (Path(path) / "meta.json").is_file():
+        raise ValueError(
+            f"--critic-load {path} is a Miles training checkpoint; it takes a Hugging Face model (the "
+            "critic's initial weights). To resume a PPO run, pass --load: the critic is saved with the policy"
+        )
+    backbone = load_model(path, dtype="float32", device=device)
+    if train.gradient_checkpointing:
+        apply_activation_checkpointing(backbone)
+    return Critic(ValueModel(backbone), train, algo, device)

@@ -20,8 +20,9 @@ a node first). EP rank ``r`` owns experts ``[r * E/N, (r + 1) * E/N)`` of every 
   holds the contributions of the ``N`` ranks of its EP group (through the all-to-all backward)
   and the reduce-scatter over ``dp`` sums the ``W / N`` groups: dividing by ``W`` gives the
   global-batch gradient, as for dense parameters.
-- The gradient norm (:func:`clipped_step`) sums the squares of the dense DTensors (one mesh) and
-  of each rank's experts (another mesh) summed over the EP group.
+- The gradient norm (:func:`global_grad_norm`, used by :func:`miles.train.steps.clipped_step`)
+  sums the squares of the dense DTensors (one mesh) and of each rank's experts (another mesh)
+  summed over the EP group.
 
 gloo (CPU) and NCCL both implement ``all_to_all_single`` in torch >= 2.11.
 """
@@ -39,7 +40,6 @@ from torch import Tensor, nn
 from miles.models import CausalLM
 from miles.models.layers import SwiGLUMLP
 from miles.models.moe import SparseMoeBlock, combine_slots, expert_ends, grouped_expert_mlp
-from miles.train import steps
 
 _EP_ATTR = "_miles_expert_parallel"
 
@@ -192,23 +192,6 @@ def _sq_norm(grads: list[Tensor]) -> Tensor:
     norm = torch.nn.utils.get_total_norm(grads, 2.0)
     full = getattr(norm, "full_tensor", None)  # a DTensor norm -> the norm over all its shards
     return (full() if full is not None else norm).float().square()
-
-
-def clipped_step(
-    model: CausalLM,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    *,
-    clip_grad: float,
-    loss: float,
-    device: torch.device,
-) -> tuple[float, float, bool]:
-    """:func:`miles.train.steps.clipped_step` for a model with or without EP (same contract:
-    ``(grad_norm, lr used, stepped)``); under EP the norm is :func:`global_grad_norm`."""
-    norm = global_grad_norm(model) if layout(model) is not None else None
-    return steps.clipped_step(
-        model, optimizer, scheduler, clip_grad=clip_grad, loss=loss, device=device, grad_norm=norm
-    )
 
 
 def _full(t: Tensor) -> Tensor:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
+
+from miles.config import TrainConfig
 
 DECAY_STYLES = ("constant", "linear", "cosine")
 
@@ -110,38 +112,38 @@ def build_optimizer(
     return torch.optim.AdamW(params, **hyper, fused=fused or None)
 
 
-class OptimizerSettings(Protocol):
-    """What :func:`build_training_optimizer` reads (``TrainerConfig`` and ``CriticConfig`` both are)."""
+def policy_lr_schedule(train: TrainConfig) -> LRSchedule:
+    """The policy's schedule: ``--lr``, ``--min-lr``, ``--lr-warmup-iters``, ``--lr-decay-style``,
+    ``--lr-decay-iters``."""
+    return LRSchedule(
+        train.lr, train.min_lr, train.lr_warmup_iters, train.lr_decay_style, train.lr_decay_iters
+    )
 
-    @property
-    def lr(self) -> float: ...
-    @property
-    def weight_decay(self) -> float: ...
-    @property
-    def adam_beta1(self) -> float: ...
-    @property
-    def adam_beta2(self) -> float: ...
-    @property
-    def adam_eps(self) -> float: ...
-    @property
-    def optimizer_cpu_offload(self) -> bool: ...
-    def lr_schedule(self) -> LRSchedule: ...
+
+def critic_lr_schedule(train: TrainConfig) -> LRSchedule:
+    """The critic's schedule: ``--critic-lr`` (default ``--lr``; ``--min-lr`` capped at it) and
+    ``--critic-lr-warmup-iters``, then the policy's decay."""
+    lr = train.critic_lr if train.critic_lr is not None else train.lr
+    return LRSchedule(
+        lr, min(train.min_lr, lr), train.critic_lr_warmup_iters, train.lr_decay_style, train.lr_decay_iters
+    )
 
 
 def build_training_optimizer(
-    model: nn.Module, config: OptimizerSettings, device: torch.device
+    model: nn.Module, train: TrainConfig, schedule: LRSchedule, device: torch.device
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over ``model`` (no weight decay on norms and biases) and its LR schedule."""
+    """AdamW over ``model`` (no weight decay on norms and biases; ``--weight-decay``,
+    ``--adam-beta1/2``, ``--adam-eps``, ``--optimizer-cpu-offload``) following ``schedule``."""
     optimizer = build_optimizer(
-        param_groups(model, config.weight_decay),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_eps,
+        param_groups(model, train.weight_decay),
+        lr=schedule.lr,
+        weight_decay=train.weight_decay,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps,
         device=device,
-        cpu_offload=config.optimizer_cpu_offload,
+        cpu_offload=train.optimizer_cpu_offload,
     )
-    return optimizer, build_scheduler(optimizer, config.lr_schedule())
+    return optimizer, build_scheduler(optimizer, schedule)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> LambdaLR:

@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from miles.config import TrainConfig
 from miles.models import CausalLM
 from miles.models.moe import RouterStats
-
-if TYPE_CHECKING:
-    from miles.train.trainer import TrainerConfig
 
 
 class RouterLossTracker:
@@ -49,13 +46,14 @@ class RouterLossTracker:
 
     @classmethod
     def for_model(
-        cls, model: CausalLM, cfg: TrainerConfig, num_tokens: int, all_reduce: Callable[[Tensor], None]
+        cls, model: CausalLM, train: TrainConfig, num_tokens: int, all_reduce: Callable[[Tensor], None]
     ) -> RouterLossTracker | None:
-        """``None`` for a dense model. ``num_tokens``: this rank's batch; summed over ranks (the
-        global batch, a collective) only when a coefficient is > 0."""
+        """``None`` for a dense model. The coefficients are ``--moe-aux-loss-coeff`` and
+        ``--moe-z-loss-coeff``. ``num_tokens``: this rank's batch; summed over ranks (the global
+        batch, a collective) only when a coefficient is > 0."""
         if not model.spec.is_moe:
             return None
-        aux, z = cfg.moe_aux_loss_coef, cfg.moe_z_loss_coef
+        aux, z = train.moe_aux_loss_coeff, train.moe_z_loss_coeff
         total = torch.tensor(float(num_tokens), device=model.lm_head.weight.device)
         if aux > 0 or z > 0:
             all_reduce(total)

@@ -3,10 +3,10 @@
 Two records feed it (docs/moe.md):
 
 - R3, rollout routing replay: ``TrainBatch.routed_experts``, the experts the *engine* used;
-- R2, routing replay: the experts the trainer's own old-log-prob forward used, captured by that
-  forward (``capture=True``) and replayed in the training forwards of the same tokens
-  (:func:`trainer_routing_hook`). With both, R3 wins: R2 adds nothing when the old forward
-  already replayed the engine's experts.
+- R2, routing replay: the experts the trainer's own old-log-prob forward used (its *routing
+  record*), captured by that forward (``capture=True``) and replayed in the training forwards of
+  the same tokens (:func:`trainer_routing_hook`). With both, R3 wins: R2 adds nothing when the old
+  forward already replayed the engine's experts.
 
 Row ``t`` of ``routed_experts`` ``[T, num_moe_layers, top_k]`` holds the experts the engine used
 for token ``t`` (negative ids: no record, e.g. the last token of each sequence, which the engine
@@ -14,7 +14,7 @@ never fed). With ``replay`` the hook returns those ids to the MoE block, which s
 with *this* forward's router probabilities (so the router keeps its gradient); rows without a
 record keep the router's own choice (they only feed positions that carry no loss). Either way it
 counts the (token, layer) pairs whose top-k *set* differs from the record: the natural routing
-mismatch between engine and trainer, before any replacement (``train/routing_mismatch_frac``).
+mismatch between engine and trainer, before any replacement (:class:`RoutingMismatch`).
 
 One hook serves one forward of one micro-batch. Every MoE layer must be routed exactly once in
 the forward; after :meth:`ReplayHook.end_forward`, activation-checkpoint recomputation (in the
@@ -23,6 +23,7 @@ backward) may route each layer once more and gets the same ids.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -137,30 +138,55 @@ class ReplayHook:
         return torch.stack([self.mismatched, self.compared, self.router_mismatched]).float()
 
 
+@dataclass(frozen=True)
+class RoutingMismatch:
+    """The engine/trainer routing mismatch of a pass over a batch with ``routed_experts``: fractions
+    of every rank's recorded (token, MoE layer) pairs.
+
+    - ``used``: the experts the forwards *used* form another top-k set than the engine's (0 under
+      R3, by construction): metric ``train/routing_mismatch_frac``;
+    - ``router``: the router's own top-k differs, before any replay replaced it (what R3
+      overrides; equal to ``used`` without replay): metric ``train/router_mismatch_frac``.
+    """
+
+    used: float
+    router: float
+
+    @classmethod
+    def from_counts(cls, counts: Tensor) -> RoutingMismatch:
+        """From :meth:`ReplayHook.counts` summed over forwards (and ranks)."""
+        compared = max(float(counts[1]), 1.0)
+        return cls(float(counts[0]) / compared, float(counts[2]) / compared)
+
+    def metrics(self) -> dict[str, float]:
+        """The two metrics, without the ``train/`` prefix."""
+        return {"routing_mismatch_frac": self.used, "router_mismatch_frac": self.router}
+
+
 def trainer_routing_hook(
     model: CausalLM,
     mb: TrainBatch,
     *,
-    rollout_replay: bool,
-    own_record: Tensor | None = None,
+    rollout_routing_replay: bool,
+    routing_record: Tensor | None = None,
     capture: bool = False,
 ) -> ReplayHook | None:
     """The routing hook of one trainer forward of micro-batch ``mb`` (``None``: plain routing).
 
-    - ``mb.routed_experts`` (R3's engine record): replayed with ``rollout_replay``, else only
-      compared with the router's choice (``routing_mismatch_frac``); this hook comes first, so
-      its counts are the engine/trainer mismatch either way.
-    - ``own_record`` (R2): int32 ``[mb.num_tokens, num_moe_layers, top_k]``, the experts the old-
-      log-prob forward used for these tokens; replayed unless R3 already replays (R3 wins).
+    - ``mb.routed_experts`` (the engine's record): replayed with ``rollout_routing_replay`` (R3),
+      else only compared with the router's choice (:class:`RoutingMismatch`); this hook comes
+      first, so its counts are the engine/trainer mismatch either way.
+    - ``routing_record`` (R2): int32 ``[mb.num_tokens, num_moe_layers, top_k]``, the experts the
+      old-log-prob forward used for these tokens; replayed unless R3 already replays (R3 wins).
     - ``capture``: the returned hook keeps the ids the forward finally used
-      (:meth:`ReplayHook.captured`): R2's record, taken in the old-log-prob forward.
+      (:meth:`ReplayHook.captured`): R2's routing record, taken in the old-log-prob forward.
     """
-    r3 = ReplayHook.for_batch(model, mb, replay=rollout_replay)
+    r3 = ReplayHook.for_batch(model, mb, replay=rollout_routing_replay)
     r2: ReplayHook | None = None
     hook: ReplayHook | None
-    if own_record is not None and not (r3 is not None and rollout_replay):
-        check_own_record(own_record, mb.num_tokens)
-        r2 = ReplayHook(own_record.to(mb.input_ids.device), model.spec.moe_layer_indices, replay=True)
+    if routing_record is not None and not (r3 is not None and rollout_routing_replay):
+        check_routing_record(routing_record, mb.num_tokens)
+        r2 = ReplayHook(routing_record.to(mb.input_ids.device), model.spec.moe_layer_indices, replay=True)
     if r3 is not None:
         r3.then, hook = r2, r3
     else:
@@ -172,8 +198,8 @@ def trainer_routing_hook(
     return hook
 
 
-def check_own_record(record: Tensor, num_tokens: int) -> Tensor:
-    """``record`` (R2), checked to hold one row of valid ids for each of ``num_tokens`` tokens."""
+def check_routing_record(record: Tensor, num_tokens: int) -> Tensor:
+    """``record`` (R2's routing record), checked to hold one row of valid ids for each of ``num_tokens`` tokens."""
     if record.dim() != 3 or record.shape[0] != num_tokens:
         raise ValueError(
             f"the R2 routing record has shape {tuple(record.shape)} for a batch of {num_tokens} tokens: "

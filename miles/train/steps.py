@@ -4,8 +4,8 @@
 - :func:`first_token_mask`: which rows of a packed batch start a sequence;
 - :func:`aligned_bins`: micro-batch plans with the same number of micro-batches on every
   data-parallel rank (FSDP gathers parameters in each forward, so counts must agree);
-- :func:`clipped_step`: gradient norm, clipping and the optimizer/LR step, skipped on NaN/inf;
-- :func:`oom_halves`: how a micro-batch that ran out of memory is split for its retry.
+- :func:`clipped_step`: gradient norm (global under expert parallelism), clipping and the
+  optimizer/LR step, skipped on NaN/inf.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from miles.algo import logprobs_and_entropy_from_hidden
 from miles.kernels import batch_invariant
 from miles.models import CausalLM, VarlenContext
 from miles.models.moe import RouterStats
+from miles.train.expert_parallel import global_grad_norm, layout
 from miles.train.lm_head_ops import slice_ops_for
 from miles.train.packing import micro_batch_bins
 from miles.train.routing import ReplayHook
@@ -134,19 +135,22 @@ def clipped_step(
     clip_grad: float,
     loss: float,
     device: torch.device,
-    grad_norm: Tensor | None = None,
 ) -> tuple[float, float, bool]:
     """Clip gradients, then step the optimizer and the LR schedule unless ``loss`` or the gradient
     norm is NaN/inf. Gradients are zeroed either way. Returns ``(grad_norm, lr used, stepped)``.
 
-    Under FSDP2 the norm is a DTensor; ``full_tensor()`` makes it the norm over all shards.
-    ``grad_norm``: the global norm computed by the caller (expert parallelism: gradients on two
-    meshes, which ``clip_grads_with_norm_`` cannot mix); each rank then scales its local shards.
+    Under FSDP2 the norm is a DTensor; ``full_tensor()`` makes it the norm over all shards. Under
+    expert parallelism the gradients live on two meshes, which ``clip_grads_with_norm_`` cannot
+    mix: the norm is :func:`~miles.train.expert_parallel.global_grad_norm` (a collective) and each
+    rank scales its local shards.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params if p.grad is not None]
-    given = grad_norm is not None
-    if grad_norm is None:
+    expert_parallel = layout(model) is not None
+    if expert_parallel:
+        assert isinstance(model, CausalLM)  # only shard_experts sets a layout
+        grad_norm = global_grad_norm(model)
+    else:
         grad_norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.zeros((), device=device)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -154,7 +158,7 @@ def clipped_step(
     lr = float(optimizer.param_groups[0]["lr"])
     finite = math.isfinite(loss) and math.isfinite(norm)
     if finite:
-        if clip_grad > 0 and given:  # as torch.nn.utils.clip_grads_with_norm_, shard by shard
+        if clip_grad > 0 and expert_parallel:  # as torch.nn.utils.clip_grads_with_norm_, shard by shard
             coef = torch.clamp(clip_grad / (grad_norm + 1e-6), max=1.0)
             for g in grads:
                 to_local(g).mul_(coef.to(g.dtype))
@@ -164,24 +168,3 @@ def clipped_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, lr, finite
-
-
-def oom_halves(
-    bin_: list[int], num_tokens: int, retries: int, max_retries: int, fsdp: bool, err: torch.OutOfMemoryError
-) -> list[list[int]]:
-    """The two halves of micro-batch ``bin_`` (sequence indices) to retry after ``err``, or a
-    ``torch.OutOfMemoryError`` that says why it cannot be split."""
-    why = None
-    if fsdp:
-        # Every FSDP rank must run the same forwards (each gathers parameters); a split on one
-        # rank only would hang the others in their collectives.
-        why = "micro-batch splitting is disabled under FSDP; lower max_tokens_per_gpu"
-    elif len(bin_) < 2:
-        why = "a single sequence cannot be split; lower the response length or max_tokens_per_gpu"
-    elif retries >= max_retries:
-        why = f"gave up after {retries} micro-batch splits (max_oom_retries)"
-    if why is not None:
-        msg = f"out of memory in a micro-batch of {len(bin_)} sequences / {num_tokens} tokens: {why}"
-        raise torch.OutOfMemoryError(msg) from err
-    mid = len(bin_) // 2
-    return [bin_[:mid], bin_[mid:]]

@@ -6,8 +6,11 @@ gradients so that the result is the gradient of the *global-batch* loss, whateve
 and the number of ranks: each micro-batch loss is divided by the global normaliser (``loss_normalizer``
 summed over the local batch, all-reduced over ranks): the ranks' losses add up to the global one.
 
-Algorithms come from the :mod:`miles.algo` registries by name; nothing here branches on an
-algorithm beyond "SFT or policy loss" and "is a term switched on".
+It takes its settings whole: ``TrainConfig`` (optimizer, micro-batching, loss type and
+reduction, MoE) and ``AlgoConfig`` (policy loss, KL, entropy, TIS/MIS); what is not a setting
+(device, compute dtype, the rollout temperature, R3) comes as explicit arguments. Algorithms come
+from the :mod:`miles.algo` registries by name; nothing here branches on an algorithm beyond "SFT
+or policy loss" and "is a term switched on".
 """
 
 from __future__ import annotations
@@ -22,9 +25,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from miles.algo import (
-    CORRECTIONS,
-    KL_ESTIMATORS,
-    LOSS_REDUCTIONS,
     POLICY_LOSSES,
     CorrectionParams,
     apply_correction,
@@ -32,115 +32,128 @@ from miles.algo import (
     kl_loss,
     loss_normalizer,
     mismatch_metrics,
+    policy_loss_for_estimator,
     sft_loss,
 )
+from miles.config import AlgoConfig, TrainConfig
 from miles.models import CausalLM
 from miles.train import trainer_sleep
-from miles.train.expert_parallel import clipped_step
 from miles.train.offload import move_module
-from miles.train.optim import LRSchedule, build_training_optimizer
-from miles.train.packing import batch_to, select_sequences, select_tokens
+from miles.train.oom_retry import BackwardOutOfMemoryError, run_with_oom_retry
+from miles.train.optim import build_training_optimizer, policy_lr_schedule
+from miles.train.packing import batch_to, select_sequences, select_tokens, sequence_lengths
 from miles.train.parallelize import apply_activation_checkpointing, is_fsdp
 from miles.train.router_losses import RouterLossTracker
-from miles.train.routing import ReplayHook, check_own_record, empty_record, trainer_routing_hook
-from miles.train.steps import aligned_bins, oom_halves, packed_logprobs
+from miles.train.routing import (
+    ReplayHook,
+    RoutingMismatch,
+    check_routing_record,
+    empty_record,
+    trainer_routing_hook,
+)
+from miles.train.steps import aligned_bins, clipped_step, packed_logprobs
 from miles.types import TrainBatch
 
 if TYPE_CHECKING:
     from miles.train.critic import Critic
 
-LOSS_TYPES = ("policy_loss", "sft_loss")
+# Tokens per chunk of the LM head in a log-prob pass (the [chunk, vocab] logits of one chunk live at once).
+LOGPROB_CHUNK_SIZE = 1024
+# Micro-batch splits after a torch.OutOfMemoryError, per step (miles.train.oom_retry).
+MAX_OOM_RETRIES = 3
 # Correction metrics that are maxima, not token means: reduced with MAX across ranks.
 _MAX_METRICS = frozenset({"tis_weight_max", "is_ratio_max"})
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
-    """Everything the trainer needs (slime flag in brackets where one exists).
+class LogprobResult:
+    """One no-grad scoring pass of the policy over a batch (:meth:`Trainer.compute_logprobs`).
 
-    Micro-batching: ``max_tokens_per_gpu`` set -> dynamic token-budget bins
-    (``--use-dynamic-batch-size --max-tokens-per-gpu``), else ``micro_batch_size`` sequences.
-    ``use_rollout_logprobs``: without ``old_logprobs``, use the engine's log-probs as the old
-    policy (bypass mode) instead of recomputing them with a forward pass.
+    - ``logp``, ``entropy``: float32 ``[T]``, 0 at each sequence's first token;
+    - ``routing``: R2's routing record with ``--use-routing-replay`` on an MoE model, else None:
+      int32 ``[T, moe_layers, top_k]``, the experts this pass used for each token (R3's replayed
+      ones included); hand a sub-batch's rows to :meth:`Trainer.train_step` as ``old_routing``,
+      sliced like the log-probs;
+    - ``mismatch``: the engine/trainer routing mismatch over every rank when the batch carries
+      the engine's ``routed_experts``, else None.
     """
 
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 0
-    lr_decay_style: str = "constant"  # constant | linear | cosine  [--lr-decay-style]
-    lr_decay_steps: int | None = None
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 disables clipping (the norm is still reported)
-    micro_batch_size: int = 1
-    max_tokens_per_gpu: int | None = None
-    loss_type: str = "policy_loss"  # policy_loss | sft_loss  [--loss-type]
-    policy_loss: str = "ppo"  # a POLICY_LOSSES name
-    reduction: str = "token_mean"  # a LOSS_REDUCTIONS name
-    reduction_max_len: int | None = None  # Dr.GRPO constant length (seq_mean_token_sum only)
-    eps_clip: float = 0.2
-    eps_clip_high: float | None = None
-    eps_clip_c: float | None = None
-    use_kl_loss: bool = False
-    kl_loss_coef: float = 0.0
-    kl_loss_type: str = "k1"
-    entropy_coef: float = 0.0
-    correction: str = "none"  # a CORRECTIONS name (--use-tis -> tis)
-    correction_params: CorrectionParams = field(default_factory=CorrectionParams)
-    use_rollout_logprobs: bool = False
-    # Rollout routing replay (R3): forwards of a batch with routed_experts use the engine's
-    # experts [--use-rollout-routing-replay]. Without it the record only feeds the mismatch metric.
-    routing_replay: bool = False
-    # Routing replay (R2): compute_logprobs keeps the experts its forward used (old_routing) and
-    # the training forwards of those tokens replay them [--use-routing-replay]. R3 wins if both.
-    own_routing_replay: bool = False
-    moe_aux_loss_coef: float = 0.0  # MoE load balancing, see router_losses [--moe-aux-loss-coeff]
-    moe_z_loss_coef: float = 0.0  # MoE router z-loss [--moe-z-loss-coeff]
-    temperature: float = 1.0  # the rollout temperature: log-probs are scored under it
-    gradient_checkpointing: bool = False
-    optimizer_cpu_offload: bool = False  # AdamW state + fp32 masters in CPU memory [--optimizer-cpu-offload]
-    logprob_chunk_size: int = 1024
-    vocab_chunk_size: int | None = None
-    seed: int = 1234
-    max_oom_retries: int = 3  # micro-batch splits after torch.OutOfMemoryError, per step
-    num_critic_only_steps: int = 0  # PPO: train only the critic for the first N steps
+    logp: Tensor
+    entropy: Tensor
+    routing: Tensor | None = None
+    mismatch: RoutingMismatch | None = None
 
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        POLICY_LOSSES.get(self.policy_loss)  # raise UnknownNameError early, naming the choices
-        LOSS_REDUCTIONS.get(self.reduction)
-        KL_ESTIMATORS.get(self.kl_loss_type)
-        CORRECTIONS.get(self.correction)
-        if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.max_tokens_per_gpu is not None and self.max_tokens_per_gpu < 1:
-            raise ValueError(f"max_tokens_per_gpu must be >= 1, got {self.max_tokens_per_gpu}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.max_oom_retries < 0 or self.num_critic_only_steps < 0:
-            raise ValueError("max_oom_retries and num_critic_only_steps must be >= 0")
-        if self.own_routing_replay and self.use_rollout_logprobs:
-            raise ValueError(
-                "own_routing_replay (R2) needs the old-log-prob forward: no use_rollout_logprobs"
-            )
 
-    def lr_schedule(self) -> LRSchedule:
-        return LRSchedule(
-            self.lr, self.min_lr, self.lr_warmup_steps, self.lr_decay_style, self.lr_decay_steps
-        )
+def correction_params(algo: AlgoConfig) -> CorrectionParams:
+    """The TIS/MIS bounds: ``--tis-clip``, ``--tis-clip-low``, ``--mis-token-*-bound``,
+    ``--mis-veto-threshold`` and, with ``--mis-seq-level geometric``, ``--mis-seq-*-bound``."""
+    geometric = algo.mis_seq_level == "geometric"
+    return CorrectionParams(
+        tis_clip=algo.tis_clip,
+        tis_clip_low=algo.tis_clip_low,
+        mis_low=algo.mis_token_lower_bound,
+        mis_high=algo.mis_token_upper_bound,
+        mis_seq_low=algo.mis_seq_lower_bound if geometric else None,
+        mis_seq_high=algo.mis_seq_upper_bound if geometric else None,
+        mis_veto=algo.mis_veto_threshold,
+    )
+
+
+def critic_only_steps(train: TrainConfig, steps_per_rollout: int) -> int:
+    """The :meth:`Trainer.train_step` calls that train the critic only: slime counts
+    ``--num-critic-only-steps`` in rollout steps, each ``steps_per_rollout`` optimizer steps."""
+    return train.num_critic_only_steps * steps_per_rollout
+
+
+@dataclass(frozen=True)
+class _LossInputs:
+    """The per-token inputs of one step's loss, aligned with its batch and sliced along with each
+    micro-batch (``old``, ``weights``, ``pg_mask``, ``routing``, ``ref``), the correction's
+    metrics, and the routing mismatch measured by this step's own old-log-prob forward."""
+
+    tokens: dict[str, Tensor]
+    correction_metrics: dict[str, Tensor]
+    mismatch: RoutingMismatch | None
+
+
+@dataclass
+class _Sums:
+    """What the micro-batches of one step add up; :meth:`reset` when an OOM restarts the step."""
+
+    routing_counts: Tensor | None  # [3] engine/trainer routing counts of the training forwards
+    tracker: RouterLossTracker | None  # MoE router losses and expert loads
+    own_logp: Tensor | None  # on_policy: the training forwards' own log-probs [T]
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics[k] + v.float() if k in self.metrics else v.float()
+
+    def reset(self) -> None:
+        self.metrics = {}
+        if self.routing_counts is not None:
+            self.routing_counts.zero_()
+        if self.tracker is not None:
+            self.tracker.reset()
 
 
 class Trainer:
     """Trains ``model`` (plain or FSDP2-sharded by :func:`~miles.train.parallelize.parallelize`).
 
+    ``train``/``algo``: the run's settings (module docstring). Explicit facts: ``device``;
+    ``dtype``, the dtype the policy computes in (FSDP2's ``param_dtype``; the MFU's peak);
+    ``temperature``, the rollout temperature every log-prob is scored under;
+    ``steps_per_rollout``, optimizer steps per rollout step (``--num-critic-only-steps`` counts
+    rollout steps); ``use_rollout_routing_replay`` (R3): forwards of a batch with
+    ``routed_experts`` use the engine's experts (without it the record only feeds the mismatch
+    metric). Trainer-only knobs: ``logprob_chunk_size``, ``vocab_chunk_size`` (the chunked LM
+    head), ``max_oom_retries``.
+
     ``process_group``: the data-parallel group (default: the world when torch.distributed is
     initialised, else a single rank). Build it after ``parallelize``: the optimizer holds the
     (sharded) parameters. Without FSDP but with several ranks, gradients are all-reduced here.
-    The constructor seeds torch's RNG with ``config.seed`` and applies activation checkpointing
-    when ``config.gradient_checkpointing`` is set.
+    The constructor seeds torch's RNG with ``--seed`` and applies activation checkpointing with
+    ``--gradient-checkpointing``.
 
     ``ref_model``: a frozen reference policy for the KL loss (:meth:`compute_ref_logprobs`);
     ``ref_offload=True`` keeps it on CPU and moves it to ``device`` only for its forward.
@@ -150,39 +163,64 @@ class Trainer:
     def __init__(
         self,
         model: CausalLM,
-        config: TrainerConfig,
+        train: TrainConfig,
+        algo: AlgoConfig,
         device: torch.device | str = "cpu",
         *,
+        dtype: torch.dtype = torch.float32,
+        temperature: float = 1.0,
+        steps_per_rollout: int = 1,
+        use_rollout_routing_replay: bool = False,
         process_group: dist.ProcessGroup | None = None,
         ref_model: CausalLM | None = None,
         ref_offload: bool = False,
         critic: Critic | None = None,
+        logprob_chunk_size: int = LOGPROB_CHUNK_SIZE,
+        vocab_chunk_size: int | None = None,
+        max_oom_retries: int = MAX_OOM_RETRIES,
     ) -> None:
-        torch.manual_seed(config.seed)
-        self.model, self.config, self.device = model, config, torch.device(device)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if steps_per_rollout < 1 or max_oom_retries < 0:
+            raise ValueError(
+                f"steps_per_rollout must be >= 1 and max_oom_retries >= 0, got {steps_per_rollout}, {max_oom_retries}"
+            )
+        if train.use_routing_replay and algo.use_rollout_logprobs:
+            raise ValueError(
+                "--use-routing-replay (R2) replays the old-log-prob forward's experts: it cannot be "
+                "combined with --use-rollout-logprobs, which skips that forward"
+            )
+        if train.num_critic_only_steps and critic is None:
+            raise ValueError("num_critic_only_steps needs a critic")
+        torch.manual_seed(train.seed)
+        self.model, self.device, self.dtype = model, torch.device(device), dtype
+        self.train_config, self.algo_config = train, algo
+        self.temperature, self.steps_per_rollout = temperature, steps_per_rollout
+        self.use_rollout_routing_replay = use_rollout_routing_replay
+        self.logprob_chunk_size, self.vocab_chunk_size = logprob_chunk_size, vocab_chunk_size
+        self.max_oom_retries = max_oom_retries
+        self.critic_only_steps = critic_only_steps(train, steps_per_rollout)
+        self.policy_loss = POLICY_LOSSES.get(policy_loss_for_estimator(algo.advantage_estimator))
+        self.correction_params = correction_params(algo)
         self.group = process_group
         self.dp_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(process_group) if dist.is_initialized() else 0
         self.fsdp = is_fsdp(model)
-        if config.gradient_checkpointing:
+        if train.gradient_checkpointing:
             apply_activation_checkpointing(model)
-        self.optimizer, self.scheduler = build_training_optimizer(model, config, self.device)
+        self.optimizer, self.scheduler = build_training_optimizer(
+            model, train, policy_lr_schedule(train), self.device
+        )
         self.ref_model, self.ref_offload = ref_model, ref_offload
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
             if ref_offload:
                 move_module(ref_model, torch.device("cpu"))
-        if config.num_critic_only_steps and critic is None:
-            raise ValueError("num_critic_only_steps needs a critic")
         self.critic = critic
         self.step = 0  # train_step calls completed (skipped and critic-only steps included)
         self.skipped_steps = 0
         self.oom_retries = 0  # micro-batch splits after an OOM, over the trainer's life
         self.asleep = False
-        # train/routing_mismatch_frac of the last compute_logprobs on a batch with routed_experts.
-        self.routing_mismatch_frac: float | None = None
-        self.router_mismatch_frac = 0.0  # the router's own top-k against the record (set with the above)
-        # R2: int32 [T, moe_layers, top_k] experts of the last compute_logprobs' batch, or None.
-        self.old_routing: Tensor | None = None
 
     # ----------------------------------------------------------------------------------------
     # Log-probs
@@ -194,21 +232,24 @@ class Trainer:
         mb: TrainBatch,
         need_entropy_grad: bool,
         routing_counts: Tensor | None = None,
-        own_routing: Tensor | None = None,
+        routing_record: Tensor | None = None,
         capture: bool = False,
     ) -> tuple[Tensor, Tensor, ReplayHook | None]:
-        """``routing_counts`` ``[2]``: where to add the (token, layer) routing mismatch counts;
-        ``own_routing``/``capture``: R2's record to replay / to take (``trainer_routing_hook``)."""
-        cfg = self.config
+        """``routing_counts`` ``[3]``: where to add the (token, layer) routing mismatch counts;
+        ``routing_record``/``capture``: R2's record to replay / to take (``trainer_routing_hook``)."""
         hook = trainer_routing_hook(
-            model, mb, rollout_replay=cfg.routing_replay, own_record=own_routing, capture=capture
+            model,
+            mb,
+            rollout_routing_replay=self.use_rollout_routing_replay,
+            routing_record=routing_record,
+            capture=capture,
         )
         out = packed_logprobs(
             model,
             mb,
-            temperature=cfg.temperature,
-            chunk_size=cfg.logprob_chunk_size,
-            vocab_chunk_size=cfg.vocab_chunk_size,
+            temperature=self.temperature,
+            chunk_size=self.logprob_chunk_size,
+            vocab_chunk_size=self.vocab_chunk_size,
             need_entropy_grad=need_entropy_grad,
             routing=hook,
         )
@@ -216,11 +257,10 @@ class Trainer:
             routing_counts += hook.counts()
         return (*out, hook)
 
-    def _routing_frac(self, counts: Tensor) -> float:
-        """Used-experts mismatch over every rank's (token, layer) pairs; the router's own: attribute."""
+    def _routing_mismatch(self, counts: Tensor) -> RoutingMismatch:
+        """The mismatch over every rank's (token, layer) pairs (a collective)."""
         self._all_reduce(counts)
-        self.router_mismatch_frac = float(counts[2]) / max(float(counts[1]), 1.0)
-        return float(counts[0]) / max(float(counts[1]), 1.0)
+        return RoutingMismatch.from_counts(counts)
 
     @torch.no_grad()
     def _no_grad_logprobs(
@@ -246,23 +286,16 @@ class Trainer:
             model.reshard()  # type: ignore[operator]  # the root stays gathered after a forward
         return logp, entropy, used
 
-    def compute_logprobs_and_entropy(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
-        """Float32 ``(logp [T], entropy [T])`` of this rank's batch, micro-batched as in training.
-
-        With ``batch.routed_experts`` it also sets ``routing_mismatch_frac`` (else ``None``). With
-        ``own_routing_replay`` (R2) it sets ``old_routing`` (else ``None``): int32 ``[T, moe_layers,
-        top_k]``, the experts this forward used for each token (R3's replayed ones included); hand
-        the rows of a sub-batch to :meth:`train_step` as ``old_routing``, like the log-probs."""
+    def compute_logprobs(self, batch: TrainBatch) -> LogprobResult:
+        """The policy's log-probs and entropies of this rank's batch (no grad, micro-batched as in
+        training), with R2's routing record and the routing mismatch (:class:`LogprobResult`).
+        Collective when the batch has ``routed_experts`` (the mismatch is reduced over ranks)."""
         counts = torch.zeros(3, device=self.device)
-        logp, entropy, self.old_routing = self._no_grad_logprobs(
-            self.model, batch, counts, self.config.own_routing_replay
+        logp, entropy, routing = self._no_grad_logprobs(
+            self.model, batch, counts, capture=self.train_config.use_routing_replay
         )
-        self.routing_mismatch_frac = None if batch.routed_experts is None else self._routing_frac(counts)
-        return logp, entropy
-
-    def compute_logprobs(self, batch: TrainBatch) -> Tensor:
-        """Float32 log-prob ``[T]`` of each token given its prefix (0 at each sequence's first token)."""
-        return self.compute_logprobs_and_entropy(batch)[0]
+        mismatch = None if batch.routed_experts is None else self._routing_mismatch(counts)
+        return LogprobResult(logp, entropy, routing, mismatch)
 
     def compute_ref_logprobs(self, batch: TrainBatch) -> Tensor:
         """Float32 log-prob ``[T]`` under the frozen reference model (with ``ref_offload``: moved
@@ -278,14 +311,14 @@ class Trainer:
                 move_module(self.ref_model, torch.device("cpu"))
 
     # ----------------------------------------------------------------------------------------
-    # Training
+    # Gradient accumulation
     # ----------------------------------------------------------------------------------------
 
     def _bins(self, batch: TrainBatch) -> list[list[int]]:
         return aligned_bins(
             batch,
-            micro_batch_size=self.config.micro_batch_size,
-            max_tokens=self.config.max_tokens_per_gpu,
+            micro_batch_size=self.train_config.micro_batch_size,
+            max_tokens=self.train_config.micro_batch_max_tokens,
             dp_size=self.dp_size,
             group=self.group,
             device=self.device,
@@ -306,189 +339,203 @@ class Trainer:
         ranks, without the ``train/`` prefix.
 
         ``old_logprobs``/``ref_logprobs``: ``[T]`` float, aligned with ``batch.input_ids``. With
-        ``use_kl_loss``, no ``ref_logprobs`` and a ``ref_model``, the reference model scores them.
+        ``--use-kl-loss``, no ``ref_logprobs`` and a ``ref_model``, the reference model scores them.
 
         ``on_policy``: the current weights are the old policy (the first and only update on this
         batch), so each micro-batch's own log-probs, detached, are the old ones: the separate
-        old-log-prob forward is skipped (about a quarter of the step's compute) and the same
-        numbers come out. Needs ``correction == "none"`` and no ``old_logprobs``.
+        old-log-prob forward is skipped and the same numbers come out. Needs no TIS/MIS, no
+        ``--use-rollout-logprobs`` and no ``old_logprobs``.
 
-        A ``torch.OutOfMemoryError`` in a micro-batch splits it in two (by sequences) and retries,
-        at most ``config.max_oom_retries`` times per call (metric ``oom_retries``). The split
-        leaves the result unchanged: every micro-batch is normalised by the global normaliser.
+        A ``torch.OutOfMemoryError`` in a micro-batch splits it in two (by sequences) and retries
+        (:mod:`miles.train.oom_retry`), at most ``max_oom_retries`` times per call (metric
+        ``oom_retries``). The split leaves the result unchanged: every micro-batch is normalised
+        by the global normaliser.
 
-        With ``batch.routed_experts``, metric ``routing_mismatch_frac``: from the old-log-prob
-        forward when this call runs it, else from the training forwards.
+        With ``batch.routed_experts``, metrics ``routing_mismatch_frac`` and
+        ``router_mismatch_frac`` (:class:`~miles.train.routing.RoutingMismatch`): from the
+        old-log-prob forward when this call runs it, else from the training forwards.
 
-        ``old_routing`` (R2, ``own_routing_replay``): int32 ``[T, moe_layers, top_k]`` aligned with
-        ``batch`` (rows of :attr:`old_routing`), replayed in every training forward and its
-        recomputation; required with ``old_logprobs`` of an MoE model, taken from this call's own
-        old-log-prob forward otherwise.
+        ``old_routing`` (R2, ``--use-routing-replay``): int32 ``[T, moe_layers, top_k]`` aligned
+        with ``batch`` (rows of :attr:`LogprobResult.routing`), replayed in every training forward
+        and its recomputation; required with ``old_logprobs`` of an MoE model, taken from this
+        call's own old-log-prob forward otherwise.
         """
-        cfg = self.config
         batch = batch_to(batch, self.device)
-        sft = cfg.loss_type == "sft_loss"
-        tokens: dict[str, Tensor] = {}  # token tensors sliced along with the batch
-        corr_metrics: dict[str, Tensor] = {}
+        inputs = self._loss_inputs(batch, old_logprobs, ref_logprobs, on_policy, old_routing)
+        # One normaliser for every micro-batch of every rank: micro-batch losses add up to the
+        # global reduction. It counts the input mask, so MIS-rejected tokens still dilute the mean.
+        reduction = self.train_config.loss_reduction
+        normalizer = loss_normalizer(reduction, batch.loss_mask, batch.cu_seqlens).to(
+            self.device, torch.float32
+        )
+        self._all_reduce(normalizer)
+        measure = batch.routed_experts is not None and inputs.mismatch is None
+        sums = _Sums(
+            routing_counts=torch.zeros(3, device=self.device) if measure else None,
+            tracker=RouterLossTracker.for_model(
+                self.model, self.train_config, batch.num_tokens, self._all_reduce
+            ),
+            own_logp=torch.zeros(batch.num_tokens, device=self.device) if on_policy else None,
+        )
+
+        def restart() -> None:  # an OOM in a backward: part of a micro-batch's gradient may be in
+            self.model.zero_grad(set_to_none=True)
+            sums.reset()
+
+        retries = run_with_oom_retry(
+            self._bins(batch),
+            lambda bin_: self._run_micro_batch(batch, bin_, inputs, normalizer, sums),
+            restart=restart,
+            lengths=sequence_lengths(batch),
+            max_retries=self.max_oom_retries,
+            fsdp=self.fsdp,
+        )
+        self.oom_retries += retries
+        sums.metrics["oom_retries"] = torch.tensor(float(retries), device=self.device)
+        if self.dp_size > 1 and not self.fsdp:
+            self._all_reduce_grads()
+        return self._step_metrics(batch, inputs, sums)
+
+    def _loss_inputs(
+        self,
+        batch: TrainBatch,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+        on_policy: bool,
+        old_routing: Tensor | None,
+    ) -> _LossInputs:
+        """Where the old log-probs come from (the training forwards themselves with ``on_policy``;
+        the argument; the engine's with ``--use-rollout-logprobs``; else a no-grad forward run
+        here), the TIS/MIS weights and mask against the rollout's log-probs, R2's routing record
+        and the reference log-probs of the KL loss."""
+        train, algo = self.train_config, self.algo_config
+        sft = train.loss_type == "sft_loss"
         if on_policy and (
-            sft or old_logprobs is not None or cfg.correction != "none" or cfg.use_rollout_logprobs
+            sft or old_logprobs is not None or algo.correction != "none" or algo.use_rollout_logprobs
         ):
             raise ValueError(
                 "on_policy reuses the step's own log-probs as the old ones: it needs the policy loss, "
                 "correction 'none', no use_rollout_logprobs and no old_logprobs"
             )
-        own_logp = torch.zeros(batch.num_tokens, device=self.device) if on_policy else None
-        routing_frac: float | None = None  # measured by an old-log-prob forward of this call
-        token_ids = torch.arange(batch.num_tokens, device=self.device)
+        tokens: dict[str, Tensor] = {}
+        correction_metrics: dict[str, Tensor] = {}
+        mismatch: RoutingMismatch | None = None  # measured by an old-log-prob forward of this call
         if on_policy:
             tokens["weights"] = torch.ones_like(batch.loss_mask, dtype=torch.float32)
             tokens["pg_mask"] = batch.loss_mask.detach().clone()
         elif not sft:
             if old_logprobs is None:
-                if cfg.use_rollout_logprobs:
+                if algo.use_rollout_logprobs:
                     old_logprobs = batch.rollout_logprobs
                 else:
-                    old_logprobs = self.compute_logprobs(batch)
-                    routing_frac, old_routing = self.routing_mismatch_frac, self.old_routing
-            elif cfg.own_routing_replay and old_routing is None and self.model.spec.is_moe:
+                    old = self.compute_logprobs(batch)
+                    old_logprobs, old_routing, mismatch = old.logp, old.routing, old.mismatch
+            elif train.use_routing_replay and old_routing is None and self.model.spec.is_moe:
                 raise ValueError(
-                    "own_routing_replay (R2) with old_logprobs needs old_routing: the rows of "
-                    "trainer.old_routing that compute_logprobs set with those log-probs"
+                    "--use-routing-replay (R2) with old_logprobs needs old_routing: the rows of the "
+                    "routing record that compute_logprobs returned with those log-probs"
                 )
             tokens["old"] = old_logprobs.to(self.device, torch.float32)
             corr = apply_correction(
-                cfg.correction,
+                algo.correction,
                 tokens["old"],
                 batch.rollout_logprobs,
                 batch.loss_mask,
                 batch.cu_seqlens,
-                cfg.correction_params,
+                self.correction_params,
             )
-            tokens["weights"], tokens["pg_mask"], corr_metrics = corr.weights, corr.loss_mask, corr.metrics
-        if cfg.own_routing_replay and old_routing is not None:
-            tokens["routing"] = check_own_record(old_routing.to(self.device), batch.num_tokens)
-        if cfg.use_kl_loss:
+            tokens["weights"], tokens["pg_mask"], correction_metrics = (
+                corr.weights,
+                corr.loss_mask,
+                corr.metrics,
+            )
+        if train.use_routing_replay and old_routing is not None:
+            tokens["routing"] = check_routing_record(old_routing.to(self.device), batch.num_tokens)
+        if algo.use_kl_loss:
             if ref_logprobs is None and self.ref_model is not None:
                 ref_logprobs = self.compute_ref_logprobs(batch)
             if ref_logprobs is None:
                 raise ValueError("use_kl_loss needs ref_logprobs or a Trainer built with ref_model=")
             tokens["ref"] = ref_logprobs.to(self.device, torch.float32)
+        return _LossInputs(tokens, correction_metrics, mismatch)
 
-        # One normaliser for every micro-batch of every rank: micro-batch losses add up to the
-        # global reduction. It counts the input mask, so MIS-rejected tokens still dilute the mean.
-        normalizer = loss_normalizer(cfg.reduction, batch.loss_mask, batch.cu_seqlens, cfg.reduction_max_len)
-        normalizer = normalizer.to(self.device, torch.float32)
-        self._all_reduce(normalizer)
+    def _run_micro_batch(
+        self, batch: TrainBatch, bin_: list[int], inputs: _LossInputs, normalizer: Tensor, sums: _Sums
+    ) -> None:
+        """Forward and backward of the micro-batch of sequences ``bin_``; its metrics join ``sums``.
+
+        An empty ``bin_`` is a padding micro-batch: it runs sequence 0 with a zero loss mask (the
+        collectives of every FSDP rank must match) and contributes nothing. An OOM in the backward
+        is raised as :class:`~miles.train.oom_retry.BackwardOutOfMemoryError`."""
+        seqs = bin_ or [0]
+        mb = select_sequences(batch, seqs)
+        tok = {k: select_tokens(v, batch.cu_seqlens, seqs) for k, v in inputs.tokens.items()}
+        if not bin_:
+            mb = dataclasses.replace(mb, loss_mask=torch.zeros_like(mb.loss_mask))
+            tok = {k: torch.zeros_like(v) if k == "pg_mask" else v for k, v in tok.items()}
+        loss, metrics, logp = self._micro_batch_loss(
+            mb, tok, normalizer, sums.routing_counts if bin_ else None, sums.tracker, bool(bin_)
+        )
+        if sums.own_logp is not None and bin_:
+            token_ids = torch.arange(batch.num_tokens, device=self.device)
+            sums.own_logp[select_tokens(token_ids, batch.cu_seqlens, bin_)] = logp
         # FSDP2 averages gradients over ranks; our per-rank losses are already global shares.
-        grad_scale = float(self.dp_size) if self.fsdp else 1.0
-
-        plan, retries, i = self._bins(batch), 0, 0
-        sums: dict[str, Tensor] = {}
-        measure = batch.routed_experts is not None and routing_frac is None
-        routing_counts = torch.zeros(3, device=self.device) if measure else None
-        tracker = RouterLossTracker.for_model(self.model, cfg, batch.num_tokens, self._all_reduce)
-        while i < len(plan):
-            bin_ = plan[i]
-            mb = select_sequences(batch, bin_ or [0])
-            tok = {k: select_tokens(v, batch.cu_seqlens, bin_ or [0]) for k, v in tokens.items()}
-            if not bin_:  # a padding micro-batch: runs the collectives, contributes nothing
-                mb = dataclasses.replace(mb, loss_mask=torch.zeros_like(mb.loss_mask))
-                tok = {k: torch.zeros_like(v) if k == "pg_mask" else v for k, v in tok.items()}
-            halves: list[list[int]] | None = None
-            in_backward = False
-            try:
-                loss, metrics, mb_logp = self._micro_batch_loss(
-                    mb, tok, normalizer, sft, routing_counts if bin_ else None, tracker, bool(bin_)
-                )
-                if own_logp is not None and bin_:
-                    own_logp[select_tokens(token_ids, batch.cu_seqlens, bin_)] = mb_logp
-                in_backward = True
-                (loss * (grad_scale if bin_ else 0.0)).backward()
-            except torch.OutOfMemoryError as e:
-                halves = oom_halves(bin_, mb.num_tokens, retries, cfg.max_oom_retries, self.fsdp, e)
-            if halves is not None:  # outside the except block: the traceback's frames are gone
-                del mb, tok
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                plan, retries = plan[:i] + halves + plan[i + 1 :], retries + 1
-                if in_backward:
-                    # Part of this micro-batch's gradient may already be accumulated: start over.
-                    self.model.zero_grad(set_to_none=True)
-                    sums, i = {}, 0
-                    if routing_counts is not None:
-                        routing_counts.zero_()
-                    if tracker is not None:
-                        tracker.reset()
-                continue
-            metrics["loss"] = loss.detach()
-            if bin_:
-                for k, v in metrics.items():
-                    sums[k] = sums[k] + v.float() if k in sums else v.float()
-            i += 1
-        self.oom_retries += retries
-        sums["oom_retries"] = torch.tensor(float(retries), device=self.device)
-        if self.dp_size > 1 and not self.fsdp:
-            self._all_reduce_grads()
-        if own_logp is not None:  # what correction "none" reports, from the pre-update forwards
-            corr_metrics = mismatch_metrics(own_logp, batch.rollout_logprobs, batch.loss_mask)
-        out = self._reduce_metrics(sums, corr_metrics, batch)
-        if tracker is not None:
-            out.update(tracker.load_metrics(self._all_reduce))
-        if routing_counts is not None:
-            routing_frac = self._routing_frac(routing_counts)
-        if routing_frac is not None:
-            out.update(routing_mismatch_frac=routing_frac, router_mismatch_frac=self.router_mismatch_frac)
-        return out
+        scale = (float(self.dp_size) if self.fsdp else 1.0) if bin_ else 0.0
+        try:
+            (loss * scale).backward()
+        except torch.OutOfMemoryError as e:
+            raise BackwardOutOfMemoryError(str(e)) from e
+        metrics["loss"] = loss.detach()
+        if bin_:
+            sums.add(metrics)
 
     def _micro_batch_loss(
         self,
         mb: TrainBatch,
         tok: dict[str, Tensor],
         normalizer: Tensor,
-        sft: bool,
         routing_counts: Tensor | None = None,
         tracker: RouterLossTracker | None = None,
         real: bool = True,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """``(loss, metrics, log-probs detached)`` of one micro-batch."""
-        cfg = self.config
-        red, norm = cfg.reduction, normalizer
+        """``(loss, metrics, log-probs detached)`` of one micro-batch: the policy loss (or the SFT
+        loss), the KL loss, the entropy bonus and the MoE router losses."""
+        train, algo = self.train_config, self.algo_config
+        red, norm = train.loss_reduction, normalizer
         with tracker.forward(count=real) if tracker is not None else contextlib.nullcontext():
-            own = tok.get("routing")
             logp, entropy, _ = self._forward_logprobs(
-                self.model, mb, cfg.entropy_coef != 0, routing_counts, own
+                self.model, mb, algo.entropy_coef != 0, routing_counts, tok.get("routing")
             )
-        if sft:
+        if train.loss_type == "sft_loss":
             loss, metrics = sft_loss(logp, mb.loss_mask, mb.cu_seqlens, reduction=red, normalizer=norm)
         else:
-            loss, metrics = POLICY_LOSSES.get(cfg.policy_loss)(
+            loss, metrics = self.policy_loss(
                 logp,
                 tok["old"] if "old" in tok else logp.detach(),
                 mb.advantages,
                 tok["pg_mask"],
                 mb.cu_seqlens,
-                eps_clip=cfg.eps_clip,
-                eps_clip_high=cfg.eps_clip_high,
-                eps_clip_c=cfg.eps_clip_c,
+                eps_clip=algo.eps_clip,
+                eps_clip_high=algo.eps_clip_high,
+                eps_clip_c=algo.eps_clip_c,
                 weights=tok["weights"],
                 reduction=red,
                 normalizer=norm,
             )
-        if cfg.use_kl_loss:
-            coef, kind = cfg.kl_loss_coef, cfg.kl_loss_type
+        if algo.use_kl_loss:
             term, m = kl_loss(
                 logp,
                 tok["ref"],
                 mb.loss_mask,
                 mb.cu_seqlens,
-                coef=coef,
-                kind=kind,
+                coef=algo.kl_loss_coef,
+                kind=algo.kl_loss_type,
                 reduction=red,
                 normalizer=norm,
             )
             loss, metrics = loss + term, {**metrics, **m}
         # The entropy is always reported; it joins the loss only with a non-zero coefficient.
-        coef = cfg.entropy_coef
+        coef = algo.entropy_coef
         term, m = entropy_loss(
             entropy, mb.loss_mask, mb.cu_seqlens, coef=coef, reduction=red, normalizer=norm
         )
@@ -497,6 +544,22 @@ class Trainer:
         if tracker is not None:  # MoE router losses (with a coefficient > 0) and expert loads
             loss, m = tracker.finish(loss, mb.num_tokens, {**metrics, **m})
         return loss, {**metrics, **m}, logp.detach()
+
+    def _step_metrics(self, batch: TrainBatch, inputs: _LossInputs, sums: _Sums) -> dict[str, float]:
+        """The step's metrics reduced over ranks: loss terms, correction (or, ``on_policy``, the
+        mismatch of the training forwards' own log-probs), expert loads, routing mismatch."""
+        correction_metrics = inputs.correction_metrics
+        if sums.own_logp is not None:  # what correction "none" reports, from the pre-update forwards
+            correction_metrics = mismatch_metrics(sums.own_logp, batch.rollout_logprobs, batch.loss_mask)
+        out = self._reduce_metrics(sums.metrics, correction_metrics, batch)
+        if sums.tracker is not None:
+            out.update(sums.tracker.load_metrics(self._all_reduce))
+        mismatch = inputs.mismatch
+        if sums.routing_counts is not None:
+            mismatch = self._routing_mismatch(sums.routing_counts)
+        if mismatch is not None:
+            out.update(mismatch.metrics())
+        return out
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         if self.dp_size > 1:
@@ -531,6 +594,10 @@ class Trainer:
             out.update({k: float(v) for k, v in zip(max_keys, maxima.tolist())})
         return out
 
+    # ----------------------------------------------------------------------------------------
+    # Optimizer step
+    # ----------------------------------------------------------------------------------------
+
     def clip_and_step(self, loss: float) -> dict[str, float]:
         """Clip gradients, then step the optimizer and the LR schedule unless ``loss`` or the
         gradient norm is NaN/inf (then the step is skipped). Gradients are zeroed either way."""
@@ -538,7 +605,7 @@ class Trainer:
             self.model,
             self.optimizer,
             self.scheduler,
-            clip_grad=self.config.clip_grad,
+            clip_grad=self.train_config.clip_grad,
             loss=loss,
             device=self.device,
         )
@@ -558,13 +625,14 @@ class Trainer:
         """One optimizer step on this rank's share of the global batch; slime-named metrics.
 
         Metrics (``train/`` prefix): ``loss``, ``pg_loss``, ``pg_clipfrac``, ``ppo_kl`` (policy
-        loss) or ``sft_loss``, ``entropy``, ``kl_loss`` (with ``use_kl_loss``), the correction's
+        loss) or ``sft_loss``, ``entropy``, ``kl_loss`` (with ``--use-kl-loss``), the correction's
         (``train_rollout_logprob_abs_diff``, ``mismatch_kl``, ``mismatch_k3_kl``, ``tis_*``,
-        ``mis_*``), ``routing_mismatch_frac`` (batches with ``routed_experts``), ``grad_norm``, ``lr`` (the LR this step used), ``skipped_steps`` (1 when
-        a NaN/inf loss or gradient norm skipped the update) and ``oom_retries``.
+        ``mis_*``), ``routing_mismatch_frac`` and ``router_mismatch_frac`` (batches with
+        ``routed_experts``), ``grad_norm``, ``lr`` (the LR this step used), ``skipped_steps`` (1
+        when a NaN/inf loss or gradient norm skipped the update) and ``oom_retries``.
 
         With a critic, it trains first on ``batch.returns`` (``value_loss``, ``value_clipfrac``,
-        ``critic_grad_norm``, ``critic_lr``); during the first ``num_critic_only_steps`` steps
+        ``critic_grad_norm``, ``critic_lr``); during the first :attr:`critic_only_steps` calls
         the policy is not updated (``critic_only`` is 1). ``old_values`` ``[T]`` (the critic's
         values at rollout time) anchor the value clip; default: the critic's current values.
         ``on_policy``, ``old_routing`` (R2): see :meth:`accumulate_gradients`.
@@ -574,7 +642,7 @@ class Trainer:
         out: dict[str, float] = {}
         if self.critic is not None:
             out.update(self.critic.train_step(batch, old_values))
-        if self.step < self.config.num_critic_only_steps:
+        if self.step < self.critic_only_steps:
             self.step += 1
             return {f"train/{k}": v for k, v in {**out, "critic_only": 1.0}.items()}
         self.model.train()

@@ -3,7 +3,8 @@
 Miles exposes engine options as ``--sglang-<name>`` with SGLang's own names (DESIGN §3). Each
 known option has one of three statuses:
 
-- ``builtin``: the built-in engine implements it; it is a typed field of ``EngineConfig``;
+- ``builtin``: a typed field of ``EngineConfig``; the built-in engine implements it, or refuses it
+  by name when set (``EngineConfig.unimplemented``: speculative decoding, parallelism in an engine);
 - ``passthrough``: a real SGLang option the built-in engine does not implement; it is rejected
   with ``--rollout-backend miles`` and passed verbatim to the server with ``--rollout-backend sglang``;
 - ``managed``: Miles sets it itself (ports, model path, memory saver...), so the user may not.
@@ -46,6 +47,7 @@ _BUILTIN: list[tuple[str, bool]] = [
     ("max-running-requests", _V),
     ("max-total-tokens", _V),
     ("max-prefill-tokens", _V),
+    ("max-queued-requests", _V),
     ("chunked-prefill-size", _V),
     ("cuda-graph-max-bs", _V),
     ("disable-cuda-graph", _F),
@@ -108,7 +110,6 @@ _PASSTHROUGH: list[tuple[str, bool]] = [
     ("schedule-conservativeness", _V),
     ("stream-interval", _V),
     ("num-continuous-decode-steps", _V),
-    ("max-queued-requests", _V),
     ("cpu-offload-gb", _V),
     ("enable-mixed-chunk", _F),
     ("enable-hierarchical-cache", _F),

@@ -1,13 +1,12 @@
-"""Groups -> TrainBatch: token alignment, failed samples, advantages, staleness."""
+"""Groups -> TrainBatch: token alignment, failed samples (and the advantages they leave), checks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from miles.algo.advantages import AdvantageParams
-from miles.buffer.batching import BatchingError, build_train_batch, effective_rewards, with_advantages
-from miles.buffer.buffer import RolloutBuffer, group_version
+from miles.algo.advantages import AdvantageParams, with_advantages
+from miles.buffer.batching import BatchingError, build_train_batch, effective_rewards
 from miles.types import Group, Sample, SampleStatus
 
 
@@ -78,15 +77,3 @@ def test_uneven_groups_and_inconsistent_samples_are_rejected():
         build_train_batch([Group(0, (bad,))])
     with pytest.raises(BatchingError, match="sample 4 has no prompt_ids"):
         build_train_batch([Group(0, (_sample(4, [], [2], 1.0),))])
-
-
-def test_buffer_drops_stale_groups():
-    buf = RolloutBuffer(max_staleness=1)
-    groups = [Group(i, (_sample(i, [1], [2], 1.0, version=str(v)),)) for i, v in enumerate([0, 1, 2, 2])]
-    assert group_version(groups[1]) == 1
-    buf.add(groups)
-    out = buf.pop(2, current_version=2)
-    assert [g.index for g in out] == [1, 2] and buf.dropped_stale == 1 and len(buf) == 1
-    assert buf.state_dict() == {"dropped_stale": 1}
-    with pytest.raises(ValueError, match="max_staleness must be >= 0"):
-        RolloutBuffer(max_staleness=-1)

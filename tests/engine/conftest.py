@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -11,9 +12,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+
+
+def make_engine(model: Any, tokenizer: Any = None, **kw: Any) -> Any:
+    """An ``Engine`` from keyword arguments: ``EngineConfig`` fields (SGLang's names: ``page_size``,
+    ``random_seed``, ...) make its config, the rest (``num_blocks``, ``eos_token_ids``, ...) go to
+    the engine as they are."""
+    from miles.config import EngineConfig
+    from miles.engine.engine import Engine
+
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    config = EngineConfig(**{k: v for k, v in kw.items() if k in names})
+    return Engine(model, tokenizer, config, **{k: v for k, v in kw.items() if k not in names})
 
 
 def free_port() -> int:
@@ -144,10 +158,12 @@ class ThreadServer:
 @pytest.fixture(scope="session")
 def local_engine(tiny_model_dir: str) -> Iterator[object]:
     """An in-process ``AsyncEngine`` over the tiny model, sized like the served ones."""
+    from miles.config import EngineConfig
     from miles.engine.async_engine import AsyncEngine
     from miles.engine.server import ServerConfig, build_engine
 
-    config = ServerConfig(model_path=tiny_model_dir, max_total_tokens=4096, page_size=8, random_seed=0)
+    engine_config = EngineConfig(max_total_tokens=4096, page_size=8, random_seed=0)
+    config = ServerConfig(model_path=tiny_model_dir, engine=engine_config)
     engine = AsyncEngine(build_engine(config)).start()
     yield engine
     engine.close()

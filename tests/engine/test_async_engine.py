@@ -9,9 +9,9 @@ import threading
 import pytest
 
 from miles.engine.async_engine import AsyncEngine, EngineOverloaded, RequestSpec
-from miles.engine.engine import Engine
 from miles.models.loading import load_model
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 from tests.engine.test_engine import CharTokenizer
 from tests.models.conftest import save_case
 
@@ -39,7 +39,7 @@ def test_generate_calls_of_one_loop_pass_are_one_command_and_one_prefill(llama):
     prefill_batches: list[int] = []
 
     async def main() -> None:
-        core = Engine(llama, CharTokenizer(), num_blocks=128, block_size=4, max_running_requests=n)
+        core = make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4, max_running_requests=n)
         run = core.runner.run
 
         def recording_run(batch, pending=None):
@@ -82,7 +82,7 @@ def test_rollout_payloads_through_the_local_client_are_one_admission(llama):
     prefill_batches: list[int] = []
 
     async def main() -> None:
-        core = Engine(llama, CharTokenizer(), num_blocks=128, block_size=4, max_running_requests=n)
+        core = make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4, max_running_requests=n)
         run = core.runner.run
 
         def recording_run(batch, pending=None):
@@ -114,7 +114,7 @@ def test_rollout_payloads_through_the_local_client_are_one_admission(llama):
 
 def test_submissions_in_separate_passes_still_all_complete(llama):
     async def main() -> None:
-        engine = AsyncEngine(Engine(llama, CharTokenizer(), num_blocks=128, block_size=4)).start()
+        engine = AsyncEngine(make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4)).start()
         try:
             params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
             results = []
@@ -130,7 +130,7 @@ def test_submissions_in_separate_passes_still_all_complete(llama):
 
 def test_a_submission_flushed_after_close_fails_instead_of_hanging(llama):
     async def main() -> None:
-        engine = AsyncEngine(Engine(llama, CharTokenizer(), num_blocks=128, block_size=4)).start()
+        engine = AsyncEngine(make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4)).start()
         params = SamplingParams(temperature=0.0, max_new_tokens=3)
         task = asyncio.ensure_future(engine.generate([RequestSpec([1, 2], params, "late")]))
         await asyncio.sleep(0)  # the task has queued its submission; the flush is scheduled
@@ -143,7 +143,7 @@ def test_a_submission_flushed_after_close_fails_instead_of_hanging(llama):
 
 def test_a_rejected_submission_does_not_take_its_batchmates_down(llama):
     async def main() -> None:
-        engine = AsyncEngine(Engine(llama, CharTokenizer(), num_blocks=128, block_size=4)).start()
+        engine = AsyncEngine(make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4)).start()
         try:
             params = SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)
             good = asyncio.ensure_future(engine.generate([RequestSpec([1, 2], params, "good")]))
@@ -170,8 +170,10 @@ def test_a_full_engine_refuses_more_and_every_end_frees_a_slot(llama):
         raise AssertionError(f"{engine.num_unfinished} requests still counted as unfinished")
 
     async def main() -> None:
-        core = Engine(llama, CharTokenizer(), num_blocks=128, block_size=4, max_running_requests=2)
-        engine = AsyncEngine(core, max_queued_requests=1).start()  # 3 unfinished at most
+        core = make_engine(
+            llama, CharTokenizer(), num_blocks=128, page_size=4, max_running_requests=2, max_queued_requests=1
+        )
+        engine = AsyncEngine(core).start()  # 3 unfinished at most
         try:
             _, release = _hold(engine)
             params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)

@@ -20,6 +20,7 @@ from miles.kernels.paged_attention import (
 from miles.models.layers import pack_projections
 from miles.models.loading import load_model
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 from tests.models.conftest import save_case
 
 
@@ -51,7 +52,7 @@ def test_padded_static_step_equals_the_eager_step(llama_dir, n):
     """The computation a graph captures, run eagerly on CPU: padding rows touch only the
     scratch block, and the real rows' logits and K/V equal the eager engine step's."""
     model = load_model(llama_dir)
-    engine = Engine(model, num_blocks=64, block_size=4)
+    engine = make_engine(model, num_blocks=64, page_size=4)
     reqs = _decode_ready_requests(engine, [3, 9, 14, 6, 11][:n])
     batch = [ScheduledRequest(r, 1) for r in reqs]
     cache = engine.kv_cache
@@ -86,7 +87,7 @@ def test_padding_only_step_touches_only_the_scratch_block(llama_dir):
     """What capture_all runs at start-up: every row is padding, and the cache outside the
     scratch block is left as it was."""
     model = load_model(llama_dir)
-    engine = Engine(model, num_blocks=16, block_size=4)
+    engine = make_engine(model, num_blocks=16, page_size=4)
     _decode_ready_requests(engine, [5, 9])
     cache = engine.kv_cache
     before = [t.clone() for t in cache.k + cache.v]
@@ -102,7 +103,7 @@ def test_padding_only_step_touches_only_the_scratch_block(llama_dir):
 
 def test_scratch_block_must_be_in_the_cache(llama_dir):
     model = load_model(llama_dir)
-    engine = Engine(model, num_blocks=8, block_size=4)
+    engine = make_engine(model, num_blocks=8, page_size=4)
     with pytest.raises(ValueError, match="scratch block 8"):
         DecodeGraphs(model, engine.kv_cache, max_bs=4, max_blocks=4, scratch_block=8)
     graphs = DecodeGraphs(model, engine.kv_cache, max_bs=4, max_blocks=4, scratch_block=7)
@@ -114,7 +115,7 @@ def test_fingerprint_sees_a_moved_model_or_cache(llama_dir):
     """The replay guard: moving the model (every parameter reallocated) or the cache changes the
     fingerprint; an in-place weight update does not."""
     model = load_model(llama_dir)
-    engine = Engine(model, num_blocks=8, block_size=4)
+    engine = make_engine(model, num_blocks=8, page_size=4)
     graphs = DecodeGraphs(model, engine.kv_cache, max_bs=4, max_blocks=4, scratch_block=7)
     first = graphs._fingerprint()
     with torch.no_grad():
@@ -133,7 +134,7 @@ def test_fingerprint_sees_a_moved_model_or_cache(llama_dir):
 
 
 def test_cpu_engine_has_no_graphs(llama_dir):
-    engine = Engine(load_model(llama_dir), num_blocks=8, block_size=4)
+    engine = make_engine(load_model(llama_dir), num_blocks=8, page_size=4)
     assert engine.graphs is None and engine.kv_cache.num_blocks == 8
 
 
@@ -208,8 +209,8 @@ def test_graph_engine_matches_the_eager_engine_and_survives_release(llama_dir):
     model = load_model(llama_dir, device="cuda")
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 128, (int(n),), generator=gen).tolist() for n in torch.randint(2, 40, (11,))]
-    graphed = Engine(model, num_blocks=256, block_size=16, cuda_graph_max_bs=16)
-    eager = Engine(model, num_blocks=256, block_size=16, disable_cuda_graph=True)
+    graphed = make_engine(model, num_blocks=256, page_size=16, cuda_graph_max_bs=16)
+    eager = make_engine(model, num_blocks=256, page_size=16, disable_cuda_graph=True)
     assert graphed.graphs is not None and eager.graphs is None
     a, b = _generate(graphed, prompts), _generate(eager, prompts)
     assert graphed.graphs.captured, "no decode step replayed a graph"
@@ -230,13 +231,13 @@ def test_graph_engine_matches_the_eager_engine_and_survives_release(llama_dir):
 @cuda
 def test_graph_replay_sees_in_place_weight_updates(llama_dir):
     model = load_model(llama_dir, device="cuda")
-    engine = Engine(model, num_blocks=256, block_size=16, cuda_graph_max_bs=8)
+    engine = make_engine(model, num_blocks=256, page_size=16, cuda_graph_max_bs=8)
     prompts = [[1, 2, 3, 4], [5, 6, 7]]
     before = _generate(engine, prompts)
     new = {n: p.detach() * 1.5 for n, p in model.named_parameters() if "mlp" in n}
     engine.update_weights_from_tensors(list(new.items()))
     after = _generate(engine, prompts)
-    fresh = Engine(model, num_blocks=256, block_size=16, disable_cuda_graph=True)
+    fresh = make_engine(model, num_blocks=256, page_size=16, disable_cuda_graph=True)
     expect = _generate(fresh, prompts)
     assert [o.output_ids for o in after] == [o.output_ids for o in expect]
     assert [o.output_ids for o in after] != [o.output_ids for o in before]
@@ -249,7 +250,7 @@ def test_graph_replay_equals_its_eager_computation(llama_dir):
     other GEMM algorithms under capture, so within fp32 rounding, not bit for bit). This test
     caught the start-up capture running with autograd on (other kernels than every step's)."""
     model = load_model(llama_dir, device="cuda")
-    engine = Engine(model, num_blocks=256, block_size=16, cuda_graph_max_bs=8)
+    engine = make_engine(model, num_blocks=256, page_size=16, cuda_graph_max_bs=8)
     assert engine.graphs is not None
     reqs = _decode_ready_requests(engine, [5, 17, 30])
     args = (

@@ -14,6 +14,7 @@ from miles.engine.engine import Engine, EngineStateError
 from miles.models.generation import generate_ids
 from miles.models.loading import load_model
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 from tests.models.conftest import CASES, make_hf_model
 from tests.tolerance import logprob_tol
 
@@ -54,8 +55,8 @@ def _prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
 
 def _engine(model, **kw) -> Engine:
     kw.setdefault("num_blocks", 128)
-    kw.setdefault("block_size", 4)
-    return Engine(model, **kw)
+    kw.setdefault("page_size", 4)
+    return make_engine(model, **kw)
 
 
 def _ids(outs) -> list[list[int]]:
@@ -111,7 +112,7 @@ def test_group_samples_share_their_prompt(llama):
 
 
 def test_prefix_caching_can_be_disabled(llama):
-    outs = _engine(llama, enable_prefix_caching=False).generate([_prompts(13)[0]] * 3, GREEDY)
+    outs = _engine(llama, disable_radix_cache=True).generate([_prompts(13)[0]] * 3, GREEDY)
     assert [o.cached_tokens for o in outs] == [0, 0, 0]
 
 
@@ -134,10 +135,10 @@ def test_flush_cache_only_when_idle(llama):
 def test_seeded_sampling_is_batch_invariant(llama):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=12, sampling_seed=1234)
     target = _prompts(7, seed=3)[0]
-    alone = _engine(llama, seed=0).generate([target], params)[0]
+    alone = _engine(llama, random_seed=0).generate([target], params)[0]
     others = _prompts(3, 20, 9, 14, 5, seed=4)
     unseeded = SamplingParams(temperature=1.0, max_new_tokens=15)
-    mixed = _engine(llama, seed=1, max_num_batched_tokens=8).generate(
+    mixed = _engine(llama, random_seed=1, max_prefill_tokens=8).generate(
         [*others[:2], target, *others[2:]], [unseeded, unseeded, params, unseeded, unseeded, unseeded]
     )[2]
     assert mixed.output_ids == alone.output_ids
@@ -193,7 +194,7 @@ def test_logprobs_are_those_of_the_sampled_distribution(llama, params):
 
 def test_prompt_logprobs_and_top_logprobs(llama):
     prompt = _prompts(11)[0]
-    engine = _engine(llama, max_num_batched_tokens=4)
+    engine = _engine(llama, max_prefill_tokens=4)
     engine.generate([prompt], GREEDY)  # warm the prefix cache: prompt logprobs must ignore it
     rid = engine.add_request(prompt, GREEDY, return_prompt_logprobs=True, top_logprobs_num=3)
     while engine.has_unfinished():
@@ -223,7 +224,7 @@ def test_preemption_keeps_greedy_outputs(llama):
 
 def test_chunked_prefill_keeps_outputs(llama):
     prompts = _prompts(23, 5, 17)
-    engine = _engine(llama, max_num_batched_tokens=5)
+    engine = _engine(llama, max_prefill_tokens=5)
     assert _ids(engine.generate(prompts, GREEDY)) == generate_ids(llama, prompts, 10)
 
 
@@ -343,7 +344,7 @@ def test_tiny_temperature_generates_what_greedy_does(llama, temperature, seed, c
     prompts = _prompts(5, 12, seed=9)
     base = dict(max_new_tokens=8, ignore_eos=True, **cut)
     greedy = _engine(llama).generate(prompts, SamplingParams(temperature=0, **base))
-    engine = _engine(llama, seed=3)
+    engine = _engine(llama, random_seed=3)
     tiny = SamplingParams(temperature=temperature, sampling_seed=seed, **base)
     # Mixed with an ordinary sampled request, as in a server's batch.
     outs = engine.generate([*prompts, prompts[0]], [tiny, tiny, SamplingParams(temperature=1.0, **base)])
@@ -438,7 +439,7 @@ def test_generating_while_memory_is_released_is_refused_at_admission(llama):
 def test_engine_on_cuda(models):
     model = copy.deepcopy(models["qwen3"][1]).to("cuda")
     prompts = _prompts(5, 17, 1, 30)
-    engine = _engine(model, num_blocks=12, max_num_batched_tokens=16)  # preempts and chunks
+    engine = _engine(model, num_blocks=12, max_prefill_tokens=16)  # preempts and chunks
     assert _ids(engine.generate(prompts, GREEDY)) == generate_ids(model, prompts, 10)
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=30, max_new_tokens=8, sampling_seed=5)
     alone = _engine(model).generate([prompts[1]], params)[0]

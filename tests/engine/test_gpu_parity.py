@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from miles.engine.engine import Engine
 from miles.models.loading import load_model
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 from tests.models.conftest import CASES, make_hf_model
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +20,7 @@ def test_cuda_greedy_equals_transformers_and_release_round_trips(name, tmp_path)
     prefix, kwargs = CASES[name]
     hf = make_hf_model(prefix, kwargs).cuda()
     hf.save_pretrained(tmp_path)
-    engine = Engine(load_model(tmp_path, device="cuda"), None, num_blocks=64, block_size=16)
+    engine = make_engine(load_model(tmp_path, device="cuda"), None, num_blocks=64, page_size=16)
     prompts = [[1, 5, 9, 3, 7], [7, 2], list(range(1, 30))]
     params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
     outs = engine.generate(prompts, params)

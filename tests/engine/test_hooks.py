@@ -11,9 +11,11 @@ import torch
 import torch.multiprocessing as mp
 
 from miles.engine.engine import Engine, EngineStateError
-from miles.engine.weights import WeightUpdateError, init_custom_process_group
+from miles.engine.weight_load import WeightUpdateError
+from miles.engine.weight_sources import init_custom_process_group
 from miles.models.loading import load_model, save_hf
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 from tests.models.conftest import save_case
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
@@ -25,7 +27,7 @@ def _prompts() -> list[list[int]]:
 
 
 def _engine(path, **kw) -> Engine:
-    return Engine(load_model(path), num_blocks=64, block_size=4, **kw)
+    return make_engine(load_model(path), num_blocks=64, page_size=4, **kw)
 
 
 def _ids(engine: Engine, params: SamplingParams = GREEDY) -> list[list[int]]:
@@ -239,13 +241,13 @@ def test_release_refused_while_busy_and_bad_tags(ckpts):
 def test_text_trims_the_matched_stop_token_and_honours_skip_special_tokens(arith_world):
     """Regression: the matched stop token ('<eos>') stayed in `text`, so exact-match rewards
     scored every correct answer 0."""
-    from miles.engine.engine import Engine as _Engine
     from miles.models.loading import load_model as _load
     from miles.models.loading import load_tokenizer as _tok
     from miles.types import SamplingParams as _SP
+    from tests.engine.conftest import make_engine
 
     tok = _tok(arith_world / "model")
-    engine = _Engine(_load(arith_world / "model"), tok, num_blocks=64, block_size=8)
+    engine = make_engine(_load(arith_world / "model"), tok, num_blocks=64, page_size=8)
     prompt = tok.encode("<|user|>1+2=?<|assistant|>", add_special_tokens=False)
     first = engine.generate([prompt], _SP(max_new_tokens=1, temperature=0))[0].output_ids[0]
     stop = _SP(max_new_tokens=4, temperature=0, stop_token_ids=(first,), skip_special_tokens=False)

@@ -23,7 +23,7 @@ def test_lazy_export():
 
 
 def test_tiny_generate_ids_and_meta(tiny):
-    llm = LLM(str(tiny), skip_tokenizer_init=True, block_size=4, seed=0)
+    llm = LLM(str(tiny), skip_tokenizer_init=True, page_size=4, random_seed=0)
     assert llm.engine.allocator.num_blocks == 256 * 256 // 4  # capped by the running requests
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (3, 11, 7)]
@@ -46,7 +46,7 @@ def test_tiny_generate_ids_and_meta(tiny):
 
 
 def test_smollm2_greedy_equals_generate_ids(smollm2):
-    llm = LLM(smollm2, num_blocks=64)
+    llm = LLM(smollm2, max_total_tokens=64 * 16)
     tok = llm.tokenizer
     prompts = ["The capital of France is", "def fibonacci(n):"]
     chat = [{"role": "user", "content": "Say hello."}]

@@ -16,7 +16,7 @@ from tests.models.conftest import save_case
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = save_case("llama", tmp_path_factory.mktemp("llm_bad_input"))
-    return LLM(str(path), skip_tokenizer_init=True, num_blocks=64, block_size=4, seed=0)
+    return LLM(str(path), skip_tokenizer_init=True, max_total_tokens=64 * 4, page_size=4, random_seed=0)
 
 
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6]]

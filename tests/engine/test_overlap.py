@@ -12,6 +12,7 @@ from miles.engine.model_runner import ModelRunner
 from miles.kernels.batch_invariant import batch_invariant
 from miles.models.loading import load_model
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 from tests.engine.test_engine import CharTokenizer, _prompts
 from tests.models.conftest import save_case
 
@@ -39,8 +40,8 @@ def _params(n: int) -> list[SamplingParams]:
 
 
 def _engine(model, overlap: bool, **kw) -> Engine:
-    kw = {"num_blocks": 64, "block_size": 4, "eos_token_ids": [93, 47], **kw}
-    return Engine(model, CharTokenizer(), overlap_schedule=overlap, seed=0, **kw)
+    kw = {"num_blocks": 64, "page_size": 4, "eos_token_ids": [93, 47], **kw}
+    return make_engine(model, CharTokenizer(), overlap_schedule=overlap, random_seed=0, **kw)
 
 
 def _same(a, b, same_ids: bool = True) -> None:
@@ -169,13 +170,13 @@ def test_overlap_refuses_moe(tmp_path):
     save_case("qwen3_moe", tmp_path)
     moe = load_model(tmp_path)
     with pytest.raises(ValueError, match="overlap_schedule needs a dense model"):
-        Engine(moe, num_blocks=16, overlap_schedule=True)
-    assert not Engine(moe, num_blocks=16).overlap  # the default leaves it off
+        make_engine(moe, num_blocks=16, overlap_schedule=True)
+    assert not make_engine(moe, num_blocks=16).overlap  # the default leaves it off
 
 
 def test_overlap_is_off_by_default_on_the_cpu(llama):
-    assert not Engine(llama, num_blocks=16).overlap
-    assert Engine(llama, num_blocks=16, overlap_schedule=True).overlap
+    assert not make_engine(llama, num_blocks=16).overlap
+    assert make_engine(llama, num_blocks=16, overlap_schedule=True).overlap
 
 
 @pytest.mark.gpu
@@ -189,9 +190,9 @@ def test_overlap_on_cuda_with_graphs_matches_the_serial_schedule(tmp_path, max_r
     model = load_model(tmp_path, device="cuda")
     prompts = _prompts(*(3 + (7 * i) % 30 for i in range(12)), seed=5)
     params = _params(len(prompts))
-    kw = {"num_blocks": 256, "block_size": 16, "eos_token_ids": [93, 47], "max_running_requests": max_running}
-    overlapped = Engine(model, CharTokenizer(), seed=0, **kw)
-    serial = Engine(model, CharTokenizer(), seed=0, overlap_schedule=False, **kw)
+    kw = {"num_blocks": 256, "page_size": 16, "eos_token_ids": [93, 47], "max_running_requests": max_running}
+    overlapped = make_engine(model, CharTokenizer(), random_seed=0, **kw)
+    serial = make_engine(model, CharTokenizer(), random_seed=0, overlap_schedule=False, **kw)
     assert overlapped.overlap and overlapped.graphs is not None
     spy = overlapped.runner = _Spy(overlapped.runner)
     a, b = overlapped.generate(prompts, params), serial.generate(prompts, params)

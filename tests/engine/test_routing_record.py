@@ -16,7 +16,7 @@ from miles.engine.engine import Engine
 from miles.engine.server import ServerConfig, create_app
 from miles.models.loading import load_model
 from miles.types import SamplingParams
-from tests.engine.conftest import ThreadServer
+from tests.engine.conftest import ThreadServer, make_engine
 from tests.models.conftest import save_case
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
@@ -91,14 +91,14 @@ def _check(model, prompts, outs) -> None:
 
 def test_fresh_and_chunked_prefill(moe):
     prompts = _prompts(5, 13, 9)
-    _check(moe, prompts, _run(Engine(moe, num_blocks=64, block_size=4), prompts))
+    _check(moe, prompts, _run(make_engine(moe, num_blocks=64, page_size=4), prompts))
     # prompts split over several steps, mixed with other requests' decode
-    chunked = Engine(moe, num_blocks=64, block_size=4, max_num_batched_tokens=5)
+    chunked = make_engine(moe, num_blocks=64, page_size=4, max_prefill_tokens=5)
     _check(moe, prompts, _run(chunked, prompts))
 
 
 def test_prefix_cache_hit_returns_the_cached_prefix_routing(moe):
-    engine = Engine(moe, num_blocks=64, block_size=4)
+    engine = make_engine(moe, num_blocks=64, page_size=4)
     (base,) = _prompts(14)
     _run(engine, [base], routed=False)  # fills the cache; its forwards record the slots anyway
     prompts = [base, [*base[:10], 1, 2, 3]]
@@ -108,7 +108,7 @@ def test_prefix_cache_hit_returns_the_cached_prefix_routing(moe):
 
 
 def test_preemption_recomputes_the_record(moe):
-    engine = Engine(moe, num_blocks=12, block_size=4, max_num_batched_tokens=16)
+    engine = make_engine(moe, num_blocks=12, page_size=4, max_prefill_tokens=16)
     prompts = _prompts(9, 10, 11, 7, seed=3)
     params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True)
     outs = _run(engine, prompts, params)
@@ -117,7 +117,7 @@ def test_preemption_recomputes_the_record(moe):
 
 
 def test_no_record_unless_asked_and_prompt_only(moe):
-    engine = Engine(moe, num_blocks=64, block_size=4)
+    engine = make_engine(moe, num_blocks=64, page_size=4)
     (p,) = _prompts(6)
     assert _run(engine, [p], routed=False)[0].routed_experts is None
     # max_new_tokens=0 still runs the prompt when routing is asked for: P - 1 rows
@@ -127,13 +127,13 @@ def test_no_record_unless_asked_and_prompt_only(moe):
 
 def test_dense_model_refuses(tmp_path):
     save_case("llama", tmp_path)
-    engine = Engine(load_model(str(tmp_path)), num_blocks=16, block_size=4)
+    engine = make_engine(load_model(str(tmp_path)), num_blocks=16, page_size=4)
     with pytest.raises(ValueError, match="MoE"):
         engine.add_request([1, 2, 3], GREEDY, return_routed_experts=True)
 
 
 def test_generate_http_and_local_return_base64(moe, moe_dir):
-    engine = AsyncEngine(Engine(moe, num_blocks=64, block_size=4)).start()
+    engine = AsyncEngine(make_engine(moe, num_blocks=64, page_size=4)).start()
     server = ThreadServer(create_app(engine, ServerConfig(moe_dir))).start()  # type: ignore[arg-type]
     try:
         (p,) = _prompts(7, seed=5)

@@ -11,6 +11,7 @@ import pickle
 import re
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -560,13 +561,13 @@ def test_generating_while_memory_is_released_is_503_saying_why(http):
 def test_full_engine_answers_503_with_retry_after(local_engine, tiny_model_dir):
     """With no room to queue, a request beyond the running ones is refused at once (503 +
     Retry-After), and the ones admitted still complete."""
+    from miles.config import EngineConfig
     from miles.engine.async_engine import AsyncEngine
     from miles.engine.server import ServerConfig, build_engine, create_app
 
-    config = ServerConfig(
-        tiny_model_dir, max_total_tokens=512, page_size=8, max_running_requests=2, max_queued_requests=0
-    )
-    engine = AsyncEngine(build_engine(config), max_queued_requests=config.max_queued_requests).start()
+    settings = EngineConfig(max_total_tokens=512, page_size=8, max_running_requests=2, max_queued_requests=0)
+    config = ServerConfig(tiny_model_dir, engine=settings)
+    engine = AsyncEngine(build_engine(config)).start()
     server = ThreadServer(create_app(engine, config)).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
@@ -661,6 +662,57 @@ def test_update_group_fields_are_validated(http, patch, field):
         "group_name": "g",
     }
     _error(http.post("/init_weights_update_group", json={**body, **patch}), field)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/pause_generation", {"mode": 5}, "mode"),
+        ("/pause_generation", {"mode": "retract"}, "mode"),
+        ("/continue_generation", {"now": True}, "now"),
+        ("/release_memory_occupation", {"tags": "kv_cache"}, "tags"),
+        ("/resume_memory_occupation", {"tags": [1]}, "tags"),
+        ("/update_weights_from_disk", {"model_path": 3}, "model_path"),
+        ("/update_weights_from_disk", {"model_path": "m", "flush_cache": "yes"}, "flush_cache"),
+        ("/update_weights_from_disk", {"model_path": "m", "weight_version": True}, "weight_version"),
+        ("/update_weights_from_disk", {"model_path": "m", "load_format": "pt"}, "load_format"),
+        ("/update_weights_from_disk", {"model_path": "m", "bogus": 1}, "bogus"),
+        ("/update_weights_from_tensor", {}, "serialized_named_tensors"),
+        ("/update_weights_from_tensor", {"serialized_named_tensors": [], "load_format": "x"}, "load_format"),
+        ("/update_weights_from_distributed", {"names": "w", "dtypes": [], "shapes": [], "group_name": "g"}, "names"),
+        ("/update_weights_from_distributed",
+         {"names": [], "dtypes": [], "shapes": [], "group_name": "g", "load_format": "flattened_bucket"}, "load_format"),
+        ("/destroy_weights_update_group", {"group_name": ["g"]}, "group_name"),
+        ("/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": True}, "truncate_size"),
+        ("/abort_request", {"rid": 7}, "rid"),
+    ],
+)  # fmt: skip
+def test_admin_bodies_are_typed_and_name_the_field(http, path, body, field):
+    """Each admin body is a typed request: a wrong type, a missing or unknown field is a 400 that
+    names the field, before the engine is touched."""
+    _error(http.post(path, json=body), field)
+
+
+def test_a_weight_update_can_abort_every_request_first(http, tiny_model_dir):
+    """SGLang's ``abort_all_requests``: the requests in flight end (reason ``abort``) before the
+    weights change, instead of finishing under new weights."""
+    assert http.post("/pause_generation", json={"mode": "in_place"}).json()["success"] is True
+    result: dict[str, Any] = {}
+    body = {"input_ids": [4, 5], "rid": "before-update", "sampling_params": GREEDY}
+    t = threading.Thread(target=lambda: result.update(r=http.post("/generate", json=body).json()))
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while _metrics(http)["num_queue_reqs"] + _metrics(http)["num_running_reqs"] < 1:
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            time.sleep(0.05)
+        update = {"model_path": tiny_model_dir, "weight_version": "0", "abort_all_requests": True}
+        assert http.post("/update_weights_from_disk", json=update).json()["success"] is True
+        t.join(30)
+        assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        http.post("/continue_generation", json={})
+        t.join(30)
 
 
 def test_remote_tensor_broadcast_sizes_are_bounded(http):

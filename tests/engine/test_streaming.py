@@ -12,6 +12,7 @@ from miles.engine.async_engine import AsyncEngine, RequestSpec
 from miles.engine.engine import Engine
 from miles.models.loading import load_model
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 from tests.engine.test_engine import CharTokenizer, _prompts
 from tests.models.conftest import save_case
 
@@ -37,7 +38,7 @@ def test_non_streamed_requests_end_with_the_streamed_text(llama, kind):
     tok = CharTokenizer()
     base = dict(temperature=0.0, max_new_tokens=9)
     # Stops taken from a first run's outputs, so that some request really meets them.
-    first = Engine(llama, tok, num_blocks=64, block_size=4).generate(
+    first = make_engine(llama, tok, num_blocks=64, page_size=4).generate(
         prompts, SamplingParams(ignore_eos=True, **base)
     )
     token = first[0].output_ids[4]
@@ -48,8 +49,8 @@ def test_non_streamed_requests_end_with_the_streamed_text(llama, kind):
         "stop_string": dict(stop=(tok.decode([token]),), min_new_tokens=2),
     }[kind]
     sp = SamplingParams(**base, **params)
-    streamed = _run(Engine(llama, tok, num_blocks=64, block_size=4), prompts, sp, True)
-    final_only = _run(Engine(llama, tok, num_blocks=64, block_size=4), prompts, sp, False)
+    streamed = _run(make_engine(llama, tok, num_blocks=64, page_size=4), prompts, sp, True)
+    final_only = _run(make_engine(llama, tok, num_blocks=64, page_size=4), prompts, sp, False)
     assert (kind != "length") == any(f[0].finish_reason.type == "stop" for f in final_only)  # type: ignore[union-attr]
     for s, f in zip(streamed, final_only):
         assert len(f) == 1 and f[0].finished
@@ -62,7 +63,7 @@ def test_non_streamed_requests_end_with_the_streamed_text(llama, kind):
 
 
 def test_an_aborted_non_streamed_request_has_its_text(llama):
-    engine = Engine(llama, CharTokenizer(), num_blocks=64, block_size=4)
+    engine = make_engine(llama, CharTokenizer(), num_blocks=64, page_size=4)
     rid = engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=50), stream=False)
     for _ in range(4):
         assert engine.step() == []  # no intermediate outputs
@@ -74,7 +75,7 @@ def test_an_aborted_non_streamed_request_has_its_text(llama):
 
 def test_async_generate_does_not_stream_but_counts_every_token(llama):
     async def main():
-        engine = AsyncEngine(Engine(llama, CharTokenizer(), num_blocks=64, block_size=4)).start()
+        engine = AsyncEngine(make_engine(llama, CharTokenizer(), num_blocks=64, page_size=4)).start()
         try:
             params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
             specs = [RequestSpec([1, 2, 3 + i], params, f"r{i}") for i in range(3)]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from miles.buffer.batching import build_train_batch
-from miles.engine.engine import Engine
 from miles.kernels.batch_invariant import batch_invariant
 from miles.models.loading import load_model
 from miles.train.packing import batch_to
 from miles.train.steps import packed_logprobs
 from miles.types import Group, Sample, SampleStatus, SamplingParams
+from tests.engine.conftest import make_engine
 from tests.models.conftest import save_case
 
 TEMPERATURE = 0.9
@@ -41,8 +41,8 @@ def _params(seed: int, n: int = 8) -> SamplingParams:
 
 def _generate(model, prompts, seeds, **engine_kw):
     engine_kw.setdefault("num_blocks", 256)
-    engine_kw.setdefault("block_size", 4)
-    engine = Engine(model, **engine_kw)
+    engine_kw.setdefault("page_size", 4)
+    engine = make_engine(model, **engine_kw)
     with batch_invariant():
         outs = engine.generate(prompts, [_params(s) for s in seeds])
     return engine, outs
@@ -55,7 +55,7 @@ def _rollout_then_trainer_logprobs(engine_model):
     """Sample 7 prompts in the mode, pack them as the loop does, score them with the trainer's own
     copy of the model (training mode): ``(engine outputs, batch, trainer model, log-probs [T])``."""
     prompts = _prompts(*PROMPT_LENGTHS)
-    _, outs = _generate(engine_model, prompts, range(len(prompts)), max_num_batched_tokens=40)
+    _, outs = _generate(engine_model, prompts, range(len(prompts)), max_prefill_tokens=40)
     samples = [
         Sample(prompt_ids=p, response_ids=list(o.output_ids), rollout_logprobs=list(o.output_logprobs),
                reward=0.0, status=SampleStatus.COMPLETED, index=i)
@@ -109,7 +109,7 @@ def test_a_request_does_not_depend_on_its_batch(models):
     assert again.cached_tokens > 0 and _by_id([again])[0] == want
     # chunked prefill cut in different places
     for budget in (5, 11, 16):
-        _, outs = _generate(model, [others[0], target], [100, 7], max_num_batched_tokens=budget)
+        _, outs = _generate(model, [others[0], target], [100, 7], max_prefill_tokens=budget)
         assert _by_id(outs)[1] == want, f"prefill budget {budget}"
     # preemption: too few blocks for all requests at once
     engine, outs = _generate(model, [*others[:6], target], [*range(100, 106), 7], num_blocks=24)

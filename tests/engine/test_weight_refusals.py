@@ -17,15 +17,17 @@ from safetensors.torch import save_file
 
 from miles.engine.engine import Engine, EngineStateError
 from miles.engine.llm import LLM
-from miles.engine.weights import WeightUpdateError, init_custom_process_group
+from miles.engine.weight_load import WeightUpdateError
+from miles.engine.weight_sources import init_custom_process_group
 from miles.models.loading import load_model
 from miles.types import SamplingParams
+from tests.engine.conftest import make_engine
 
 BAD_VERSIONS = ["v2", "-5", -5, "1e3", " 5", "5 ", "٣", "", "0x10", True, 2**63, "9" * 20, 1.0, [1]]
 
 
 def _engine(path) -> Engine:
-    return Engine(load_model(path), num_blocks=32, block_size=4)
+    return make_engine(load_model(path), num_blocks=32, page_size=4)
 
 
 def _named(path) -> list[tuple[str, torch.Tensor]]:
@@ -405,7 +407,7 @@ def test_received_nonfinite_broadcast_is_refused_and_the_group_goes_on(ckpts):
 
 
 def test_llm_refusals_leave_weights_and_version(ckpts, tmp_path):
-    llm = LLM(str(ckpts["a"]), skip_tokenizer_init=True, num_blocks=32, block_size=4, seed=0)
+    llm = LLM(str(ckpts["a"]), skip_tokenizer_init=True, max_total_tokens=32 * 4, page_size=4, random_seed=0)
     snap = _snapshot(llm.engine)
     for version in ("v2", "-5"):
         with pytest.raises(WeightUpdateError, match="weight_version"):

@@ -1,11 +1,11 @@
 """``WeightUpdater`` cost: one walk of the module tree per update, not one per tensor (an MoE sends
-thousands of expert tensors; the per-tensor walk made an 0.8B MoE's sync take 6 s on an H100)."""
+thousands of expert tensors; a walk per tensor made a sync quadratic in their number)."""
 
 from __future__ import annotations
 
 import torch
 
-from miles.engine.weights import WeightUpdater
+from miles.engine.weight_load import WeightUpdater
 from miles.models.loading import build_model
 from miles.models.spec import ModelSpec
 

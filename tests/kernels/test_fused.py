@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from miles.config import EngineConfig
 from miles.engine.engine import Engine
 from miles.kernels import batch_invariant, fused
 from miles.kernels.triton_loader import triton_module
@@ -18,7 +19,7 @@ from tests.models.conftest import save_case
 def test_only_the_engine_model_is_switched(tmp_path):
     save_case("qwen3", tmp_path)
     engine_model, trainer_model = load_model(tmp_path), load_model(tmp_path)
-    Engine(engine_model, num_blocks=8, block_size=4)
+    Engine(engine_model, config=EngineConfig(page_size=4), num_blocks=8)
     flags = [m.inference_kernels for m in engine_model.modules() if isinstance(m, RMSNorm | Attention)]
     assert flags and all(flags)
     assert not any(m.inference_kernels for m in trainer_model.modules() if isinstance(m, RMSNorm | Attention))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from miles.config import EngineConfig
 from miles.engine.engine import Engine
 from miles.kernels.batch_invariant import batch_invariant
 from miles.models.attention import VarlenContext
@@ -108,7 +109,7 @@ def test_mixed_biases_are_refused(tmp_path):
 
 def test_engine_packs_on_cuda_only(tmp_path):
     model = _model(tmp_path, "llama")
-    Engine(model, num_blocks=8, block_size=4)
+    Engine(model, config=EngineConfig(page_size=4), num_blocks=8)
     assert all(m.packed.weight is None for m in model.modules() if isinstance(m, Attention))
 
 
@@ -117,7 +118,7 @@ def test_engine_packs_on_cuda_only(tmp_path):
 def test_engine_release_frees_the_packed_copies_and_resume_repacks(tmp_path):
     save_case("qwen3", tmp_path)
     model = load_model(tmp_path, device="cuda")
-    engine = Engine(model, num_blocks=64, block_size=16)
+    engine = Engine(model, num_blocks=64)
     attn = [m for m in model.modules() if isinstance(m, Attention)]
     assert all(m.packed.weight is not None for m in attn)
     prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]

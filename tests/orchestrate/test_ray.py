@@ -4,6 +4,7 @@ recovery and independently deployed engines."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from pathlib import Path
@@ -42,6 +43,7 @@ def _run(world: Path, run_dir: Path, *extra: str, during: Any = None) -> tuple[l
     placement = RayPlacement.build(config, hook_args(config), run_dir=run_dir)
     logger = MetricsLogger(run_dir)
     try:
+        assert_engines_run_the_config(placement)
         if during is not None:
             during(placement)
         _loop(config, placement, logger)
@@ -52,6 +54,26 @@ def _run(world: Path, run_dir: Path, *extra: str, during: Any = None) -> tuple[l
         logger.close()
         placement.close()
     return read_metrics(run_dir), placement
+
+
+def assert_engines_run_the_config(placement: Any) -> None:
+    """The engines Ray started (not external ones) report the run's ``EngineConfig`` at
+    ``/get_server_info``: every setting of an engine, with the KV size (and the model's context
+    length) their actor resolved; the rollout client's settings are not the engines'."""
+    from miles.config import EngineConfig
+
+    defaults = EngineConfig()
+    run = placement.config.engine
+    for url in placement.engine_urls if placement.engines else []:
+        info = httpx.get(f"{url}/get_server_info", timeout=30).json()
+        served = EngineConfig(**{f.name: info[f.name] for f in dataclasses.fields(EngineConfig)})
+        expected = dataclasses.replace(
+            run,
+            **{name: getattr(defaults, name) for name in EngineConfig.client_fields()},
+            max_total_tokens=run.max_total_tokens or served.max_total_tokens,
+            context_length=run.context_length or served.context_length,
+        )
+        assert served == expected, url
 
 
 def assert_engines_hold(placement: Any) -> None:

@@ -19,15 +19,15 @@ CHUNK = b"x" * 65536
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """``/health``: silence; ``/trickle``: a byte at a time; ``/generate``: one endless line;
-    anything else: an endless body."""
+    """``/health`` and ``/silent``: silence; ``/trickle``: a byte at a time; ``/generate``: one
+    endless line; anything else: an endless body."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         path = head.split(b" ", 2)[1]
         length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
                        if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
         await reader.readexactly(length)
-        if path == b"/health":
+        if path in (b"/health", b"/silent"):
             await asyncio.sleep(3600)
         writer.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -98,3 +98,24 @@ def test_orchestration_calls_give_up(hostile_url: str) -> None:
         _post(hostile_url, "/update_weights_from_disk", {"model_path": "x"})
     with pytest.raises(WeightSyncError, match="ReadTimeout"):
         _post(hostile_url, "/trickle", {}, timeout_s=1)
+
+
+def test_the_rollout_client_waits_as_long_as_the_router_timeout_says(hostile_url: str) -> None:
+    """``--sglang-router-request-timeout-secs`` bounds the wait for each answer of the rollout's
+    client of the engines (it was accepted and read by nothing)."""
+    from miles.config import parse_train_args
+    from miles.orchestrate.ray import rollout_client
+
+    config = parse_train_args(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rollout-batch-size", "1",
+                               "--n-samples-per-prompt", "2", "--num-rollout", "1",
+                               "--sglang-router-request-timeout-secs", "1"])  # fmt: skip
+
+    async def main() -> None:
+        client = rollout_client(config, hostile_url)
+        try:
+            await client.request("POST", "/silent", {"input_ids": [1]})
+        finally:
+            await client.close()
+
+    with pytest.raises(httpx.ReadTimeout):
+        asyncio.run(main())

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from miles.config import parse_train_args
+from miles.config import EngineConfig, parse_train_args
 from miles.engine.async_engine import AsyncEngine
 from miles.engine.client import LocalEngineClient
 from miles.engine.engine import Engine
@@ -22,7 +22,9 @@ from miles.types import SampleStatus
 def world(arith_world):
     model_dir = arith_world / "model"
     tok = load_tokenizer(model_dir)
-    engine = AsyncEngine(Engine(load_model(model_dir), tok, num_blocks=256, block_size=8)).start()
+    engine = AsyncEngine(
+        Engine(load_model(model_dir), tok, EngineConfig(page_size=8), num_blocks=256)
+    ).start()
     yield arith_world, tok, engine
     engine.close()
 

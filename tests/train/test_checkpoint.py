@@ -17,24 +17,25 @@ from miles.models import CausalLM, ModelSpec
 from miles.models.loading import CheckpointError, build_model
 from miles.train import checkpoint as ckpt
 from miles.train.checkpoint import export_hf, latest_step, load_checkpoint, save_checkpoint
-from miles.train.critic import Critic, CriticConfig, ValueModel
+from miles.train.critic import Critic, ValueModel
 from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
-from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.trainer import Trainer
 from miles.types import TrainBatch
 from tests.models.conftest import CASES
 from tests.spawn import exits_cleanly
-from tests.train.test_trainer import make_batch, make_model
+from tests.train.test_trainer import make_batch, make_model, sections
 
 CONFIG: dict[str, Any] = dict(
     lr=1e-2,
-    lr_warmup_steps=2,
+    lr_warmup_iters=2,
     lr_decay_style="cosine",
-    lr_decay_steps=10,
+    lr_decay_iters=10,
     weight_decay=0.1,
     clip_grad=0.5,
+    use_dynamic_batch_size=True,
     max_tokens_per_gpu=24,
-    correction="tis",
+    use_tis=True,
 )
 
 
@@ -56,8 +57,8 @@ def _batch(step: int) -> TrainBatch:
 
 def _trainer(seed: int = 0, critic: bool = False) -> Trainer:
     model = _model(seed)
-    c = Critic(ValueModel.from_policy(model), CriticConfig(lr=1e-2)) if critic else None
-    return Trainer(model, TrainerConfig(**CONFIG), critic=c)
+    c = Critic(ValueModel.from_policy(model), *sections(lr=1e-2)) if critic else None
+    return Trainer(model, *sections(**CONFIG), critic=c)
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -146,7 +147,7 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, trainer, 5, {})
     with pytest.raises(CheckpointError, match="iter_0000006 is missing"):
         load_checkpoint(tmp_path, trainer, step=6)
-    other = Trainer(make_model("qwen3_moe"), TrainerConfig(**CONFIG))
+    other = Trainer(make_model("qwen3_moe"), *sections(**CONFIG))
     with pytest.raises(CheckpointError, match=r"another architecture \(LlamaForCausalLM\).*mlp"):
         load_checkpoint(tmp_path, other)
 
@@ -181,7 +182,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         results = {}
         for phase, seed in (("train", 0), ("resume", 5)):  # a fresh model and trainer for the resume
             model = parallelize(_model(seed))
-            trainer = Trainer(model, TrainerConfig(**CONFIG))
+            trainer = Trainer(model, *sections(**CONFIG))
             saved = {}
             if phase == "train":
                 for step in (1, 2):

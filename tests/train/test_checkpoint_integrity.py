@@ -28,9 +28,10 @@ from miles.train.checkpoint import export_hf, latest_step, load_checkpoint, save
 from miles.train.checkpoint_dcp import SafeReader
 from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
-from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.trainer import Trainer
 from tests.spawn import exits_cleanly
 from tests.train.test_checkpoint import CONFIG, _assert_bitwise, _batch, _model, _params, _trainer
+from tests.train.test_trainer import sections
 
 ITER = "iter_0000001"
 PARTS = ["dcp/__0_0.distcp", "dcp/.metadata", "trainer_state.pt", "rng_rank00000.pt", "meta.json"]
@@ -462,7 +463,7 @@ def _two_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         root = Path(out_dir) / "ckpt"
-        trainer = Trainer(parallelize(_model()), TrainerConfig(**CONFIG))
+        trainer = Trainer(parallelize(_model()), *sections(**CONFIG))
         trainer.train_step(shard_for_rank(_batch(1), rank, 2))
         save_checkpoint(root, trainer, 1, {"pos": 1})
         errors = {}

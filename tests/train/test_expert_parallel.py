@@ -25,8 +25,8 @@ from miles.train.checkpoint import load_checkpoint, save_checkpoint
 from miles.train.expert_parallel import ExpertParallelLayout, LocalExperts, shard_experts
 from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
-from miles.train.trainer import Trainer, TrainerConfig
-from miles.train.weight_sync import iter_weight_buckets, weight_names
+from miles.train.trainer import Trainer
+from miles.train.weight_export import iter_weight_buckets, weight_names
 from tests.spawn import exits_cleanly
 from tests.tolerance import (
     adam_states,
@@ -36,7 +36,7 @@ from tests.tolerance import (
     num_elements,
     step_terms,
 )
-from tests.train.test_trainer import make_batch, make_model
+from tests.train.test_trainer import make_batch, make_model, sections
 
 WORLD = 2
 CASE = "qwen3_moe"  # 4 experts, top-2: two per EP rank
@@ -45,11 +45,12 @@ CONFIG: dict[str, Any] = dict(
     lr=1e-2,
     clip_grad=0.004,  # active (norm ~0.009): the norm must be the global one, experts counted once
     entropy_coef=0.01,
-    correction="tis",
+    use_tis=True,
+    use_dynamic_batch_size=True,
     max_tokens_per_gpu=16,  # several micro-batches, uneven between ranks
     gradient_checkpointing=True,
-    own_routing_replay=True,  # R2 under EP: routing happens before the dispatch
-    moe_z_loss_coef=0.01,  # (the load-balancing loss is per micro-batch: splits differ)
+    use_routing_replay=True,  # R2 under EP: routing happens before the dispatch
+    moe_z_loss_coeff=0.01,  # (the load-balancing loss is per micro-batch: splits differ)
 )
 
 
@@ -74,14 +75,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         model = parallelize(make_model(CASE), expert_parallel_size=WORLD)
         experts = model.model.layers[0].mlp.experts
         owned = sorted(int(k) for k in experts)  # type: ignore[union-attr]
-        trainer = Trainer(model, TrainerConfig(**CONFIG))
+        trainer = Trainer(model, *sections(**CONFIG))
         b1, b2 = _batches()
         m1 = _step(trainer, b1, rank)
         names, exported = weight_names(model), _exported(model)  # every rank iterates
         save_checkpoint(out / "ep2", trainer, step=1)
         # A fresh EP-2 trainer from other weights resumes the single-process checkpoint.
         other = Trainer(
-            parallelize(make_model(CASE, seed=5), expert_parallel_size=WORLD), TrainerConfig(**CONFIG)
+            parallelize(make_model(CASE, seed=5), expert_parallel_size=WORLD), *sections(**CONFIG)
         )
         load_checkpoint(out / "ep1", other)
         resumed = _exported(other.model)
@@ -114,7 +115,7 @@ def _close(got: dict[str, float], want: dict[str, float], trainer: Trainer) -> N
 def _params_close(got: dict[str, torch.Tensor], trainer: Trainer, lr: float, before: Any) -> None:
     """``got`` is ``trainer``'s step in another layout, from the same parameters and optimizer
     state (``before``: its ``adam_states``, ``None`` for the first step)."""
-    cfg = trainer.config
+    cfg = trainer.train_config
     want = {n: t.detach() for n, t in trainer.model.state_dict().items()}
     states = adam_states(trainer.optimizer, trainer.model)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
@@ -128,8 +129,8 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_two_rank_expert_parallel_step_export_and_checkpoints(tmp_path: Path) -> None:
     # The single-process run: step 1, its checkpoint (for the EP run to load), step 2.
     b1, b2 = _batches()
-    single = Trainer(make_model(CASE), TrainerConfig(**CONFIG))
-    betas = (single.config.adam_beta1, single.config.adam_beta2)
+    single = Trainer(make_model(CASE), *sections(**CONFIG))
+    betas = (single.train_config.adam_beta1, single.train_config.adam_beta2)
     want1 = _step(single, b1, None)
     after1, moments1 = _state(single), adam_states(single.optimizer, single.model)
     save_checkpoint(tmp_path / "ep1", single, step=1)
@@ -143,7 +144,9 @@ def test_two_rank_expert_parallel_step_export_and_checkpoints(tmp_path: Path) ->
     _close(got["m1"], want1, single)
     assert got["names"] == list(after1)
     lr1 = want1["train/lr"]
-    assert_adam_close(got["exported"], after1, moments1, lr1, betas, single.config.adam_eps, *_terms(single))
+    assert_adam_close(
+        got["exported"], after1, moments1, lr1, betas, single.train_config.adam_eps, *_terms(single)
+    )
     # Saved with EP 1, loaded with EP 2: same weights, and the next step (optimizer state) matches.
     for n, t in after1.items():
         torch.testing.assert_close(got["resumed"][n], t, rtol=0, atol=0, msg=n)
@@ -153,7 +156,7 @@ def test_two_rank_expert_parallel_step_export_and_checkpoints(tmp_path: Path) ->
     # Saved with EP 2, loaded with EP 1: the EP run's weights bit for bit, its AdamW moments (its
     # first step's gradients) those of the single process to rounding, and the next step that of
     # the EP run going on from the same state.
-    back = Trainer(make_model(CASE, seed=5), TrainerConfig(**CONFIG))
+    back = Trainer(make_model(CASE, seed=5), *sections(**CONFIG))
     load_checkpoint(tmp_path / "ep2", back)
     for n, p in back.model.state_dict().items():
         torch.testing.assert_close(p, got["exported"][n], rtol=0, atol=0, msg=n)

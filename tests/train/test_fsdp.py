@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
-from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.trainer import Trainer
 from tests.spawn import exits_cleanly
 from tests.tolerance import (
     adam_states,
@@ -28,7 +28,7 @@ from tests.tolerance import (
     num_elements,
     step_terms,
 )
-from tests.train.test_trainer import make_batch, make_model
+from tests.train.test_trainer import make_batch, make_model, sections
 
 WORLD = 2
 LENGTHS = (7, 12, 5, 9, 11, 6, 14)  # odd count and uneven lengths: the ranks' shards differ
@@ -38,11 +38,14 @@ CONFIG: dict[str, Any] = dict(
     use_kl_loss=True,
     kl_loss_coef=0.1,
     entropy_coef=0.01,
-    correction="tis",
+    use_tis=True,
 )
 # Token budget: the ranks' first-fit splits differ in count (2 vs 3), so one rank re-splits.
 # One sequence per micro-batch: 3 vs 4 sequences, so one rank runs an empty padding micro-batch.
-SPLITS = {"budget": dict(max_tokens_per_gpu=16), "fixed": dict(micro_batch_size=1)}
+SPLITS = {
+    "budget": dict(use_dynamic_batch_size=True, max_tokens_per_gpu=16),
+    "fixed": dict(micro_batch_size=1),
+}
 
 
 def _inputs() -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -66,7 +69,7 @@ def _worker(rank: int, init_file: str, out_dir: str, case: str, checkpointing: b
     try:
         torch.manual_seed(0)
         model = parallelize(make_model(case), activation_checkpointing=checkpointing)
-        trainer = Trainer(model, TrainerConfig(**CONFIG, **SPLITS[split]))
+        trainer = Trainer(model, *sections(**CONFIG, **SPLITS[split]))
         batch, old, ref = _inputs()
         local = shard_for_rank(batch, rank, WORLD)
         metrics = trainer.train_step(local, _slice_tokens(old, batch, rank), _slice_tokens(ref, batch, rank))
@@ -96,7 +99,7 @@ def test_fsdp2_two_ranks_equals_single_process(
 
     torch.manual_seed(0)
     model = make_model(case)
-    trainer = Trainer(model, TrainerConfig(**CONFIG, **SPLITS[split]))
+    trainer = Trainer(model, *sections(**CONFIG, **SPLITS[split]))
     batch, old, ref = _inputs()
     want_metrics = trainer.train_step(batch, old, ref)
 
@@ -106,7 +109,7 @@ def test_fsdp2_two_ranks_equals_single_process(
     # parameter element, a metric too) scales every clipped gradient.
     terms, norm = step_terms(model.spec, sum(LENGTHS)), num_elements(model)
     assert_metrics_close(got["metrics"], want_metrics, terms + norm)
-    cfg = trainer.config
+    cfg = trainer.train_config
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     states = adam_states(trainer.optimizer, model)
     assert_moments_close(got["states"], states, betas, terms, norm)

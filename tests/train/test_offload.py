@@ -7,10 +7,17 @@ import copy
 import pytest
 import torch
 
-from miles.train.trainer import Trainer, TrainerConfig
-from tests.train.test_trainer import make_batch, make_model
+from miles.train.trainer import Trainer
+from tests.train.test_trainer import make_batch, make_model, sections
 
-CONFIG = dict(lr=1e-2, weight_decay=0.1, max_tokens_per_gpu=24, use_kl_loss=True, kl_loss_coef=0.1)
+CONFIG = dict(
+    lr=1e-2,
+    weight_decay=0.1,
+    use_dynamic_batch_size=True,
+    max_tokens_per_gpu=24,
+    use_kl_loss=True,
+    kl_loss_coef=0.1,
+)
 
 
 def _optimizer_state(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
@@ -20,7 +27,7 @@ def _optimizer_state(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
 def _run(device: str, sleep: bool) -> tuple[dict[str, float], dict[str, torch.Tensor], float]:
     model = make_model("llama").to(device)
     ref = copy.deepcopy(model)
-    trainer = Trainer(model, TrainerConfig(**CONFIG), device, ref_model=ref)
+    trainer = Trainer(model, *sections(**CONFIG), device, ref_model=ref)
     trainer.train_step(make_batch(seed=1))
     freed = 0.0
     if sleep:

@@ -19,26 +19,27 @@ import torch.multiprocessing as mp
 from miles.models import CausalLM, ModelSpec
 from miles.models.loading import build_model
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
-from miles.train.critic import Critic, CriticConfig, ValueModel
+from miles.train.critic import Critic, ValueModel
 from miles.train.optim import CpuOffloadedOptimizer
 from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
-from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.trainer import Trainer
 from miles.types import TrainBatch
 from tests.models.conftest import COMMON
 from tests.spawn import exits_cleanly
 from tests.train.test_oom import _inject_oom
-from tests.train.test_trainer import make_batch, make_model
+from tests.train.test_trainer import make_batch, make_model, sections
 
 CONFIG: dict[str, Any] = dict(
     lr=1e-2,
-    lr_warmup_steps=2,
+    lr_warmup_iters=2,
     lr_decay_style="cosine",
-    lr_decay_steps=10,
+    lr_decay_iters=10,
     weight_decay=0.1,
     clip_grad=0.5,  # active: the norm is ~1
+    use_dynamic_batch_size=True,
     max_tokens_per_gpu=24,
-    correction="tis",
+    use_tis=True,
 )
 
 
@@ -63,9 +64,8 @@ def _trainer(
     model = make_model(seed=seed).to(device) if model is None else model
     c = None
     if critic:
-        cfg = CriticConfig(lr=1e-2, optimizer_cpu_offload=offload)
-        c = Critic(ValueModel.from_policy(model), cfg, device)
-    return Trainer(model, TrainerConfig(**CONFIG, optimizer_cpu_offload=offload), device, critic=c)
+        c = Critic(ValueModel.from_policy(model), *sections(lr=1e-2, optimizer_cpu_offload=offload), device)
+    return Trainer(model, *sections(**CONFIG, optimizer_cpu_offload=offload), device, critic=c)
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -217,7 +217,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
             ("plain_from_offload", False, "offload"),
         ):
             model = parallelize(make_model(seed=0 if load_from is None else 5))
-            trainer = Trainer(model, TrainerConfig(**CONFIG, optimizer_cpu_offload=offload))
+            trainer = Trainer(model, *sections(**CONFIG, optimizer_cpu_offload=offload))
             if load_from is None:
                 trainer.train_step(shard_for_rank(_batch(1), rank, WORLD))
                 save_checkpoint(Path(out_dir) / name, trainer, 1)
@@ -334,7 +334,7 @@ def _cuda_fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> No
 
         def trainer(offload: bool, seed: int) -> Trainer:
             model = parallelize(make_model(seed=seed).to(device), param_dtype=torch.bfloat16)
-            return Trainer(model, TrainerConfig(**CONFIG, optimizer_cpu_offload=offload), device)
+            return Trainer(model, *sections(**CONFIG, optimizer_cpu_offload=offload), device)
 
         def local_state(t: Trainer) -> dict[str, torch.Tensor]:
             sd = t.optimizer.state_dict()["state"]

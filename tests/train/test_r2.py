@@ -12,8 +12,8 @@ import torch
 
 import miles.models.moe as moe_module
 from miles.train.packing import select_sequences, select_tokens
-from miles.train.trainer import Trainer, TrainerConfig
-from tests.train.test_trainer import make_batch, make_model
+from miles.train.trainer import Trainer
+from tests.train.test_trainer import make_batch, make_model, sections
 
 LENGTHS = (7, 12, 5, 9, 11, 6)
 FIRST, SECOND = [0, 1, 2], [3, 4, 5]  # two optimizer steps on halves of the batch, as the loop does
@@ -46,14 +46,13 @@ class Spy:
 
 
 def _trainer(r2: bool, checkpointing: bool = False, **kw: Any) -> Trainer:
-    cfg = TrainerConfig(
+    cfg = sections(
         lr=0.05,  # large: one step visibly moves the routing
-        own_routing_replay=r2,
+        use_routing_replay=r2,
         micro_batch_size=2,
         gradient_checkpointing=checkpointing,
-        **kw,
     )
-    return Trainer(make_model("qwen3_moe"), cfg)
+    return Trainer(make_model("qwen3_moe"), *cfg, **kw)
 
 
 def _rows(x: torch.Tensor, batch: Any, seqs: list[int]) -> torch.Tensor:
@@ -73,8 +72,7 @@ def test_record_is_the_old_forwards_routing_aligned_with_tokens(monkeypatch: pyt
     batch = make_batch(LENGTHS)
     trainer = _trainer(True)
     spy = Spy(monkeypatch)
-    trainer.compute_logprobs(batch)
-    record = trainer.old_routing
+    record = trainer.compute_logprobs(batch).routing
     spec = trainer.model.spec
     assert record is not None and record.dtype == torch.int32
     assert record.shape == (batch.num_tokens, len(spec.moe_layer_indices), spec.num_experts_per_tok)
@@ -83,7 +81,7 @@ def test_record_is_the_old_forwards_routing_aligned_with_tokens(monkeypatch: pyt
     assert all(
         torch.equal(u, e) for u, e in zip(spy.used, _expected_calls(record, batch, [[0, 1], [2, 3], [4, 5]]))
     )
-    assert _trainer(False).compute_logprobs(batch) is not None and _trainer(False).old_routing is None
+    assert _trainer(False).compute_logprobs(batch).routing is None
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -92,15 +90,14 @@ def test_second_step_replays_the_old_forward_routing(
 ) -> None:
     batch = make_batch(LENGTHS)
     recorder = _trainer(True)
-    recorder.compute_logprobs(batch)
-    record = recorder.old_routing  # the old forward's routing (same initial weights for all)
+    record = recorder.compute_logprobs(batch).routing  # the old forward's (same initial weights for all)
     assert record is not None
     spy = Spy(monkeypatch)
     grads = {}
     # Two runs from the same weights: a step on FIRST, then the gradient on SECOND.
     for r2 in (False, True):
         trainer = _trainer(r2, checkpointing)
-        old = trainer.compute_logprobs(batch)
+        old = trainer.compute_logprobs(batch).logp
         kw: dict[str, Any] = {"old_routing": _rows(record, batch, FIRST)} if r2 else {}
         trainer.train_step(select_sequences(batch, FIRST), _rows(old, batch, FIRST), **kw)
         sub = select_sequences(batch, SECOND)
@@ -128,8 +125,8 @@ def test_checkpointing_recomputes_the_same_replay() -> None:
     gates = []
     for ckpt in (False, True):
         trainer = _trainer(True, ckpt)
-        old = trainer.compute_logprobs(batch)
-        record = trainer.old_routing
+        scored = trainer.compute_logprobs(batch)
+        old, record = scored.logp, scored.routing
         assert record is not None
         trainer.train_step(
             select_sequences(batch, FIRST), _rows(old, batch, FIRST), old_routing=_rows(record, batch, FIRST)
@@ -146,26 +143,28 @@ def test_checkpointing_recomputes_the_same_replay() -> None:
 def test_contract_errors() -> None:
     batch = make_batch(LENGTHS)
     trainer = _trainer(True)
-    old = trainer.compute_logprobs(batch)
+    scored = trainer.compute_logprobs(batch)
+    old = scored.logp
     with pytest.raises(ValueError, match="needs old_routing"):
         trainer.train_step(batch, old)
-    assert trainer.old_routing is not None
+    assert scored.routing is not None
     with pytest.raises(ValueError, match="sliced like the old log-probs"):
         trainer.train_step(
-            select_sequences(batch, FIRST), _rows(old, batch, FIRST), old_routing=trainer.old_routing
+            select_sequences(batch, FIRST), _rows(old, batch, FIRST), old_routing=scored.routing
         )
 
 
 def test_r3_wins_over_r2(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = make_batch(LENGTHS)
-    trainer = _trainer(True, routing_replay=True)
+    trainer = _trainer(True, use_rollout_routing_replay=True)
     spec = trainer.model.spec
     gen = torch.Generator().manual_seed(4)
     shape = (batch.num_tokens, len(spec.moe_layer_indices), spec.num_experts)
     engine = torch.rand(shape, generator=gen).argsort(-1)[..., : spec.num_experts_per_tok].to(torch.int32)
     batch = replace(batch, routed_experts=engine)
-    old = trainer.compute_logprobs(batch)
-    assert trainer.old_routing is not None and torch.equal(trainer.old_routing, engine)
+    scored = trainer.compute_logprobs(batch)
+    old = scored.logp
+    assert scored.routing is not None and torch.equal(scored.routing, engine)
     spy = Spy(monkeypatch)
     trainer.accumulate_gradients(batch, old, old_routing=torch.zeros_like(engine))  # ignored: R3 replays
     mbs = [[0, 1], [2, 3], [4, 5]]

@@ -13,18 +13,18 @@ import miles.train.router_losses as router_losses
 from miles.models.moe import RouterStats
 from miles.train.parallelize import parallelize
 from miles.train.steps import packed_logprobs
-from miles.train.trainer import Trainer, TrainerConfig
+from miles.train.trainer import Trainer
 from tests.tolerance import assert_grads_close, assert_metrics_close, assert_reduction_close, step_terms
-from tests.train.test_trainer import POLICY, grads, make_batch, make_model
+from tests.train.test_trainer import POLICY, grads, make_batch, make_model, sections
 
-COEFS = dict(moe_aux_loss_coef=0.5, moe_z_loss_coef=0.05)  # large enough to move the gradient
+COEFS = dict(moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.05)  # large enough to move the gradient
 
 
 def _run(cfg: dict, batch, case: str = "qwen3_moe", checkpointing: bool = False):
     model = make_model(case)
     if checkpointing:
         parallelize(model, fsdp=False, activation_checkpointing=True)
-    trainer = Trainer(model, TrainerConfig(**POLICY, **cfg))  # type: ignore[arg-type]
+    trainer = Trainer(model, *sections(**POLICY, **cfg))
     metrics = trainer.accumulate_gradients(batch, ref_logprobs=make_batch(seed=2).rollout_logprobs)
     return metrics, grads(model)
 
@@ -52,7 +52,7 @@ def test_trainer_adds_the_router_losses() -> None:
     aux, z = _hand_losses(batch)
     assert m1["moe_aux_loss"] == pytest.approx(aux, rel=1e-5)
     assert m1["moe_z_loss"] == pytest.approx(z, rel=1e-5)
-    added = COEFS["moe_aux_loss_coef"] * aux + COEFS["moe_z_loss_coef"] * z
+    added = COEFS["moe_aux_loss_coeff"] * aux + COEFS["moe_z_loss_coeff"] * z
     assert m1["loss"] - m0["loss"] == pytest.approx(added, rel=1e-4)
     gate = "model.layers.0.mlp.gate.weight"
     assert not torch.allclose(g1[gate], g0[gate], rtol=0, atol=1e-6)
@@ -65,7 +65,7 @@ def test_trainer_adds_the_router_losses() -> None:
 
 
 @pytest.mark.parametrize(
-    "coefs", [COEFS, dict(moe_aux_loss_coef=0.5), dict(moe_z_loss_coef=0.05)], ids=["both", "aux", "z"]
+    "coefs", [COEFS, dict(moe_aux_loss_coeff=0.5), dict(moe_z_loss_coeff=0.05)], ids=["both", "aux", "z"]
 )
 def test_micro_batching_invariance_with_router_losses(coefs: dict) -> None:
     # The z-loss is a token mean: invariant on any batch. The load-balancing loss multiplies two
@@ -81,7 +81,8 @@ def test_micro_batching_invariance_with_router_losses(coefs: dict) -> None:
         advantages=one.advantages.repeat(5),
         rollout_logprobs=one.rollout_logprobs.repeat(5),
     )
-    splits = [dict(micro_batch_size=5), dict(micro_batch_size=2), dict(max_tokens_per_gpu=20)]
+    budget = dict(use_dynamic_batch_size=True, max_tokens_per_gpu=20)
+    splits = [dict(micro_batch_size=5), dict(micro_batch_size=2), budget]
     results = [_run({**split, **coefs}, batch) for split in splits]
     (m0, g0), *rest = results
     # Other micro-batches are GEMMs of other shapes: equal to rounding (tests/tolerance.py).
@@ -93,7 +94,7 @@ def test_micro_batching_invariance_with_router_losses(coefs: dict) -> None:
 
 def test_z_loss_alone_is_micro_batching_invariant_on_any_batch() -> None:
     batch = make_batch()
-    coefs = dict(moe_z_loss_coef=0.05)
+    coefs = dict(moe_z_loss_coeff=0.05)
     (m0, g0), (m1, g1) = (
         _run({**s, **coefs}, batch) for s in (dict(micro_batch_size=6), dict(micro_batch_size=2))
     )
@@ -148,9 +149,8 @@ def test_activation_checkpointing_same_grads_with_router_losses() -> None:
     assert_grads_close(g1, g0, terms)
 
 
-def test_trainer_config_maps_the_cli_coefficients() -> None:
+def test_the_cli_coefficients_reach_the_router_loss_tracker() -> None:
     from miles.config import parse_train_args
-    from miles.orchestrate.local import trainer_config
 
     base = [
         "--hf-checkpoint",
@@ -164,5 +164,5 @@ def test_trainer_config_maps_the_cli_coefficients() -> None:
     ]
     base += ["--n-samples-per-prompt", "2"]
     cfg = parse_train_args([*base, "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001"])
-    tc = trainer_config(cfg)
-    assert (tc.moe_aux_loss_coef, tc.moe_z_loss_coef) == (0.01, 0.001)
+    tracker = router_losses.RouterLossTracker.for_model(make_model("qwen3_moe"), cfg.train, 8, lambda t: None)
+    assert tracker is not None and (tracker.aux_coef, tracker.z_coef) == (0.01, 0.001)

@@ -1,4 +1,4 @@
-"""``train_on`` over two gloo ranks (what the Ray trainer actors run) equals one process on the
+"""``rl_step`` over two gloo ranks (what the Ray trainer actors run) equals one process on the
 same groups: the shares' old/ref log-probs gathered back into batch order, advantages on the
 global batch, each mini-batch split over the ranks."""
 
@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from miles.buffer.batching import build_train_batch
 from miles.config import parse_train_args
-from miles.orchestrate.train_step import gather_tokens, partition, token_index
+from miles.train.rl_step import gather_tokens, partition, token_index
 from miles.types import Group, Sample, SampleStatus
 from tests.orchestrate.test_loop import _argv
 from tests.spawn import exits_cleanly
@@ -42,14 +43,14 @@ def _groups(vocab: int) -> list[Group]:
 @exits_cleanly
 def _run(rank: int, world: int, init_file: str, model: str, out: str) -> None:
     from miles.orchestrate.local import build_trainer
-    from miles.orchestrate.train_step import train_on
+    from miles.train.rl_step import rl_step
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     config = parse_train_args(_argv(Path(model).parent, Path(out) / "run", *FLAGS)[1:])
     trainer = build_trainer(config, torch.device("cpu"), fsdp=True)
     groups = _groups(trainer.model.spec.vocab_size)
-    metrics = train_on(trainer, config, groups, 0, torch.device("cpu"), rank=rank, world_size=world)
+    metrics = rl_step(trainer, build_train_batch(groups), group_size=len(groups[0]), step=0)
     full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in trainer.model.named_parameters()}  # fmt: skip
     if rank == 0:
@@ -75,8 +76,6 @@ def test_two_ranks_equal_one(arith_world, tmp_path, world):
 def test_gather_tokens_restores_batch_order():
     """Single process: the partition covers every sequence once and gathering a one-rank share is
     the identity (the multi-rank gather is exercised by the test above)."""
-    from miles.buffer.batching import build_train_batch
-
     batch = build_train_batch(_groups(20))
     parts = partition(batch, 2)
     assert sorted(i for p in parts for i in p) == list(range(batch.num_sequences))

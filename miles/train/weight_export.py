@@ -1,4 +1,5 @@
-"""Weights out: the policy's full, HF-named tensors in size-bounded buckets for the engine.
+"""Weight export, the trainer's side of the weight path: the policy's full, HF-named tensors in
+size-bounded buckets, for the engines (moved by ``miles.orchestrate``) and for ``--save-hf``.
 
 :func:`iter_weight_buckets` walks ``model.state_dict()`` (whose names are the HF names: the
 shared model uses them, DESIGN.md §4) and yields lists of ``(name, tensor)``:

@@ -1,4 +1,4 @@
-"""Weights out: buckets of full HF-named tensors, equal to the state dict, size-bounded."""
+"""Weight export: buckets of full HF-named tensors, equal to the state dict, size-bounded."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from miles.train.parallelize import parallelize
-from miles.train.weight_sync import iter_weight_buckets, weight_names
+from miles.train.weight_export import iter_weight_buckets, weight_names
 from tests.spawn import exits_cleanly
 from tests.train.test_trainer import make_model
 

@@ -168,31 +168,32 @@ def run_one(argv: list[str], *, replay: bool, engine_round: str = "none") -> lis
 
     from miles.config import parse_train_args
     from miles.orchestrate.local import LocalPlacement
-    from miles.orchestrate.loop import _loop, hook_args
+    from miles.orchestrate.loop import Run, load_rollout_data, train_loop
     from miles.utils.metrics import MetricsLogger, read_metrics
 
     config = parse_train_args([*argv, "--use-rollout-routing-replay"])  # the engine records experts
     run_dir = Path(config.log.run_dir or "")
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-    placement = LocalPlacement.build(config, hook_args(config))
+    data = load_rollout_data(config)
+    placement = LocalPlacement.start(config, data.demand, tokenizer=data.tokenizer)
     placement.trainer.use_rollout_routing_replay = replay
     if engine_round != "none":
         engine_model = placement.engine.engine.model
         round_engine_weights(engine_model, engine_round)
         push = placement.push_weights
 
-        def push_and_round(version: int, *, send: bool = True) -> float:
-            seconds = push(version, send=send)
+        def push_and_round(version: int) -> float:
+            seconds = push(version)
             round_engine_weights(engine_model, engine_round)  # the loop generates only after this returns
             return seconds
 
         placement.push_weights = push_and_round  # type: ignore[method-assign]
     logger = MetricsLogger(run_dir)
     try:
-        _loop(config, placement, logger)
+        train_loop(Run.assemble(config, data, placement), logger)
     finally:
         logger.close()
-        placement.close()
+        placement.stop()
         del placement
         gc.collect()
         if torch.cuda.is_available():

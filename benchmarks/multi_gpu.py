@@ -175,22 +175,23 @@ def _argv(world: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def _run(argv: list[str], during: Any = None) -> tuple[list[dict[str, Any]], Any]:
     from miles.config import parse_train_args
-    from miles.orchestrate.loop import _loop, hook_args
+    from miles.orchestrate.loop import Run, load_rollout_data, train_loop
     from miles.orchestrate.ray import RayPlacement
     from miles.utils.metrics import MetricsLogger, read_metrics
 
     config = parse_train_args(argv)
     run_dir = Path(config.log.run_dir)
-    placement = RayPlacement.build(config, hook_args(config), run_dir=run_dir)
+    data = load_rollout_data(config)
+    placement = RayPlacement.start(config, data.demand, run_dir=run_dir)
     logger = MetricsLogger(run_dir)
     try:
         if during is not None:
             during(placement)
-        _loop(config, placement, logger)
+        train_loop(Run.assemble(config, data, placement), logger)
         placement.wait_in_service()
     finally:
         logger.close()
-        placement.close()
+        placement.stop()
     return read_metrics(run_dir), placement
 
 
@@ -240,7 +241,7 @@ def part_sync(out: Path, shapes: list[str], repeats: int) -> dict[str, Any]:
     from miles.config import parse_train_args
     from miles.models.loading import build_model
     from miles.models.spec import ModelSpec
-    from miles.orchestrate.loop import hook_args
+    from miles.orchestrate.loop import load_rollout_data
     from miles.orchestrate.ray import RayPlacement
 
     world = _world(out)
@@ -253,11 +254,13 @@ def part_sync(out: Path, shapes: list[str], repeats: int) -> dict[str, Any]:
         argv = _argv(world, out / f"sync_{shape}", "--num-rollout", "1", "--sglang-max-total-tokens", "4096")
         argv[argv.index("--hf-checkpoint") + 1] = str(model_dir)
         config = parse_train_args(argv)
-        placement = RayPlacement.build(config, hook_args(config), run_dir=out / f"sync_{shape}")
+        placement = RayPlacement.start(
+            config, load_rollout_data(config).demand, run_dir=out / f"sync_{shape}"
+        )
         try:
             times = [placement.push_weights(v + 1) for v in range(repeats)]
         finally:
-            placement.close()
+            placement.stop()
         res[shape] = {"seconds": times, "median_s": statistics.median(times[1:] or times), "bytes": nbytes,
                       "gb_per_s": nbytes / statistics.median(times[1:] or times) / 1e9}  # fmt: skip
     return res
@@ -294,7 +297,7 @@ def part_coloc_sync(out: Path, shapes: list[str], repeats: int) -> dict[str, Any
     import httpx
 
     from miles.config import parse_train_args
-    from miles.orchestrate.loop import hook_args
+    from miles.orchestrate.loop import load_rollout_data
     from miles.orchestrate.ray import RayPlacement
 
     world = _world(out)
@@ -312,8 +315,11 @@ def part_coloc_sync(out: Path, shapes: list[str], repeats: int) -> dict[str, Any
         )
         argv[argv.index("--hf-checkpoint") + 1] = str(model_dir)
         config = parse_train_args(argv)
-        placement = RayPlacement.build(config, hook_args(config), run_dir=out / f"csync_{shape}")
+        placement = RayPlacement.start(
+            config, load_rollout_data(config).demand, run_dir=out / f"csync_{shape}"
+        )
         url = placement.engine_urls[0]
+        admin = {"Authorization": f"Bearer {placement.admin_key}"}  # memory calls are admin endpoints
         sync, sleep, wake, release, resume = [], [], [], [], []
         try:
             for v in range(repeats):
@@ -325,13 +331,17 @@ def part_coloc_sync(out: Path, shapes: list[str], repeats: int) -> dict[str, Any
                 placement._on_trainers("wake_up")
                 wake.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                httpx.post(f"{url}/release_memory_occupation", json={}, timeout=300).raise_for_status()
+                httpx.post(
+                    f"{url}/release_memory_occupation", json={}, headers=admin, timeout=300
+                ).raise_for_status()
                 release.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                httpx.post(f"{url}/resume_memory_occupation", json={}, timeout=300).raise_for_status()
+                httpx.post(
+                    f"{url}/resume_memory_occupation", json={}, headers=admin, timeout=300
+                ).raise_for_status()
                 resume.append(time.perf_counter() - start)
         finally:
-            placement.close()
+            placement.stop()
         med = statistics.median
         res[shape] = {"sync_s": sync, "sync_median_s": med(sync[1:] or sync), "trainer_sleep_s": med(sleep),
                       "trainer_wake_s": med(wake), "engine_release_s": med(release),

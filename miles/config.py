@@ -620,7 +620,7 @@ def build_config(
     options by name. Each value is checked against its field's bounds here; the cross-field rules
     and derived defaults (``miles.config_rules``) then run on the typed sections. Settings Miles
     parses but does not build are refused last, unless ``refuse_unbuilt`` is False: for tools and
-    tests that read or write such a config. A run refuses them anyway (``loop.preflight``).
+    tests that read or write such a config. A run refuses them anyway (``miles.orchestrate.preflight.preflight``).
     """
     for key, spec in SPECS.items():
         if (message := check_bounds(spec, values[key])) is not None:

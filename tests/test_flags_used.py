@@ -91,6 +91,7 @@ REFUSED: dict[str, str | None] = {
     "sglang_router_port": None,
     "no_save_optim": None,
     "log_level": None,
+    "rollout_num_gpus_per_engine": None,  # an engine runs on one device
 }
 # Parser options that are not settings: argparse's help, the config file, cli's --dry-run.
 NOT_SETTINGS = {"help", "config", "dry_run"}

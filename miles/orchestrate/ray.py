@@ -2,13 +2,12 @@
 
 Ray is imported here only (and lazily): ``miles train`` in the embedded placement never loads it.
 
-Layout (DESIGN.md §8; slime's ``create_placement_groups`` in spirit):
+Where each actor goes is :func:`miles.orchestrate.ray_layout.ray_layout`, a pure function of the
+flags (trainer ranks in one placement group, engines in a second one or sharing the ranks'
+bundles); :meth:`RayPlacement.start` turns it into placement groups and actors:
 
-- one bundle per trainer rank (``{"CPU": 1}``, plus ``{"GPU": 1}`` on a GPU cluster), PACK
-  strategy, across ``--actor-num-nodes`` × ``--actor-num-gpus-per-node``; each rank is a
-  :class:`TrainerWorker` actor, all in one torch.distributed group (NCCL on GPU, gloo on CPU);
-- disaggregated: one more bundle per engine (``--rollout-num-gpus`` / ``--rollout-num-gpus-per-engine``);
-  colocated (``--colocate``): engine ``i`` shares trainer rank ``i``'s bundle, each taking half;
+- each trainer rank is a :class:`TrainerWorker` actor, all in one torch.distributed group (NCCL
+  on GPU, gloo on CPU);
 - each engine is a ``miles serve`` process owned by an :class:`EngineServer` actor (so a
   crashed server is seen, and restarted on the same port, by an actor that survives it);
   ``--rollout-external-engine-addrs`` replaces them with servers deployed on their own;
@@ -18,8 +17,9 @@ Layout (DESIGN.md §8; slime's ``create_placement_groups`` in spirit):
   for the run. Engines get it through their environment (not their command line), the trainer
   actors through their runtime environment, and every admin call Miles makes sends it.
 
-This process (the driver) keeps the data, the rollout manager and the metrics; every call that
-reaches the trainer ranks goes through :meth:`RayPlacement._on_trainers`, under one lock, so the
+The placement owns trainers and engines only: the driver (the loop's process) keeps the data,
+the rollout manager and the metrics, and reaches the engines through :meth:`RayPlacement.engine_client`.
+Every call that reaches the trainer ranks goes through :meth:`RayPlacement._on_trainers`, under one lock, so the
 ranks see collective calls in the same order even when the health monitor re-syncs a restarted
 engine while the loop trains.
 
@@ -28,6 +28,7 @@ On a machine without GPUs CPUs are the resource, so the whole path runs (and is 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -41,16 +42,16 @@ import httpx
 import torch
 
 from miles.config import MilesConfig
-from miles.engine.client import ADMIN_KEY_ENV, EngineRequestError, HttpEngineClient, http_call
-from miles.models.loading import load_config, load_tokenizer
+from miles.engine.client import ADMIN_KEY_ENV, EngineClient, EngineRequestError, HttpEngineClient, http_call
+from miles.models.loading import load_config
+from miles.orchestrate.build import compute_dtype, default_kv_tokens
 from miles.orchestrate.engine_process import EngineProcess, free_port, serve_arguments, wait_healthy_url
 from miles.orchestrate.health import HealthMonitor
-from miles.orchestrate.local import compute_dtype, default_kv_tokens, kv_demand
+from miles.orchestrate.placement import Part
+from miles.orchestrate.ray_layout import RayLayout, RayPlacementError, ray_layout
 from miles.orchestrate.router import SglangRouter
 from miles.orchestrate.trainer_worker import TrainerWorker, node_ip
-from miles.orchestrate.weight_transfer import _post
-from miles.rollout.dataset import PromptDataset, load_eval_datasets
-from miles.rollout.manager import RolloutManager
+from miles.orchestrate.weight_transport import _post
 from miles.types import Group
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,6 @@ logger = logging.getLogger(__name__)
 # Environment the actors need from the driver's (a `ray start` cluster does not pass it on).
 _FORWARDED_ENV = ("PYTHONPATH", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
 _FORWARDED_PREFIXES = ("NCCL_", "TORCH_", "NVSHMEM_", "MILES_", "HF_", "CUDA_LAUNCH")
-
-
-class RayPlacementError(RuntimeError):
-    """A Ray layout that cannot be built (the message names the flags)."""
 
 
 def _ray() -> Any:
@@ -135,20 +132,56 @@ def _master_address() -> tuple[str, int]:
     return node_ip(), free_port("0.0.0.0")
 
 
+def _init_ray(layout: RayLayout) -> bool:
+    """Join ``$RAY_ADDRESS`` or start a local cluster of our own; False when Ray was running already."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": _env_vars()}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:  # never a stale /tmp/ray/ray_current_cluster; logical CPUs, not cores
+        cpus = max(os.cpu_count() or 1, layout.logical_cpus)
+        ray.init(
+            address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False
+        )
+    return True
+
+
+def _placement_groups(layout: RayLayout, use_gpu: bool) -> list[Any]:
+    """One PACK placement group per entry of ``layout.group_sizes``, ready."""
+    ray = _ray()
+    from ray.util.placement_group import placement_group
+
+    bundle = {"CPU": 1, **({"GPU": 1} if use_gpu else {})}
+    pgs = [placement_group([dict(bundle) for _ in range(n)], strategy="PACK") for n in layout.group_sizes]
+    ray.get([pg.ready() for pg in pgs], timeout=600)
+    return pgs
+
+
+def _on_bundle(pgs: list[Any], share: float, use_gpu: bool, where: tuple[int, int]) -> dict[str, Any]:
+    """Ray ``.options`` for an actor on bundle ``where = (group, bundle)``, taking ``share`` of it."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group, index = where
+    strategy = PlacementGroupSchedulingStrategy(
+        placement_group=pgs[group], placement_group_bundle_index=index
+    )
+    return {"num_cpus": share, **({"num_gpus": share} if use_gpu else {}), "scheduling_strategy": strategy}
+
+
 @dataclass
 class RayPlacement:
-    """Every component of one Ray run (built by :meth:`build`)."""
+    """The trainer ranks and engines of one Ray run (a :class:`~miles.orchestrate.placement.Placement`,
+    started by :meth:`start`)."""
 
     config: MilesConfig
-    tokenizer: Any
-    dataset: PromptDataset
-    eval_datasets: dict[str, PromptDataset]
-    manager: RolloutManager
+    layout: RayLayout
     trainers: list[Any]
     engines: list[Any]  # EngineServer actor handles; empty with external engines
     engine_urls: list[str]
     router: SglangRouter | None
-    transport: str
     use_gpu: bool
     placement_groups: list[Any]
     started_ray: bool
@@ -158,118 +191,72 @@ class RayPlacement:
     # Reentrant: a recovery holds it across reading the current version and re-syncing.
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _out_of_service: set[int] = field(default_factory=set)
+    _client: HttpEngineClient | None = None
+
+    @property
+    def transport(self) -> str:
+        return self.layout.transport
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.engine_urls)
 
     # ---- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def build(
-        cls, config: MilesConfig, args: Any, *, run_dir: str | os.PathLike[str] = "runs/ray"
+    def start(
+        cls, config: MilesConfig, demand: tuple[int, int], *, run_dir: str | os.PathLike[str] = "runs/ray"
     ) -> RayPlacement:
+        """Start the trainer ranks and the engines :func:`~miles.orchestrate.ray_layout.ray_layout`
+        places (engines' KV caches sized for ``demand``), the router in front of several engines,
+        the weight transport and, with ``--use-fault-tolerance``, the health monitor."""
+        layout = ray_layout(config.placement)
         ray = _ray()
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        p, m = config.placement, config.model
-        assert m.hf_checkpoint is not None
-        external = [u if "://" in u else f"http://{u}" for u in p.rollout_external_engine_addrs]
-        world = p.actor_world_size
-        if p.rollout_num_gpus_per_engine != 1:
-            raise RayPlacementError(
-                f"--rollout-num-gpus-per-engine {p.rollout_num_gpus_per_engine}: the built-in engine runs on one "
-                "device (no tensor parallelism); use more engines instead"
-            )
-        n_engines = 0 if external else (p.rollout_num_gpus or 0)
-        if not external and n_engines < 1:
-            raise RayPlacementError(
-                "the Ray placement needs engines: --colocate, --rollout-num-gpus N (disaggregated) "
-                "or --rollout-external-engine-addrs"
-            )
-        transport = p.update_weight_transport
-        if transport == "auto":
-            transport = "tensor" if p.colocate else "distributed"
-        if transport == "tensor" and not p.colocate:
-            raise RayPlacementError(
-                "--update-weight-transport tensor hands tensors over on a shared device: it needs --colocate "
-                "(use distributed or disk)"
-            )
-        started = False
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, runtime_env={"env_vars": _env_vars()}, log_to_driver=False)
-            else:  # a local cluster of our own (never a stale /tmp/ray/ray_current_cluster)
-                need = world + (0 if p.colocate else n_engines) + 1  # logical CPUs, not cores
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                         runtime_env={"env_vars": _env_vars()}, log_to_driver=False)  # fmt: skip
-            started = True
+        started = _init_ray(layout)
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        bundle = {"CPU": 1, **({"GPU": 1} if use_gpu else {})}
-        pgs = [placement_group([dict(bundle) for _ in range(world)], strategy="PACK")]
-        if n_engines and not p.colocate:
-            pgs.append(placement_group([dict(bundle) for _ in range(n_engines)], strategy="PACK"))
-        ray.get([pg.ready() for pg in pgs], timeout=600)
-        share = 0.5 if p.colocate else 1.0
-
-        def on(pg: Any, i: int, **resources: Any) -> dict[str, Any]:
-            gpu = {"num_gpus": share} if use_gpu else {}
-            strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
-            return {"num_cpus": share, **gpu, "scheduling_strategy": strategy, **resources}
-
-        master = ray.get(ray.remote(_master_address).options(**on(pgs[0], 0), max_retries=0).remote())
+        pgs = _placement_groups(layout, use_gpu)
+        on = functools.partial(_on_bundle, pgs, layout.share, use_gpu)
+        master = ray.get(
+            ray.remote(_master_address).options(**on(layout.trainer_bundle(0)), max_retries=0).remote()
+        )
         admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
-        worker_cls = ray.remote(TrainerWorker)
         keyed = {"runtime_env": {"env_vars": {ADMIN_KEY_ENV: admin_key}}}  # the weight senders read it
+        world = layout.trainer_ranks
         trainers = [
-            worker_cls.options(**on(pgs[0], r), **keyed).remote(config, r, world, master)
+            ray.remote(TrainerWorker)
+            .options(**on(layout.trainer_bundle(r)), **keyed)
+            .remote(config, r, world, master)
             for r in range(world)
         ]
-        tokenizer = load_tokenizer(m.hf_checkpoint)
-        dataset = PromptDataset.from_config(config.rollout, tokenizer)
-        evals = dict(load_eval_datasets(config.rollout.eval_datasets, config.rollout, tokenizer))
-        spec = load_config(m.hf_checkpoint)
-        engines: list[Any] = []
         log_dir = str(Path(run_dir).resolve() / "engines")
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        if not external:
-            demand = kv_demand(config, spec, [dataset, *evals.values()])
-            engine_cls = ray.remote(EngineServer)
-            engine_pg = pgs[0] if p.colocate else pgs[1]
-            engines = [
-                engine_cls.options(**on(engine_pg, i % len(engine_pg.bundle_specs))).remote(
-                    config, demand, i, log_dir, admin_key
-                )
-                for i in range(n_engines)
-            ]
+        engine_cls = ray.remote(EngineServer)
+        engines = [
+            engine_cls.options(**on(layout.engine_bundle(i))).remote(config, demand, i, log_dir, admin_key)
+            for i in range(layout.engines)
+        ]
         ray.get([t.ready.remote() for t in trainers])
-        urls = ray.get([e.wait_healthy.remote(600.0) for e in engines]) if engines else external
+        urls = (
+            ray.get([e.wait_healthy.remote(600.0) for e in engines])
+            if engines
+            else list(layout.external_urls)
+        )
         router = None
         if len(urls) > 1:
             router = SglangRouter(host=node_ip(), log_path=Path(log_dir) / "router.log").start()
             for url in urls:
                 router.add(url)
         directory = str(Path(run_dir).resolve() / "weight_sync")
-        ray.get([t.set_weight_transport.remote(transport, master_address=master[0], directory=directory,
+        ray.get([t.set_weight_transport.remote(layout.transport, master_address=master[0], directory=directory,
                                                engines=urls) for t in trainers])  # fmt: skip
-        ft = p.use_fault_tolerance
-        client = rollout_client(config, router.url if router else urls[0])
-        r3 = config.use_rollout_routing_replay
-        if r3 and not spec.is_moe:
-            raise ValueError("--use-rollout-routing-replay needs an MoE model; this one is dense")
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        manager = RolloutManager(
-            config.rollout,
-            dataset,
-            client,
-            args=args,
-            concurrency=config.engine.server_concurrency * len(urls),
-            stop_token_ids=eos,
-            routed_experts_top_k=spec.num_experts_per_tok if r3 else None,
+        placement = cls(
+            config, layout, trainers, engines, list(urls), router, use_gpu, pgs, started, admin_key
         )
-        placement = cls(config, tokenizer, dataset, evals, manager, trainers, engines, list(urls), router,
-                        transport, use_gpu, pgs, started, admin_key)  # fmt: skip
-        if external:  # servers deployed on their own may hold any weights: start from ours
+        placement._client = rollout_client(config, router.url if router else urls[0])
+        if layout.external_urls:  # servers deployed on their own may hold any weights: start from ours
             placement.push_weights(0)
-        if ft:
+        p = config.placement
+        if p.use_fault_tolerance:
             placement.monitor = HealthMonitor(
                 placement._in_service_urls,
                 placement.recover,
@@ -306,29 +293,41 @@ class RayPlacement:
         except (httpx.HTTPError, EngineRequestError):
             return False
 
+    def engine_client(self) -> EngineClient:
+        assert self._client is not None, "start() sets it"
+        return self._client
+
     def train(self, groups: list[Group], step: int) -> dict[str, float]:
-        colocated_gpu = self.config.placement.colocate and self.use_gpu
-        if colocated_gpu and self.config.placement.offload_rollout:
-            self._engine_post("/release_memory_occupation")
-        if colocated_gpu and self.config.placement.offload_train:
-            self._on_trainers("wake_up")
         metrics = dict(self._on_trainers("train", groups, step)[0])
         if self.monitor is not None:
             metrics["rollout/engine_recoveries"] = float(self.monitor.recoveries)
         return metrics
 
-    def push_weights(self, version: int, *, send: bool = True) -> float:
-        colocated_gpu = self.config.placement.colocate and self.use_gpu
-        if colocated_gpu and self.config.placement.offload_rollout:
-            self._engine_post("/resume_memory_occupation")
-        seconds = 0.0
-        if send:
-            with self._lock:  # a recovery re-syncs either before (old version) or after (this one)
-                seconds = self._push_to_live(version)
-                self.version = version
-        if colocated_gpu and self.config.placement.offload_train:
-            self._on_trainers("sleep")
+    def push_weights(self, version: int) -> float:
+        with self._lock:  # a recovery re-syncs either before (old version) or after (this one)
+            seconds = self._push_to_live(version)
+            self.version = version
         return float(seconds)
+
+    def _offloads(self, part: Part) -> bool:
+        """Offloading takes turns on a shared device: only colocated on GPUs, as the flags ask."""
+        p = self.config.placement
+        wanted = p.offload_rollout if part == "engines" else p.offload_train
+        return bool(wanted) and p.colocate and self.use_gpu
+
+    def sleep(self, part: Part) -> None:
+        if self._offloads(part):
+            if part == "engines":
+                self._engine_post("/release_memory_occupation")
+            else:
+                self._on_trainers("sleep")
+
+    def wake(self, part: Part) -> None:
+        if self._offloads(part):
+            if part == "engines":
+                self._engine_post("/resume_memory_occupation")
+            else:
+                self._on_trainers("wake_up")
 
     def save_checkpoint(self, directory: str, step: int, extra: dict[str, Any]) -> None:
         self._on_trainers("save_checkpoint", directory, step, extra)
@@ -432,7 +431,7 @@ class RayPlacement:
             time.sleep(0.002)
         return None
 
-    def close(self) -> None:
+    def stop(self) -> None:
         ray = _ray()
         if self.monitor is not None:
             self.monitor.stop()
@@ -443,7 +442,7 @@ class RayPlacement:
             try:
                 fn()
             except Exception:
-                logger.exception("closing the Ray placement")
+                logger.exception("stopping the Ray placement")
         for actor in [*self.engines, *self.trainers]:
             ray.kill(actor)
         from ray.util.placement_group import remove_placement_group
@@ -454,4 +453,4 @@ class RayPlacement:
             ray.shutdown()
 
 
-__all__ = ["EngineServer", "RayPlacement", "RayPlacementError"]
+__all__ = ["EngineServer", "RayPlacement", "RayPlacementError", "rollout_client"]

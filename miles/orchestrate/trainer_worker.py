@@ -22,8 +22,8 @@ import torch.distributed as dist
 from miles.buffer.batching import build_train_batch
 from miles.config import MilesConfig
 from miles.kernels import batch_invariant
-from miles.orchestrate.local import build_trainer, compute_dtype
-from miles.orchestrate.weight_transfer import DiskSender, DistributedSender, TensorSender, WeightSender
+from miles.orchestrate.build import build_trainer, compute_dtype
+from miles.orchestrate.weight_transport import DiskSender, DistributedSender, TensorSender, WeightSender
 from miles.train.checkpoint import load_checkpoint, save_checkpoint
 from miles.train.rl_step import rl_step
 from miles.train.trainer_sleep import awake
@@ -74,7 +74,7 @@ class TrainerWorker:
     def set_weight_transport(
         self, transport: str, *, master_address: str, directory: str | None, engines: Sequence[str]
     ) -> None:
-        """``distributed`` / ``disk`` / ``tensor`` (see :mod:`miles.orchestrate.weight_transfer`);
+        """``distributed`` / ``disk`` / ``tensor`` (see :mod:`miles.orchestrate.weight_transport`);
         ``engines``: every engine URL, in engine-index order (colocated: engine i is on rank i)."""
         self.all_engines = list(engines)
         size = self.config.placement.update_weight_buffer_size

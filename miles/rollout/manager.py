@@ -20,7 +20,7 @@ import asyncio
 import logging
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,18 @@ class RolloutManager:
         self._next_index = 0
         # Rollout routing replay: ask the engine for every token's experts (the model's top-k).
         self.routed_experts_top_k = routed_experts_top_k
+
+    def state_dict(self) -> dict[str, int]:
+        """Where sample numbering stands (JSON-serialisable; the prompts' own is the dataset's)."""
+        return {"sample_index": self._next_index}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue numbering where :meth:`state_dict` was taken; ``ValueError`` naming the field
+        for a malformed state (nothing changes then)."""
+        index = state.get("sample_index")
+        if type(index) is not int or index < 0:
+            raise ValueError(f"sample_index must be a non-negative integer, got {index!r}")
+        self._next_index = index
 
     def sampling_params(self, seed: int | None, *, eval_mode: bool = False) -> SamplingParams:
         c = self.config

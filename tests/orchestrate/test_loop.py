@@ -146,17 +146,18 @@ def test_one_rank_fsdp_mixed_precision_placement_stays_exact(arith_world, tmp_pa
 
     from miles.config import parse_train_args
     from miles.orchestrate.local import LocalPlacement
-    from miles.orchestrate.loop import _loop, hook_args
+    from miles.orchestrate.loop import Run, load_rollout_data, train_loop
     from miles.utils.metrics import MetricsLogger
 
     run_dir = tmp_path / "run"
     config = parse_train_args(_argv(arith_world, run_dir, "--num-rollout", "2", "--true-on-policy-mode",
                                     "--global-batch-size", "16")[1:])  # fmt: skip
-    placement = LocalPlacement.build(config, hook_args(config), mixed_precision=True)
+    data = load_rollout_data(config)
+    placement = LocalPlacement.start(config, data.demand, tokenizer=data.tokenizer, mixed_precision=True)
     logger = MetricsLogger(run_dir)
     try:
         assert type(placement.trainer.model).__name__.startswith("FSDP")
-        _loop(config, placement, logger)
+        train_loop(Run.assemble(config, data, placement), logger)
         engine_params = dict(placement.engine.engine.model.named_parameters())
         for name, p in placement.trainer.model.named_parameters():
             want = engine_params[name]
@@ -170,7 +171,7 @@ def test_one_rank_fsdp_mixed_precision_placement_stays_exact(arith_world, tmp_pa
             assert torch.equal(exported[name], p.full_tensor()), name
     finally:
         logger.close()
-        placement.close()
+        placement.stop()
         dist.destroy_process_group()
     rows = read_metrics(run_dir)
     assert [r["train/train_rollout_logprob_abs_diff"] for r in rows] == [0.0, 0.0]

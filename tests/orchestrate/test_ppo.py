@@ -44,10 +44,10 @@ def test_ppo_trains_critic_then_policy(arith_world, tmp_path, monkeypatch):
     pushed = []  # (version, policy params, critic params) at each weight push
     push = LocalPlacement.push_weights
 
-    def spy(self, version, *, send=True):
-        assert self.trainer.critic is not None and send
+    def spy(self, version):
+        assert self.trainer.critic is not None
         pushed.append((version, _params(self.trainer.model), _params(self.trainer.critic.model)))
-        return push(self, version, send=send)
+        return push(self, version)
 
     monkeypatch.setattr(LocalPlacement, "push_weights", spy)
     run_dir = tmp_path / "run"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from miles.config import parse_train_args
-from miles.orchestrate.loop import _loop, hook_args
+from miles.orchestrate.loop import Run, load_rollout_data, train_loop
 from miles.rollout.dump import load_rollout_dump
 from miles.utils.metrics import MetricsLogger, read_metrics
 from tests.orchestrate.test_loop import _argv
@@ -40,19 +40,20 @@ def _run(world: Path, run_dir: Path, *extra: str, during: Any = None) -> tuple[l
 
     config = parse_train_args(_argv(world, run_dir, *extra)[1:])
     assert config.placement.use_ray
-    placement = RayPlacement.build(config, hook_args(config), run_dir=run_dir)
+    data = load_rollout_data(config)
+    placement = RayPlacement.start(config, data.demand, run_dir=run_dir)
     logger = MetricsLogger(run_dir)
     try:
         assert_engines_run_the_config(placement)
         if during is not None:
             during(placement)
-        _loop(config, placement, logger)
+        train_loop(Run.assemble(config, data, placement), logger)
         placement.wait_in_service()  # a restart still in flight
         assert_engines_hold(placement)
         placement.final_weights = placement.trainer_weights()
     finally:
         logger.close()
-        placement.close()
+        placement.stop()
     return read_metrics(run_dir), placement
 
 
@@ -226,7 +227,7 @@ def test_weight_sync_right_after_an_engine_died_goes_to_the_others(arith_world, 
     argv = _argv(arith_world, tmp_path / "run", "--placement-backend", "ray", "--rollout-num-gpus", "2",
                  "--num-rollout", "1", "--use-fault-tolerance", "--rollout-health-check-interval", "5")  # fmt: skip
     config = parse_train_args(argv[1:])
-    placement = RayPlacement.build(config, hook_args(config), run_dir=tmp_path / "run")
+    placement = RayPlacement.start(config, load_rollout_data(config).demand, run_dir=tmp_path / "run")
     try:
         placement.kill_engine(0)
         assert placement.push_weights(1) > 0 and placement.version == 1
@@ -236,4 +237,4 @@ def test_weight_sync_right_after_an_engine_died_goes_to_the_others(arith_world, 
         assert placement.monitor.recoveries == 1 and not placement.monitor.errors
         assert_engines_hold(placement)
     finally:
-        placement.close()
+        placement.stop()

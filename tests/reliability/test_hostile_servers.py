@@ -13,7 +13,7 @@ import pytest
 
 from miles.engine.client import EngineRequestError, HttpEngineClient, http_call
 from miles.orchestrate.health import HealthMonitor
-from miles.orchestrate.weight_transfer import WeightSyncError, _post
+from miles.orchestrate.weight_transport import WeightSyncError, _post
 
 CHUNK = b"x" * 65536
 

@@ -67,6 +67,29 @@ def test_same_step_same_rollout(world):
     ]
 
 
+def test_sample_numbering_resumes_from_its_state(world):
+    """A checkpoint's ``sample_index`` continues the numbering; a malformed one changes nothing."""
+    cfg = _config(world[0])
+    first = _manager(world, cfg)
+    asyncio.run(first.generate_rollout(step=0))
+    state = first.state_dict()
+    assert state == {"sample_index": 12}
+    resumed = _manager(world, cfg)
+    for bad in (
+        {},
+        {"sample_index": -1},
+        {"sample_index": "12"},
+        {"sample_index": 1.5},
+        {"sample_index": True},
+    ):
+        with pytest.raises(ValueError, match="sample_index"):
+            resumed.load_state_dict(bad)
+        assert resumed.state_dict() == {"sample_index": 0}
+    resumed.load_state_dict(state)
+    result = asyncio.run(resumed.generate_rollout(step=1))
+    assert min(s.index for g in result.groups for s in g.samples) == 12
+
+
 async def _raising_rm(args, sample):
     if sample.index % 2:
         raise ValueError("judge unavailable")

@@ -42,7 +42,7 @@ def _groups(vocab: int) -> list[Group]:
 
 @exits_cleanly
 def _run(rank: int, world: int, init_file: str, model: str, out: str) -> None:
-    from miles.orchestrate.local import build_trainer
+    from miles.orchestrate.build import build_trainer
     from miles.train.rl_step import rl_step
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -427,6 +427,11 @@ def check_modes(c: MilesConfig) -> None:
                 "--use-rollout-routing-replay (R3: the engine's routing) and --use-routing-replay "
                 "(R2: the trainer's) exclude each other",
             ),
+            (
+                t.use_routing_replay and c.algo.use_rollout_logprobs,
+                "--use-routing-replay (R2) replays the old-log-prob forward's experts: it cannot be combined "
+                "with --use-rollout-logprobs, which skips that forward",
+            ),
         ]
     )
 

@@ -377,6 +377,8 @@ VALIDATION = [
      "(--rollout-backend miles): an external SGLang server runs other kernels than the trainer"),
     (["--use-rollout-routing-replay", "--use-routing-replay"], "--use-rollout-routing-replay (R3: the engine's "
      "routing) and --use-routing-replay (R2: the trainer's) exclude each other"),
+    (["--use-routing-replay", "--use-rollout-logprobs"], "--use-routing-replay (R2) replays the old-log-prob "
+     "forward's experts: it cannot be combined with --use-rollout-logprobs, which skips that forward"),
     (["--sglang-speculative-num-steps", "3"], "--sglang-speculative-* settings need --sglang-speculative-algorithm"),
     # algorithm
     (["--mis-token-lower-bound", "0.5", "--use-mis"],

@@ -286,6 +286,43 @@ def test_weight_updates_and_memory(http, tiny_model_dir):
     assert http.post("/generate", json=prompt).json()["output_ids"] == base
 
 
+def test_a_refused_update_leaves_what_the_server_serves(http, tiny_model_dir, tmp_path):
+    """Through HTTP, as a client sees it: every refused update (a bad version, a NaN, another
+    model's weights under a bad version, a half-written file) answers 400 and
+    ``/get_weights_by_name`` and ``/get_weight_version`` serve exactly what they did before."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def served() -> tuple[list[float], str]:
+        norm = http.post("/get_weights_by_name", json={"name": "model.norm.weight", "truncate_size": 1 << 20})
+        return norm.json(), http.get("/get_weight_version").json()["weight_version"]
+
+    before = served()
+    other = tmp_path / "other"  # model B: the same shapes, other values
+    shutil.copytree(tiny_model_dir, other)
+    (weights,) = other.glob("*.safetensors")
+    save_file({k: v + 1.0 for k, v in load_file(weights).items()}, weights)
+    half = tmp_path / "half"
+    shutil.copytree(tiny_model_dir, half)
+    (part,) = half.glob("*.safetensors")
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    norm = torch.full((64,), 3.0)
+    refused = [
+        ("/update_weights_from_disk", {"model_path": str(other), "weight_version": "v2"}),
+        ("/update_weights_from_disk", {"model_path": str(other), "weight_version": -5}),
+        ("/update_weights_from_disk", {"model_path": str(half)}),
+        ("/update_weights_from_tensor", {"serialized_named_tensors": [_serialize([("model.norm.weight", norm)])],
+                                         "weight_version": "v2"}),
+        ("/update_weights_from_tensor",
+         {"serialized_named_tensors": [_serialize([("model.norm.weight", torch.full((64,), float("nan")))])]}),
+    ]  # fmt: skip
+    for path, body in refused:
+        r = http.post(path, json=body)
+        assert r.status_code == 400, (path, body, r.text)
+        assert served() == before, (path, body)
+
+
 def test_shared_memory_tensor_update_and_weight_read_back(http, tiny_model_dir):
     """SGLang's MultiprocessingSerializer format (the colocated trainer's): the engine maps the
     sender's shared-memory tensor and serves exactly those values back from /get_weights_by_name."""

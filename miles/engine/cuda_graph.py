@@ -31,8 +31,9 @@ from miles.utils.transfer import copy_to
 
 def block_table_array(tables: Sequence[Sequence[int]], rows: int, width: int, fill: int) -> torch.Tensor:
     """int64 ``[rows, width]``: ``tables[i]`` left-aligned in row ``i``, ``fill`` elsewhere. Built
-    in numpy, one row slice per table: a nested-list ``torch.tensor`` of 256 tables took 1.7 ms
-    a step on the host, this 0.3 ms."""
+    in numpy, one row slice per table: a nested-list ``torch.tensor`` of a large batch's tables
+    cost several times the host time a step (docs/performance.md, "Figures behind design
+    choices")."""
     arr = np.full((rows, width), fill, dtype=np.int64)
     for i, t in enumerate(tables):
         arr[i, : len(t)] = t
@@ -41,9 +42,10 @@ def block_table_array(tables: Sequence[Sequence[int]], rows: int, width: int, fi
 
 def capture_sizes(max_bs: int) -> list[int]:
     """Padded batch sizes with a graph: 1, 2, 4, 8, 16, 24, 32, then every 16 up to 128, every
-    32 beyond, and ``max_bs`` itself. Each size costs a capture, paid again after a memory
-    release (0.6B model: 35 sizes up to 256 took 4.2 s on an H100; these 17, 4.3 s on an H200,
-    Triton compilations included); the coarser steps past 32 pad a batch by at most a fifth."""
+    32 beyond, and ``max_bs`` itself. Each size costs a capture (Triton compilations included),
+    paid again after a memory release, so past 32 the steps coarsen (half as many sizes as steps
+    of 16; a batch is padded by at most a fifth). Capture times: docs/performance.md ("graph
+    capture")."""
     sizes = [1, 2, 4, 8, 16, 24, 32, *range(48, 129, 16), *range(160, max_bs, 32)]
     return sorted({*(s for s in sizes if s < max_bs), max_bs})
 
@@ -201,9 +203,9 @@ class DecodeGraphs:
 
     def _fingerprint(self) -> tuple[int, ...]:
         """Addresses a graph holds: the first layer's K/V cache and a sample of the parameters
-        (the first, last and every 16th). Checking all of them took 0.8 ms a step on an H200
-        host's CPU; the engine resets the graphs itself whenever it moves memory (release,
-        resume), so this only guards against a model moved behind its back, which moves every
+        (the first, last and every 16th). Checking all of them was a visible part of a decode
+        step's host time (docs/performance.md, "Engine (rollout)"); the engine resets the graphs
+        itself whenever it moves memory (release, resume), so this only guards against a model moved behind its back, which moves every
         parameter (``model.to``, ``load_state_dict(assign=True)``)."""
         cache = (self.kv_cache.k[0].data_ptr(), self.kv_cache.v[0].data_ptr()) if self.kv_cache.k else ()
         if not self._sample:

@@ -2,9 +2,9 @@
 
 Without it a decode step is serial: schedule and build the inputs on the host, run the forward,
 wait for the sampled tokens, append them and check the stop conditions, and only then schedule
-the next step; the GPU idles while the host works (on an H200 a 256-request step of a 0.6B model
-is ~10 ms of GPU work and several ms of host work). As SGLang's overlap scheduler, the engine
-instead queues step N+1 before it reads step N's tokens:
+the next step; the GPU idles while the host works (for a large batch of a small model the host's
+part is a sizeable fraction of the GPU's: docs/performance.md). As SGLang's overlap scheduler,
+the engine instead queues step N+1 before it reads step N's tokens:
 
 1. schedule step N+1 counting each request of step N as one token longer (its sampled token,
    still on the device, is what it feeds next: the inputs are gathered on the device);

@@ -52,7 +52,8 @@ class FinishReason:
 class Request:
     """Mutable engine-side state of one request. Compared (and hashed) by identity: the queues
     remove and look up requests with ``==``, and a field-by-field dataclass comparison made
-    finishing 512 requests 131k comparisons of every field (0.13 s of a rollout's host time).
+    finishing a rollout's requests a quadratic number of comparisons of every field, a visible
+    part of its host time (docs/performance.md, "Figures behind design choices").
 
     ``block_table[i]`` is the KV block holding tokens ``[i * block_size, (i + 1) * block_size)``
     of ``all_token_ids``; ``block_hashes[i]`` is the chained prefix hash of full block ``i``

@@ -19,9 +19,9 @@ Per row (request), in this order:
 Seeding: a request with ``sampling_seed`` draws its noise from a counter-based hash of (a mix of
 seed and index of the token in the output, vocabulary entry) (:func:`hashed_exponential`), so its
 tokens depend on nothing else (not the batch, not preemption), and a whole batch of seeded rows
-takes a few tensor ops (a generator per row and step cost the RL rollout, where every sample is
-seeded, ~40 µs of host time per row and step). Sampling is ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d. per vocabulary
-entry, which draws exactly from ``probs``. Rows are processed independently, so a row's result
+takes a few tensor ops (a generator per row and step cost host time per row and step, and the
+RL rollout seeds every sample: docs/performance.md). Sampling is ``argmax(probs / E)`` with
+``E ~ Exp(1)`` i.i.d. per vocabulary entry, which draws exactly from ``probs``. Rows are processed independently, so a row's result
 never depends on the other rows of the batch.
 
 Every log-probability returned is finite: temperatures that would overflow the division are
@@ -329,9 +329,9 @@ class Sampler:
         """``[B, V]`` log-probs in one batched op when no row needs penalties, an EOS ban or a
         top-k/top-p/min-p cut (the usual RL rollout), else ``None`` (rows go through
         :meth:`process`). Row for row the same ops as :meth:`process`: fp32, divide by the row's
-        temperature (greedy rows: no division), ``log_softmax`` over the row; measured on the
-        2-core CPU, the per-row path's sort of a 49k-entry row took about as long as a decode
-        step's attention."""
+        temperature (greedy rows: no division), ``log_softmax`` over the row; on a CPU the
+        per-row path's sort of a vocabulary-wide row cost about as much as a decode step's
+        attention (docs/performance.md)."""
         temps = []
         for req, count in zip(requests, counts):
             if not self.batchable(req, count):

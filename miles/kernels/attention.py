@@ -108,9 +108,9 @@ def flash_varlen_causal_attention(
     """:func:`varlen_causal_attention` by torch's bundled FlashAttention-2 varlen kernel (the op
     behind nested-tensor SDPA, with its backward): the packed tokens as they are, GQA natively,
     no padding, no gathers, and nothing built per shape (the padded SDPA call went to cuDNN,
-    which built a plan for every new ``[B, L]``: ~140 ms each on an H100, and an RL step's
-    micro-batches are all new shapes). ``max_len``: the longest sequence (a host int).
-    Check :func:`flash_varlen_supported` first. Equal to the reference up to summation order."""
+    which built a costly plan for every new ``[B, L]``, and an RL step's micro-batches are all
+    new shapes; the cost: docs/performance.md, "Trainer"). ``max_len``: the longest sequence (a
+    host int). Check :func:`flash_varlen_supported` first. Equal to the reference up to summation order."""
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     out = torch.ops.aten._flash_attention_forward(
         q.contiguous(),

@@ -4,8 +4,8 @@ cache hits) and the trainer (packed sequences) compute the same bits for the sam
 
 Why the ordinary kernels are not: a BLAS picks its blocking, its kernel (GEMV for one row, GEMM
 otherwise, split-K for skinny shapes) and hence its summation order from the *shape*, so
-``linear(x)[0]`` changes with the number of rows (measured on the 2-core CPU: row 0 of a
-576 x 1536 projection differs for 511 of the 512 batch sizes 1..512). Attention over a different
+``linear(x)[0]`` changes with the number of rows (on a CPU, row 0 of one projection differed
+for almost every batch size tried: docs/performance.md). Attention over a different
 number of keys, or the trainer's causal SDPA against the engine's paged gather, sums in yet
 other orders. What stays invariant (checked in ``tests/kernels``): element-wise ops, reductions
 over the last dimension of a fixed length (RMSNorm, ``log_softmax`` over the vocabulary,
@@ -57,7 +57,8 @@ ROW_BLOCK, Q_BLOCK, KV_CHUNK = _BLOCKS["cpu"]
 # On CUDA a row-wise op's block is sized by the row width instead (a function of the op, never of
 # the batch): about 4M elements, 256 to 8192 rows. The trainer's q/k-norms see T x heads rows of
 # 128 (32768 for 2048 tokens): 256-row blocks meant 128 blocks of ~6 kernels each per norm, the
-# largest part of the trainer's cost in this mode (measured on an H100: 11.7x slower than default).
+# largest part of the trainer's cost in this mode (the slowdown against the default kernels, then
+# and now: docs/performance.md).
 _CUDA_ROWWISE_ELEMENTS, _CUDA_ROWWISE_MAX = 1 << 22, 8192
 
 

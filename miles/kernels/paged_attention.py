@@ -28,9 +28,9 @@ from miles.kernels.attention import prefix_causal_attention
 from miles.kernels.triton_loader import triton_module
 
 # With a ratio r > 0 a new chunk starts when a sequence is shorter than r times the chunk's
-# longest, trading padding for more (smaller) SDPA calls. Measured on a 2-core CPU with 32 decode
-# sequences of 60-380 tokens: one chunk 23 ms per layer, r = 0.5 (3 chunks) 59 ms, so the
-# default is one chunk and only ``max_chunk_elements`` splits.
+# longest, trading padding for more (smaller) SDPA calls. On a CPU decode batch of mixed lengths
+# the extra calls cost more than the padding they saved (docs/performance.md), so the default is
+# one chunk and only ``max_chunk_elements`` splits.
 DEFAULT_BUCKET_RATIO = 0.0
 # Upper bound on the padded ``b * Lq * Lk`` score elements of one chunk (per head), so a large
 # batch of long sequences is split instead of materialising one huge padded tensor.

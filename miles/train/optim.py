@@ -155,12 +155,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> L
 
 
 # Implementation flags of the CPU AdamW. Single-tensor: bitwise the plain AdamW of a CPU model
-# (the default there), which the tests rely on. Measured: 2 CPU cores (torch 2.13, 20M fp32
-# parameters): single-tensor 0.46 s, foreach 1.9 s (CPU has no foreach kernels), fused 0.21 s;
-# whole offloaded step on an H100 host (32 cores, torch 2.11, 403M parameters, copies included):
-# single-tensor 0.52 s, fused 0.15 s (fused CUDA AdamW without offload: 0.004 s). So a model on
-# CUDA (the real offload, where the plain path is fused CUDA AdamW and never bitwise anyway) steps
-# with the fused CPU kernel, ~3x faster; a CPU model keeps the single-tensor bitwise match.
+# (the default there), which the tests rely on. On the CPU fused is the fastest of the three and
+# foreach the slowest (the CPU has no foreach kernels); fused also wins a whole offloaded step
+# (timings: docs/performance.md). So a model on CUDA (the real offload, where the plain path is fused CUDA
+# AdamW and never bitwise anyway) steps with the fused CPU kernel; a CPU model keeps the
+# single-tensor bitwise match.
 _CPU_ADAMW: dict[str, Any] = dict(foreach=False, fused=False)
 _CPU_ADAMW_FOR_CUDA_MODEL: dict[str, Any] = dict(foreach=False, fused=True)
 # Per-run implementation choices, never taken from a loaded state dict.

@@ -29,8 +29,9 @@ class PinnedRing:
     guards the slot, and the slot is written again only once that event has passed (with
     ``slots`` slots and a few copies per decode step, it has, long before). This replaces a
     ``pin_memory()`` per copy: PyTorch's caching host allocator took a lock and polled the
-    events of every block in flight on each call, which was a quarter of the engine thread's
-    time in a GRPO rollout on an H100. Thread-safe; data larger than a slot is not staged here.
+    events of every block in flight on each call, a large share of the engine thread's time in
+    a GRPO rollout (docs/performance.md, "Engine (rollout)"). Thread-safe; data larger than a
+    slot is not staged here.
     """
 
     def __init__(self, slots: int = 64, slot_bytes: int = 1 << 17) -> None:

@@ -1,17 +1,17 @@
 """Fused inference kernels (Triton, CUDA): RMSNorm, rotary embedding and SwiGLU's
 ``silu(gate) * up`` in one launch each.
 
-A decode step of a 0.6B model runs ~45 small kernels per layer, each a few microseconds on a
-batch of a few hundred tokens even inside a CUDA graph; RMSNorm alone was seven (upcast, square,
-mean, add, rsqrt, multiply, downcast, weight) and the rotary embedding five per tensor. These
-two kernels do the same arithmetic in one pass each:
+A decode step of a 0.6B model ran dozens of small kernels per layer (docs/performance.md), each
+a few microseconds on a batch of a few hundred tokens even inside a CUDA graph; RMSNorm alone
+was seven (upcast, square, mean, add, rsqrt, multiply, downcast, weight) and the rotary
+embedding five per tensor. These two kernels do the same arithmetic in one pass each:
 
 - :func:`rms_norm` computes in fp32 and rounds as ``miles.models.layers.RMSNorm`` does (the
   normalised row to the input dtype, then the weight product in that dtype). Its sum of squares
   is one tree reduction, so it may differ from torch's in the last bit.
 - :func:`rotary` rounds every product and the sum to the input dtype as
-  ``miles.models.rope.apply_rotary``'s tensor ops do (measured on an H200: equal but for a
-  one-ulp difference on some bf16 elements).
+  ``miles.models.rope.apply_rotary``'s tensor ops do; some bf16 elements may still differ from
+  theirs in the last bit (``tests/kernels/test_fused.py``).
 
 Forward only: the engine's model uses them (``miles.models.layers.use_inference_kernels``).
 """

@@ -3,9 +3,9 @@
 The trainer's chunked log-probs need, per row of ``x = z / temperature`` (``z`` a ``[C, V]``
 block of logits): ``max m``, ``sum exp(x - m)`` and ``sum exp(x - m) * x`` (the entropy). As one
 compiled reduction per row, inductor gave each of the ~1,000 rows one program walking 150k
-columns: 31 ms of a 0.23 s Qwen3-0.6B step on an H100, for 5 GB read. Here every row is split
-over column blocks, each program keeps an online (rescaled) max and sums over its block, and a
-few ``[C, blocks]`` torch ops merge the partials: one read of ``z``, the whole GPU busy.
+columns, a large part of a Qwen3-0.6B step on an H100 (docs/performance.md, "Trainer"). Here
+every row is split over column blocks, each program keeps an online (rescaled) max and sums over
+its block, and a few ``[C, blocks]`` torch ops merge the partials: one read of ``z``, the whole GPU busy.
 
 The values equal :func:`miles.algo.logprobs.slice_stats`'s up to summation order (``x`` is
 computed the same way: the logit upcast to fp32, then divided by the temperature).

@@ -12,7 +12,7 @@ from miles.engine.async_engine import AsyncEngine, EngineOverloaded, RequestSpec
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.conftest import make_engine
-from tests.engine.test_engine import CharTokenizer
+from tests.engine.helpers import CharTokenizer
 from tests.models.conftest import save_case
 
 

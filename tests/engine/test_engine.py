@@ -15,6 +15,7 @@ from miles.models.generation import generate_ids
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.conftest import make_engine
+from tests.engine.helpers import CharTokenizer, random_prompts
 from tests.models.conftest import CASES, make_hf_model
 from tests.tolerance import logprob_tol
 
@@ -39,20 +40,6 @@ def llama(models):
     return models["llama"][1]
 
 
-class CharTokenizer:
-    """Token ``i`` decodes to one printable character (enough for stop strings)."""
-
-    eos_token_id = None
-
-    def decode(self, ids):
-        return "".join(chr(33 + i % 90) for i in ids)
-
-
-def _prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
-
-
 def _engine(model, **kw) -> Engine:
     kw.setdefault("num_blocks", 128)
     kw.setdefault("page_size", 4)
@@ -69,8 +56,8 @@ def _ids(outs) -> list[list[int]]:
 @pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3_moe"])
 def test_greedy_equals_reference_generation(models, name):
     model = models[name][1]
-    system = _prompts(9, seed=5)[0]
-    prompts = _prompts(5, 17, 1, 30) + [system + p for p in _prompts(3, 6, seed=6)]
+    system = random_prompts(9, seed=5)[0]
+    prompts = random_prompts(5, 17, 1, 30) + [system + p for p in random_prompts(3, 6, seed=6)]
     ref = generate_ids(model, prompts, 10)
     outs = _engine(model).generate(prompts, GREEDY)
     assert _ids(outs) == ref
@@ -79,7 +66,7 @@ def test_greedy_equals_reference_generation(models, name):
 
 def test_greedy_equals_transformers_generate(models):
     hf, model = models["llama"]
-    prompts = _prompts(6, 11)
+    prompts = random_prompts(6, 11)
     outs = _engine(model).generate(prompts, GREEDY)
     for p, out in zip(prompts, outs):
         ids = hf.generate(
@@ -92,7 +79,7 @@ def test_greedy_equals_transformers_generate(models):
 
 
 def test_group_samples_share_their_prompt(llama):
-    prompt = _prompts(13)[0]  # 3 full blocks of 4 + 1 token
+    prompt = random_prompts(13)[0]  # 3 full blocks of 4 + 1 token
     engine = _engine(llama)
     ids = [engine.add_request(prompt, GREEDY) for _ in range(4)]
     peak, done = 0, {}
@@ -112,13 +99,13 @@ def test_group_samples_share_their_prompt(llama):
 
 
 def test_prefix_caching_can_be_disabled(llama):
-    outs = _engine(llama, disable_radix_cache=True).generate([_prompts(13)[0]] * 3, GREEDY)
+    outs = _engine(llama, disable_radix_cache=True).generate([random_prompts(13)[0]] * 3, GREEDY)
     assert [o.cached_tokens for o in outs] == [0, 0, 0]
 
 
 def test_flush_cache_only_when_idle(llama):
     engine = _engine(llama)
-    prompt = _prompts(13)[0]
+    prompt = random_prompts(13)[0]
     engine.generate([prompt], GREEDY)
     engine.add_request(prompt, GREEDY, request_id="busy")
     assert engine.flush_cache() is False
@@ -134,9 +121,9 @@ def test_flush_cache_only_when_idle(llama):
 
 def test_seeded_sampling_is_batch_invariant(llama):
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=12, sampling_seed=1234)
-    target = _prompts(7, seed=3)[0]
+    target = random_prompts(7, seed=3)[0]
     alone = _engine(llama, random_seed=0).generate([target], params)[0]
-    others = _prompts(3, 20, 9, 14, 5, seed=4)
+    others = random_prompts(3, 20, 9, 14, 5, seed=4)
     unseeded = SamplingParams(temperature=1.0, max_new_tokens=15)
     mixed = _engine(llama, random_seed=1, max_prefill_tokens=8).generate(
         [*others[:2], target, *others[2:]], [unseeded, unseeded, params, unseeded, unseeded, unseeded]
@@ -184,7 +171,7 @@ def _expected_logprobs(model, prompt, out, params: SamplingParams) -> list[float
     ],
 )
 def test_logprobs_are_those_of_the_sampled_distribution(llama, params):
-    prompts = _prompts(5, 12, seed=8)
+    prompts = random_prompts(5, 12, seed=8)
     outs = _engine(llama).generate(prompts, params)
     for prompt, out in zip(prompts, outs):
         got = torch.tensor(out.output_logprobs)
@@ -193,7 +180,7 @@ def test_logprobs_are_those_of_the_sampled_distribution(llama, params):
 
 
 def test_prompt_logprobs_and_top_logprobs(llama):
-    prompt = _prompts(11)[0]
+    prompt = random_prompts(11)[0]
     engine = _engine(llama, max_prefill_tokens=4)
     engine.generate([prompt], GREEDY)  # warm the prefix cache: prompt logprobs must ignore it
     rid = engine.add_request(prompt, GREEDY, return_prompt_logprobs=True, top_logprobs_num=3)
@@ -213,7 +200,7 @@ def test_prompt_logprobs_and_top_logprobs(llama):
 
 
 def test_preemption_keeps_greedy_outputs(llama):
-    prompts = _prompts(6, 9, 3, 11, 7)
+    prompts = random_prompts(6, 9, 3, 11, 7)
     params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
     engine = _engine(llama, num_blocks=10)  # 40 slots for 5 requests needing up to 27 each
     outs = engine.generate(prompts, params)
@@ -223,14 +210,14 @@ def test_preemption_keeps_greedy_outputs(llama):
 
 
 def test_chunked_prefill_keeps_outputs(llama):
-    prompts = _prompts(23, 5, 17)
+    prompts = random_prompts(23, 5, 17)
     engine = _engine(llama, max_prefill_tokens=5)
     assert _ids(engine.generate(prompts, GREEDY)) == generate_ids(llama, prompts, 10)
 
 
 def test_running_cap(llama):
     engine = _engine(llama, max_running_requests=2)
-    for p in _prompts(4, 4, 4, 4):
+    for p in random_prompts(4, 4, 4, 4):
         engine.add_request(p, GREEDY)
     engine.step()
     assert (engine.stats().num_running, engine.stats().num_waiting) == (2, 2)
@@ -239,7 +226,7 @@ def test_running_cap(llama):
 def test_request_alone_filling_the_cache_ends_with_length(llama):
     engine = _engine(llama, num_blocks=3)
     out = engine.generate(
-        [_prompts(5)[0]], SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True)
+        [random_prompts(5)[0]], SamplingParams(temperature=0, max_new_tokens=50, ignore_eos=True)
     )[0]
     assert out.finish_reason is not None and out.finish_reason.type == "length"
     assert out.completion_tokens == 12 - 5 + 1  # 12 slots hold 12 fed tokens; the last is sampled
@@ -247,7 +234,7 @@ def test_request_alone_filling_the_cache_ends_with_length(llama):
 
 def test_abort_returns_every_block(llama):
     engine = _engine(llama, num_blocks=32)
-    ids = [engine.add_request(p, GREEDY) for p in _prompts(9, 9, 14, 3)]
+    ids = [engine.add_request(p, GREEDY) for p in random_prompts(9, 9, 14, 3)]
     engine.step()
     engine.step()
     assert engine.abort(ids[1]) == [ids[1]]
@@ -264,7 +251,7 @@ def test_abort_returns_every_block(llama):
 
 
 def test_stop_token_ids_eos_ignore_eos_and_min_new_tokens(llama):
-    prompt = _prompts(8)[0]
+    prompt = random_prompts(8)[0]
     ref = generate_ids(llama, [prompt], 10)[0]
     stop = ref[3]
     first = ref.index(stop)
@@ -288,7 +275,7 @@ def test_stop_token_ids_eos_ignore_eos_and_min_new_tokens(llama):
 
 def test_stop_strings(llama):
     tok = CharTokenizer()
-    prompt = _prompts(8)[0]
+    prompt = random_prompts(8)[0]
     ref = generate_ids(llama, [prompt], 10)[0]
     stop = tok.decode(ref[4:6])
     cut = tok.decode(ref).find(stop)
@@ -341,7 +328,7 @@ def test_bad_input_is_rejected_with_a_reason(llama):
 @pytest.mark.parametrize("cut", [{}, {"top_p": 0.9, "repetition_penalty": 1.2}])  # batched, per-row
 def test_tiny_temperature_generates_what_greedy_does(llama, temperature, seed, cut):
     """These gave NaN log-probs (a 500 from the server's JSON encoder) and token 0."""
-    prompts = _prompts(5, 12, seed=9)
+    prompts = random_prompts(5, 12, seed=9)
     base = dict(max_new_tokens=8, ignore_eos=True, **cut)
     greedy = _engine(llama).generate(prompts, SamplingParams(temperature=0, **base))
     engine = _engine(llama, random_seed=3)
@@ -359,7 +346,7 @@ def test_tiny_temperature_generates_what_greedy_does(llama, temperature, seed, c
 def test_repetition_penalty_bounds_give_finite_logprobs(llama, penalty):
     params = SamplingParams(temperature=0.7, repetition_penalty=penalty, max_new_tokens=8, ignore_eos=True)
     engine = _engine(llama)
-    rid = engine.add_request(_prompts(12, seed=2)[0], params, top_logprobs_num=5)
+    rid = engine.add_request(random_prompts(12, seed=2)[0], params, top_logprobs_num=5)
     done = {}
     while engine.has_unfinished():
         done.update({o.request_id: o for o in engine.step() if o.finished})
@@ -371,7 +358,7 @@ def test_repetition_penalty_bounds_give_finite_logprobs(llama, penalty):
 def test_top_logprobs_carry_only_tokens_that_could_be_drawn(llama):
     params = SamplingParams(temperature=1.0, top_k=2, max_new_tokens=4, ignore_eos=True, sampling_seed=0)
     engine = _engine(llama)
-    rid = engine.add_request(_prompts(6)[0], params, top_logprobs_num=5)
+    rid = engine.add_request(random_prompts(6)[0], params, top_logprobs_num=5)
     while engine.has_unfinished():
         outs = [o for o in engine.step() if o.request_id == rid and o.finished]
     tops = outs[0].output_top_logprobs
@@ -381,7 +368,7 @@ def test_top_logprobs_carry_only_tokens_that_could_be_drawn(llama):
 
 def test_huge_max_new_tokens_stops_at_the_context_length(llama):
     out = _engine(llama, context_length=20).generate(
-        [_prompts(5)[0]], SamplingParams(temperature=0, max_new_tokens=2**31 - 1, ignore_eos=True)
+        [random_prompts(5)[0]], SamplingParams(temperature=0, max_new_tokens=2**31 - 1, ignore_eos=True)
     )[0]
     assert (
         out.finish_reason is not None and out.finish_reason.type == "length" and out.completion_tokens == 15
@@ -438,7 +425,7 @@ def test_generating_while_memory_is_released_is_refused_at_admission(llama):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_engine_on_cuda(models):
     model = copy.deepcopy(models["qwen3"][1]).to("cuda")
-    prompts = _prompts(5, 17, 1, 30)
+    prompts = random_prompts(5, 17, 1, 30)
     engine = _engine(model, num_blocks=12, max_prefill_tokens=16)  # preempts and chunks
     assert _ids(engine.generate(prompts, GREEDY)) == generate_ids(model, prompts, 10)
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=30, max_new_tokens=8, sampling_seed=5)

@@ -191,7 +191,7 @@ def test_update_weight_buffer_size_sizes_the_embedded_push(arith_world, tmp_path
     ``--update-weight-buffer-size`` said. The real bucketing runs; the wrapper only records."""
     import miles.orchestrate.local as local
     from miles.cli import main
-    from tests.orchestrate.test_loop import _argv
+    from tests.orchestrate.helpers import train_argv
 
     real = local.iter_weight_buckets
     seen: list[tuple[int, int]] = []  # (bucket_bytes asked, buckets yielded)
@@ -202,7 +202,9 @@ def test_update_weight_buffer_size_sizes_the_embedded_push(arith_world, tmp_path
         return iter(buckets)
 
     monkeypatch.setattr(local, "iter_weight_buckets", recording)
-    argv = _argv(arith_world, tmp_path / "run", "--num-rollout", "1", "--update-weight-buffer-size", "4096")
+    argv = train_argv(
+        arith_world, tmp_path / "run", "--num-rollout", "1", "--update-weight-buffer-size", "4096"
+    )
     assert main(argv) == 0
     assert seen and all(size == 4096 for size, _ in seen), seen
     assert all(n > 1 for _, n in seen)  # the model is larger than one 4 KiB bucket

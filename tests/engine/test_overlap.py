@@ -13,7 +13,7 @@ from miles.kernels.batch_invariant import batch_invariant
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.conftest import make_engine
-from tests.engine.test_engine import CharTokenizer, _prompts
+from tests.engine.helpers import CharTokenizer, random_prompts
 from tests.models.conftest import save_case
 
 
@@ -77,7 +77,7 @@ class _Spy(ModelRunner):
     ids=["plain", "queue", "preempt"],
 )
 def test_overlap_gives_the_serial_tokens_and_logprobs(llama, kw):
-    prompts = _prompts(5, 9, 3, 12, 7, 4, seed=1)
+    prompts = random_prompts(5, 9, 3, 12, 7, 4, seed=1)
     params = _params(len(prompts))
     with batch_invariant():
         serial = _engine(llama, False, **kw).generate(prompts, params)
@@ -92,7 +92,7 @@ def test_overlap_gives_the_serial_tokens_and_logprobs(llama, kw):
 
 
 def test_overlap_with_stop_strings_top_logprobs_and_streaming(llama):
-    prompts = _prompts(6, 8, 5, seed=2)
+    prompts = random_prompts(6, 8, 5, seed=2)
     params = [
         SamplingParams(temperature=0.0, max_new_tokens=12, stop=["A"], ignore_eos=True),
         SamplingParams(temperature=1.0, sampling_seed=5, max_new_tokens=9, ignore_eos=True),
@@ -121,7 +121,7 @@ def test_overlap_with_stop_strings_top_logprobs_and_streaming(llama):
 
 
 def test_abort_pause_and_release_with_a_step_in_flight(llama):
-    prompts = _prompts(5, 6, 7, seed=3)
+    prompts = random_prompts(5, 6, 7, seed=3)
     params = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
     with batch_invariant():
         serial = _engine(llama, False).generate(prompts, params)
@@ -153,7 +153,7 @@ def test_abort_pause_and_release_with_a_step_in_flight(llama):
 
 def test_rows_outside_the_batched_sampler_fall_back_to_serial_steps(llama):
     """top-p, penalties and min_new_tokens sample per row: no overlap, same result as before."""
-    prompts = _prompts(5, 7, seed=4)
+    prompts = random_prompts(5, 7, seed=4)
     params = [
         SamplingParams(temperature=1.0, top_p=0.9, sampling_seed=1, max_new_tokens=6, ignore_eos=True),
         SamplingParams(temperature=0.0, max_new_tokens=6, min_new_tokens=4, repetition_penalty=1.3),
@@ -188,7 +188,7 @@ def test_overlap_on_cuda_with_graphs_matches_the_serial_schedule(tmp_path, max_r
     shapes)."""
     save_case("llama", tmp_path)
     model = load_model(tmp_path, device="cuda")
-    prompts = _prompts(*(3 + (7 * i) % 30 for i in range(12)), seed=5)
+    prompts = random_prompts(*(3 + (7 * i) % 30 for i in range(12)), seed=5)
     params = _params(len(prompts))
     kw = {"num_blocks": 256, "page_size": 16, "eos_token_ids": [93, 47], "max_running_requests": max_running}
     overlapped = make_engine(model, CharTokenizer(), random_seed=0, **kw)

@@ -13,7 +13,7 @@ from miles.engine.engine import Engine
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.conftest import make_engine
-from tests.engine.test_engine import CharTokenizer, _prompts
+from tests.engine.helpers import CharTokenizer, random_prompts
 from tests.models.conftest import save_case
 
 
@@ -34,7 +34,7 @@ def _run(engine: Engine, prompts, params, stream: bool):
 
 @pytest.mark.parametrize("kind", ["length", "stop_token", "stop_token_kept", "stop_string"])
 def test_non_streamed_requests_end_with_the_streamed_text(llama, kind):
-    prompts = _prompts(5, 9, 14, 3)
+    prompts = random_prompts(5, 9, 14, 3)
     tok = CharTokenizer()
     base = dict(temperature=0.0, max_new_tokens=9)
     # Stops taken from a first run's outputs, so that some request really meets them.

@@ -290,7 +290,7 @@ def test_unreadable_checkpoints_are_refused_naming_the_file(ckpts, tmp_path, mak
 
 def test_half_written_gguf_is_refused(ckpts, tmp_path):
     pytest.importorskip("gguf")
-    from tests.models.test_gguf import write_gguf
+    from tests.models.helpers import write_gguf
 
     engine = _engine(ckpts["a"])
     snap = _snapshot(engine)

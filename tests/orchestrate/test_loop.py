@@ -10,19 +10,13 @@ import pytest
 
 from miles.cli import main
 from miles.utils.metrics import read_metrics
-
-
-def _argv(world, run_dir, *extra):
-    return ["train", "--hf-checkpoint", str(world / "model"), "--prompt-data", str(world / "train.jsonl"),
-            "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "exact",
-            "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "4",
-            "--lr", "1e-3", "--run-dir", str(run_dir), *extra]  # fmt: skip
+from tests.orchestrate.helpers import train_argv
 
 
 def test_grpo_steps_write_metrics_and_push_weights(arith_world, tmp_path):
     run_dir = tmp_path / "run"
     dump = tmp_path / "dump"
-    code = main(_argv(arith_world, run_dir, "--num-rollout", "2", "--global-batch-size", "8",
+    code = main(train_argv(arith_world, run_dir, "--num-rollout", "2", "--global-batch-size", "8",
                       "--save-debug-rollout-data", str(dump)))  # fmt: skip
     assert code == 0
     rows = read_metrics(run_dir)
@@ -42,7 +36,7 @@ def test_grpo_steps_write_metrics_and_push_weights(arith_world, tmp_path):
 
 def test_sft_warmup_lowers_the_loss_and_exports_hf(arith_world, tmp_path):
     out = tmp_path / "hf"
-    argv = _argv(arith_world, tmp_path / "run", "--loss-type", "sft_loss", "--n-samples-per-prompt", "1",
+    argv = train_argv(arith_world, tmp_path / "run", "--loss-type", "sft_loss", "--n-samples-per-prompt", "1",
                  "--prompt-data", str(arith_world / "sft.jsonl"), "--num-rollout", "12", "--lr", "3e-3",
                  "--save-hf", str(out))  # fmt: skip
     assert main(argv) == 0
@@ -54,10 +48,14 @@ def test_sft_warmup_lowers_the_loss_and_exports_hf(arith_world, tmp_path):
 def test_replay_saved_rollouts_into_the_trainer(arith_world, tmp_path):
     dump = tmp_path / "dump"
     assert (
-        main(_argv(arith_world, tmp_path / "a", "--num-rollout", "1", "--save-debug-rollout-data", str(dump)))
+        main(
+            train_argv(
+                arith_world, tmp_path / "a", "--num-rollout", "1", "--save-debug-rollout-data", str(dump)
+            )
+        )
         == 0
     )
-    argv = _argv(arith_world, tmp_path / "b", "--num-rollout", "1", "--load-debug-rollout-data", str(dump),
+    argv = train_argv(arith_world, tmp_path / "b", "--num-rollout", "1", "--load-debug-rollout-data", str(dump),
                  "--debug-train-only")  # fmt: skip
     assert main(argv) == 0
     a, b = read_metrics(tmp_path / "a")[0], read_metrics(tmp_path / "b")[0]
@@ -66,7 +64,7 @@ def test_replay_saved_rollouts_into_the_trainer(arith_world, tmp_path):
 
 def test_miles_plot_draws_the_run(arith_world, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = _argv(arith_world, run_dir, "--num-rollout", "2", "--eval-prompt-data", "arith",
+    argv = train_argv(arith_world, run_dir, "--num-rollout", "2", "--eval-prompt-data", "arith",
                  str(arith_world / "eval.jsonl"), "--eval-interval", "1")  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
@@ -93,7 +91,7 @@ async def digit_first_rm(args, sample) -> float:
 
 def test_reward_of_a_trivially_learnable_task_rises(arith_world, tmp_path):
     run_dir = tmp_path / "run"
-    argv = _argv(arith_world, run_dir, "--num-rollout", "8", "--n-samples-per-prompt", "8",
+    argv = train_argv(arith_world, run_dir, "--num-rollout", "8", "--n-samples-per-prompt", "8",
                  "--rollout-max-response-len", "1", "--global-batch-size", "32", "--lr", "1e-2",
                  "--custom-rm-path", f"{__name__}.digit_first_rm")  # fmt: skip
     assert main(argv) == 0
@@ -104,14 +102,14 @@ def test_reward_of_a_trivially_learnable_task_rises(arith_world, tmp_path):
 def test_true_on_policy_mode_makes_rollout_and_trainer_logprobs_equal(arith_world, tmp_path):
     """Every step's |trainer - rollout| log-prob gap is exactly 0, and so is the first step's
     PPO KL (old log-probs are the rollout's); the default mode is close but not exact."""
-    argv = _argv(arith_world, tmp_path / "on", "--num-rollout", "3", "--rollout-max-response-len", "6",
+    argv = train_argv(arith_world, tmp_path / "on", "--num-rollout", "3", "--rollout-max-response-len", "6",
                  "--rollout-temperature", "0.9", "--true-on-policy-mode", "--global-batch-size", "16")  # fmt: skip
     assert main(argv) == 0
     rows = read_metrics(tmp_path / "on")
     assert [r["train/train_rollout_logprob_abs_diff"] for r in rows] == [0.0, 0.0, 0.0]
     assert rows[0]["train/ppo_kl"] == 0.0
     assert all(r["train/mismatch_k3_kl"] == 0.0 for r in rows)
-    off = _argv(arith_world, tmp_path / "off", "--num-rollout", "1", "--rollout-max-response-len", "6",
+    off = train_argv(arith_world, tmp_path / "off", "--num-rollout", "1", "--rollout-max-response-len", "6",
                 "--rollout-temperature", "0.9", "--global-batch-size", "8")  # fmt: skip
     assert main(off) == 0
     assert read_metrics(tmp_path / "off")[0]["train/train_rollout_logprob_abs_diff"] > 0.0
@@ -120,11 +118,11 @@ def test_true_on_policy_mode_makes_rollout_and_trainer_logprobs_equal(arith_worl
 def test_run_writes_tensorboard_and_wandb_offline(arith_world, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.utils.test_metrics import settled_wandb_history
+    from tests.utils.helpers import settled_wandb_history
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    argv = _argv(arith_world, run_dir, "--num-rollout", "2", "--use-tensorboard", "--use-wandb",
+    argv = train_argv(arith_world, run_dir, "--num-rollout", "2", "--use-tensorboard", "--use-wandb",
                  "--wandb-mode", "offline", "--wandb-project", "miles-test")  # fmt: skip
     assert main(argv) == 0
     rows = read_metrics(run_dir)
@@ -150,7 +148,7 @@ def test_one_rank_fsdp_mixed_precision_placement_stays_exact(arith_world, tmp_pa
     from miles.utils.metrics import MetricsLogger
 
     run_dir = tmp_path / "run"
-    config = parse_train_args(_argv(arith_world, run_dir, "--num-rollout", "2", "--true-on-policy-mode",
+    config = parse_train_args(train_argv(arith_world, run_dir, "--num-rollout", "2", "--true-on-policy-mode",
                                     "--global-batch-size", "16")[1:])  # fmt: skip
     data = load_rollout_data(config)
     placement = LocalPlacement.start(config, data.demand, tokenizer=data.tokenizer, mixed_precision=True)
@@ -180,7 +178,7 @@ def test_one_rank_fsdp_mixed_precision_placement_stays_exact(arith_world, tmp_pa
 
 def test_deterministic_mode_reruns_bit_for_bit(arith_world, tmp_path):
     def run(name):
-        argv = _argv(arith_world, tmp_path / name, "--num-rollout", "2", "--deterministic-mode",
+        argv = train_argv(arith_world, tmp_path / name, "--num-rollout", "2", "--deterministic-mode",
                      "--rollout-temperature", "1.0")  # fmt: skip
         assert main(argv) == 0
         return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "time"}
@@ -195,7 +193,7 @@ def test_r2_replays_the_old_forward_routing_in_the_loop(arith_world, tmp_path):
     """--use-routing-replay: two optimizer steps per rollout, so the old-log-prob forward runs and
     its experts are replayed in both training forwards."""
     run_dir = tmp_path / "run"
-    argv = _argv(arith_world, run_dir, "--num-rollout", "2", "--global-batch-size", "8", "--use-routing-replay",
+    argv = train_argv(arith_world, run_dir, "--num-rollout", "2", "--global-batch-size", "8", "--use-routing-replay",
                  "--custom-rm-path", f"{__name__}.digit_first_rm")  # fmt: skip
     assert main(argv) == 0
     rows = read_metrics(run_dir)
@@ -210,7 +208,7 @@ def test_update_weights_interval_and_offload(arith_world, tmp_path):
 
     def run(name, *flags):
         dump = tmp_path / f"dump_{name}"
-        argv = _argv(arith_world, tmp_path / name, "--num-rollout", "3", "--save-debug-rollout-data", str(dump),
+        argv = train_argv(arith_world, tmp_path / name, "--num-rollout", "3", "--save-debug-rollout-data", str(dump),
                      "--custom-rm-path", f"{__name__}.digit_first_rm", *flags)  # fmt: skip
         assert main(argv) == 0
         versions = [{v for g in load_rollout_dump(dump / f"rollout_{i}.pt") for s in g.samples
@@ -235,7 +233,7 @@ def test_update_weights_interval_and_offload(arith_world, tmp_path):
 )  # fmt: skip
 def test_flags_not_built_yet_are_refused_not_ignored(arith_world, tmp_path, capsys, flags, named):
     for dry_run in ([], ["--dry-run"]):
-        assert main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags, *dry_run)) == 2
+        assert main(train_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags, *dry_run)) == 2
         err = capsys.readouterr().err
         assert re.match(f"miles: error: not implemented yet: .*{named}", err) and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
@@ -246,7 +244,7 @@ def test_run_dir_is_announced_refused_when_reused_and_replaced_with_overwrite(ar
     training step shows its progress; a second run into the same directory is refused (the first
     run's files untouched) unless --overwrite, which removes the earlier run's files first."""
     run_dir = tmp_path / "run"
-    assert main(_argv(arith_world, run_dir, "--num-rollout", "2")) == 0
+    assert main(train_argv(arith_world, run_dir, "--num-rollout", "2")) == 0
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == f"[miles] run directory: {run_dir}"
     assert lines[1].startswith(f"[miles] loading the tokenizer of {arith_world / 'model'}")
@@ -259,7 +257,7 @@ def test_run_dir_is_announced_refused_when_reused_and_replaced_with_overwrite(ar
     (run_dir / "plots" / "reward.png").write_bytes(b"old")
     (run_dir / "keep.txt").write_text("not a run file")
 
-    assert main(_argv(arith_world, run_dir, "--num-rollout", "1", "--lr", "1e-4")) == 2
+    assert main(train_argv(arith_world, run_dir, "--num-rollout", "1", "--lr", "1e-4")) == 2
     err = capsys.readouterr().err
     assert err == (f"miles: error: --run-dir {run_dir} already holds a run (metrics.jsonl, config.yaml, plots): "
                    "pass --overwrite to replace it, --load CHECKPOINT_DIR to resume it, or choose another --run-dir\n")  # fmt: skip
@@ -267,7 +265,7 @@ def test_run_dir_is_announced_refused_when_reused_and_replaced_with_overwrite(ar
         run_dir / "config.yaml"
     ).read_text()
 
-    assert main(_argv(arith_world, run_dir, "--num-rollout", "1", "--lr", "1e-4", "--overwrite")) == 0
+    assert main(train_argv(arith_world, run_dir, "--num-rollout", "1", "--lr", "1e-4", "--overwrite")) == 0
     err = capsys.readouterr().err
     assert err.startswith(f"[miles] run directory: {run_dir} (--overwrite: removed the earlier run's "
                           "metrics.jsonl, config.yaml, plots)\n")  # fmt: skip
@@ -279,7 +277,11 @@ def test_run_dir_is_announced_refused_when_reused_and_replaced_with_overwrite(ar
 def test_expert_parallel_needs_ranks_to_shard_over(arith_world, tmp_path, capsys):
     """EP shards experts over trainer ranks: one rank (the embedded placement) has none to spare."""
     assert (
-        main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", "--expert-model-parallel-size", "2"))
+        main(
+            train_argv(
+                arith_world, tmp_path / "run", "--num-rollout", "1", "--expert-model-parallel-size", "2"
+            )
+        )
         == 2
     )
     assert "must divide the trainer's 1 ranks" in capsys.readouterr().err
@@ -291,5 +293,5 @@ def test_expert_parallel_needs_ranks_to_shard_over(arith_world, tmp_path, capsys
         "--placement-backend",
         "local",
     )
-    assert main(_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags)) == 2
+    assert main(train_argv(arith_world, tmp_path / "run", "--num-rollout", "1", *flags)) == 2
     assert "--placement-backend local runs one trainer rank" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 from miles.cli import main
 from miles.rollout.dump import load_rollout_dump
 from miles.utils.metrics import read_metrics
-from tests.orchestrate.test_loop import _argv
+from tests.orchestrate.helpers import train_argv
 
 
 @pytest.mark.parametrize("global_batch", [None, "8"])  # one on-policy update / an old-log-prob forward
@@ -21,7 +21,7 @@ def test_r3_run_logs_routing_mismatch_and_trains(arith_world, tmp_path, global_b
              "--use-kl-loss", "--kl-loss-coef", "0.5"]  # fmt: skip
     if global_batch is not None:
         extra += ["--global-batch-size", global_batch]
-    assert main(_argv(arith_world, run_dir, *extra)) == 0
+    assert main(train_argv(arith_world, run_dir, *extra)) == 0
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1]
     for r in rows:

@@ -18,7 +18,7 @@ from miles.config import parse_train_args
 from miles.orchestrate.loop import Run, load_rollout_data, train_loop
 from miles.rollout.dump import load_rollout_dump
 from miles.utils.metrics import MetricsLogger, read_metrics
-from tests.orchestrate.test_loop import _argv
+from tests.orchestrate.helpers import train_argv
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("sglang_router")
@@ -38,7 +38,7 @@ def _run(world: Path, run_dir: Path, *extra: str, during: Any = None) -> tuple[l
     the trainer's weights exactly, and close. Returns the metric rows and the placement."""
     from miles.orchestrate.ray import RayPlacement
 
-    config = parse_train_args(_argv(world, run_dir, *extra)[1:])
+    config = parse_train_args(train_argv(world, run_dir, *extra)[1:])
     assert config.placement.use_ray
     data = load_rollout_data(config)
     placement = RayPlacement.start(config, data.demand, run_dir=run_dir)
@@ -118,7 +118,7 @@ def test_disaggregated_two_ranks_two_engines_broadcast_and_resume(arith_world, t
 
     assert (
         main(
-            _argv(
+            train_argv(
                 arith_world,
                 tmp_path / "local",
                 "--num-rollout",
@@ -224,7 +224,7 @@ def test_weight_sync_right_after_an_engine_died_goes_to_the_others(arith_world, 
     engine gets the weights, the sync does not fail, and the dead one is re-synced on recovery."""
     from miles.orchestrate.ray import RayPlacement
 
-    argv = _argv(arith_world, tmp_path / "run", "--placement-backend", "ray", "--rollout-num-gpus", "2",
+    argv = train_argv(arith_world, tmp_path / "run", "--placement-backend", "ray", "--rollout-num-gpus", "2",
                  "--num-rollout", "1", "--use-fault-tolerance", "--rollout-health-check-interval", "5")  # fmt: skip
     config = parse_train_args(argv[1:])
     placement = RayPlacement.start(config, load_rollout_data(config).demand, run_dir=tmp_path / "run")

@@ -16,7 +16,7 @@ import pytest
 
 from miles.orchestrate.engine_process import free_port
 from miles.utils.metrics import read_metrics
-from tests.orchestrate.test_loop import _argv
+from tests.orchestrate.helpers import train_argv
 
 pytest.importorskip("ray")
 pytest.importorskip("sglang_router")
@@ -68,7 +68,7 @@ def test_ray_start_and_job_submit_run_miles_train(arith_world, tmp_path):
         else:
             pytest.fail("the second node never joined")
         run_dir = tmp_path / "run"
-        train = _argv(arith_world, run_dir, "--num-rollout", "2", "--actor-num-gpus-per-node", "2",
+        train = train_argv(arith_world, run_dir, "--num-rollout", "2", "--actor-num-gpus-per-node", "2",
                       "--rollout-num-gpus", "1")  # fmt: skip
         job = subprocess.run(
             [ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from miles.cli import main
 from miles.utils.metrics import read_metrics
-from tests.orchestrate.test_loop import _argv
+from tests.orchestrate.helpers import train_argv
 
 
 def test_router_losses_and_load_metrics_are_logged_and_plotted(arith_world, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = _argv(arith_world, run_dir, "--num-rollout", "2", "--global-batch-size", "8",
+    argv = train_argv(arith_world, run_dir, "--num-rollout", "2", "--global-batch-size", "8",
                  "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001")  # fmt: skip
     assert main(argv) == 0
     rows = read_metrics(run_dir)

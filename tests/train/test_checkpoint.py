@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -13,113 +12,71 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from miles.models import CausalLM, ModelSpec
-from miles.models.loading import CheckpointError, build_model
+from miles.models.loading import CheckpointError
 from miles.train import checkpoint as ckpt
 from miles.train.checkpoint import export_hf, latest_step, load_checkpoint, save_checkpoint
-from miles.train.critic import Critic, ValueModel
 from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer
-from miles.types import TrainBatch
-from tests.models.conftest import CASES
 from tests.spawn import exits_cleanly
-from tests.train.test_trainer import make_batch, make_model, sections
-
-CONFIG: dict[str, Any] = dict(
-    lr=1e-2,
-    lr_warmup_iters=2,
-    lr_decay_style="cosine",
-    lr_decay_iters=10,
-    weight_decay=0.1,
-    clip_grad=0.5,
-    use_dynamic_batch_size=True,
-    max_tokens_per_gpu=24,
-    use_tis=True,
+from tests.train.helpers import (
+    CHECKPOINT_CONFIG,
+    assert_bitwise,
+    checkpoint_batch,
+    checkpoint_model,
+    checkpoint_trainer,
+    make_model,
+    sections,
+    trainer_params,
 )
-
-
-def _model(seed: int = 0) -> CausalLM:
-    """make_model("llama") with ``model_type`` in its config, so that transformers reads the export."""
-    prefix, kwargs = CASES["llama"]
-    spec = ModelSpec.from_hf_config(
-        {"architectures": [f"{prefix}ForCausalLM"], "model_type": "llama", **kwargs}
-    )
-    model = build_model(spec)
-    model.load_state_dict(make_model("llama", seed=seed).state_dict())
-    return model
-
-
-def _batch(step: int) -> TrainBatch:
-    b = make_batch(seed=step)
-    return dataclasses.replace(b, returns=b.advantages * 0.5 + 0.1)
-
-
-def _trainer(seed: int = 0, critic: bool = False) -> Trainer:
-    model = _model(seed)
-    c = Critic(ValueModel.from_policy(model), *sections(lr=1e-2)) if critic else None
-    return Trainer(model, *sections(**CONFIG), critic=c)
-
-
-def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    out = {f"policy.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
-    if trainer.critic is not None:
-        out.update({f"critic.{n}": p.detach().clone() for n, p in trainer.critic.model.named_parameters()})
-    return out
-
-
-def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("critic", [False, True])
 def test_resume_reproduces_next_step_exactly(tmp_path: Path, critic: bool) -> None:
-    trainer = _trainer(critic=critic)
+    trainer = checkpoint_trainer(critic=critic)
     for step in range(1, 4):
-        trainer.train_step(_batch(step))
+        trainer.train_step(checkpoint_batch(step))
     save_checkpoint(tmp_path, trainer, 3, {"data_position": 42, "rollout_id": 3})
     rng_after_save = (random.random(), float(np.random.rand()), torch.rand(3))
-    want = trainer.train_step(_batch(4))
-    want_params = _params(trainer)
+    want = trainer.train_step(checkpoint_batch(4))
+    want_params = trainer_params(trainer)
 
-    fresh = _trainer(seed=7, critic=critic)  # different weights: everything must come from disk
+    fresh = checkpoint_trainer(seed=7, critic=critic)  # different weights: everything must come from disk
     extra = load_checkpoint(tmp_path, fresh)
     assert extra == {"data_position": 42, "rollout_id": 3}
     assert fresh.step == 3 and latest_step(tmp_path) == 3
     rng_after_load = (random.random(), float(np.random.rand()), torch.rand(3))
     assert rng_after_load[:2] == rng_after_save[:2] and torch.equal(rng_after_load[2], rng_after_save[2])
-    got = fresh.train_step(_batch(4))
+    got = fresh.train_step(checkpoint_batch(4))
     assert got.keys() == want.keys()
     for k in want:  # bit-identical floats, loss included
         assert torch.equal(torch.tensor(got[k]), torch.tensor(want[k])), k
-    _assert_bitwise(_params(fresh), want_params)
+    assert_bitwise(trainer_params(fresh), want_params)
 
 
 def test_a_sleeping_trainer_is_saved_and_loaded_and_stays_asleep(tmp_path: Path) -> None:
     """Colocated offload puts the trainer to sleep for the rollout, when the loop saves: the save
     and the load wake it for the call and put it back to sleep."""
-    trainer = _trainer()
-    trainer.train_step(_batch(1))
-    want = _params(trainer)
+    trainer = checkpoint_trainer()
+    trainer.train_step(checkpoint_batch(1))
+    want = trainer_params(trainer)
     trainer.sleep()
     save_checkpoint(tmp_path, trainer, 1)
     assert trainer.asleep
-    fresh = _trainer(seed=7)
+    fresh = checkpoint_trainer(seed=7)
     fresh.sleep()
     load_checkpoint(tmp_path, fresh)
     assert fresh.asleep and fresh.step == 1
     fresh.wake_up()
-    _assert_bitwise(_params(fresh), want)
+    assert_bitwise(trainer_params(fresh), want)
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    trainer = _trainer()
-    trainer.train_step(_batch(1))
+    trainer = checkpoint_trainer()
+    trainer.train_step(checkpoint_batch(1))
     save_checkpoint(tmp_path, trainer, 1, {"pos": 1})
-    saved = _params(trainer)
-    trainer.train_step(_batch(2))
+    saved = trainer_params(trainer)
+    trainer.train_step(checkpoint_batch(2))
 
     def crash(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("simulated crash mid-save")
@@ -128,9 +85,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_checkpoint(tmp_path, trainer, 2, {"pos": 2})
     assert latest_step(tmp_path) == 1 and not (tmp_path / "iter_0000002").exists()
-    fresh = _trainer(seed=3)
+    fresh = checkpoint_trainer(seed=3)
     assert load_checkpoint(tmp_path, fresh) == {"pos": 1}
-    _assert_bitwise(_params(fresh), saved)
+    assert_bitwise(trainer_params(fresh), saved)
 
     monkeypatch.undo()  # the next save cleans the crashed one's leftovers
     save_checkpoint(tmp_path, trainer, 2, {"pos": 2})
@@ -139,7 +96,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch
 
 
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
-    trainer = _trainer()
+    trainer = checkpoint_trainer()
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope", trainer)
     with pytest.raises(CheckpointError, match="no latest_checkpointed_iteration.txt"):
@@ -147,15 +104,15 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, trainer, 5, {})
     with pytest.raises(CheckpointError, match="iter_0000006 is missing"):
         load_checkpoint(tmp_path, trainer, step=6)
-    other = Trainer(make_model("qwen3_moe"), *sections(**CONFIG))
+    other = Trainer(make_model("qwen3_moe"), *sections(**CHECKPOINT_CONFIG))
     with pytest.raises(CheckpointError, match=r"another architecture \(LlamaForCausalLM\).*mlp"):
         load_checkpoint(tmp_path, other)
 
 
 def test_export_hf_loads_in_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    trainer = _trainer()
-    trainer.train_step(_batch(1))
+    trainer = checkpoint_trainer()
+    trainer.train_step(checkpoint_batch(1))
     save_checkpoint(tmp_path / "ckpt", trainer, 1, {})
     out = export_hf(tmp_path / "ckpt", trainer.model.spec, tmp_path / "hf", dtype="float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -181,17 +138,17 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         ckpt_dir = Path(out_dir) / "ckpt"
         results = {}
         for phase, seed in (("train", 0), ("resume", 5)):  # a fresh model and trainer for the resume
-            model = parallelize(_model(seed))
-            trainer = Trainer(model, *sections(**CONFIG))
+            model = parallelize(checkpoint_model(seed))
+            trainer = Trainer(model, *sections(**CHECKPOINT_CONFIG))
             saved = {}
             if phase == "train":
                 for step in (1, 2):
-                    trainer.train_step(shard_for_rank(_batch(step), rank, WORLD))
+                    trainer.train_step(shard_for_rank(checkpoint_batch(step), rank, WORLD))
                 save_checkpoint(ckpt_dir, trainer, 2, {"pos": 2})
                 saved = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
             else:
                 assert load_checkpoint(ckpt_dir, trainer) == {"pos": 2}
-            metrics = trainer.train_step(shard_for_rank(_batch(3), rank, WORLD))
+            metrics = trainer.train_step(shard_for_rank(checkpoint_batch(3), rank, WORLD))
             params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
             results[phase] = {"metrics": metrics, "params": params, "saved": saved}
         if rank == 0:
@@ -209,9 +166,9 @@ def test_fsdp2_two_ranks_save_load_identical_next_step(tmp_path: Path) -> None:
     want, got = results["train"], results["resume"]
     for k, v in want["metrics"].items():
         assert torch.equal(torch.tensor(got["metrics"][k]), torch.tensor(v)), k
-    _assert_bitwise(got["params"], want["params"])
+    assert_bitwise(got["params"], want["params"])
     # A single process reassembles the 2-rank shards for the HF export.
-    spec = _model().spec
+    spec = checkpoint_model().spec
     out = export_hf(tmp_path / "ckpt", spec, tmp_path / "hf", dtype="float32")
     from safetensors.torch import load_file
 

@@ -30,8 +30,15 @@ from miles.train.packing import shard_for_rank
 from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer
 from tests.spawn import exits_cleanly
-from tests.train.test_checkpoint import CONFIG, _assert_bitwise, _batch, _model, _params, _trainer
-from tests.train.test_trainer import sections
+from tests.train.helpers import (
+    CHECKPOINT_CONFIG,
+    assert_bitwise,
+    checkpoint_batch,
+    checkpoint_model,
+    checkpoint_trainer,
+    sections,
+    trainer_params,
+)
 
 ITER = "iter_0000001"
 PARTS = ["dcp/__0_0.distcp", "dcp/.metadata", "trainer_state.pt", "rng_rank00000.pt", "meta.json"]
@@ -41,10 +48,10 @@ PARTS = ["dcp/__0_0.distcp", "dcp/.metadata", "trainer_state.pt", "rng_rank00000
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     """One checkpoint of a trained trainer (step 1) and its parameters; tests work on copies."""
     root = tmp_path_factory.mktemp("ckpt")
-    trainer = _trainer()
-    trainer.train_step(_batch(1))
+    trainer = checkpoint_trainer()
+    trainer.train_step(checkpoint_batch(1))
     save_checkpoint(root, trainer, 1, {"pos": 1})
-    return root, _params(trainer)
+    return root, trainer_params(trainer)
 
 
 @pytest.fixture
@@ -56,8 +63,8 @@ def ckpt_dir(saved: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> Pat
 @pytest.fixture
 def target() -> Trainer:
     """The trainer a load goes into: other weights, a step taken (optimizer state present)."""
-    trainer = _trainer(seed=7)
-    trainer.train_step(_batch(5))
+    trainer = checkpoint_trainer(seed=7)
+    trainer.train_step(checkpoint_batch(5))
     return trainer
 
 
@@ -70,7 +77,7 @@ def _snapshot(trainer: Trainer) -> dict[str, Any]:
         if isinstance(v, torch.Tensor)
     }
     return {
-        "params": _params(trainer),
+        "params": trainer_params(trainer),
         "optim": optim,
         "scheduler": trainer.scheduler.state_dict(),
         "counters": (trainer.step, trainer.skipped_steps),
@@ -80,8 +87,8 @@ def _snapshot(trainer: Trainer) -> dict[str, Any]:
 
 def _assert_unchanged(trainer: Trainer, before: dict[str, Any]) -> None:
     after = _snapshot(trainer)
-    _assert_bitwise(after["params"], before["params"])
-    _assert_bitwise(after["optim"], before["optim"])
+    assert_bitwise(after["params"], before["params"])
+    assert_bitwise(after["optim"], before["optim"])
     assert after["scheduler"] == before["scheduler"] and after["counters"] == before["counters"]
     assert after["rng"][0] == before["rng"][0] and torch.equal(after["rng"][1], before["rng"][1])
     assert np.array_equal(after["rng"][2], before["rng"][2])
@@ -139,9 +146,9 @@ def test_manifest_lists_every_file(ckpt_dir: Path, saved: tuple[Path, dict[str, 
     for name, entry in manifest["files"].items():
         data = (ckpt_dir / ITER / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    fresh = _trainer(seed=3)
+    fresh = checkpoint_trainer(seed=3)
     assert load_checkpoint(ckpt_dir, fresh) == {"pos": 1}
-    _assert_bitwise(_params(fresh), saved[1])
+    assert_bitwise(trainer_params(fresh), saved[1])
 
 
 @pytest.mark.parametrize("part", [*PARTS, "manifest.json"])
@@ -206,11 +213,11 @@ def test_a_checkpoint_without_checksums_loads_with_a_warning(
     ckpt_dir: Path, saved: tuple[Path, dict[str, torch.Tensor]], caplog: pytest.LogCaptureFixture
 ) -> None:
     _unverified(ckpt_dir / ITER)
-    fresh = _trainer(seed=3)
+    fresh = checkpoint_trainer(seed=3)
     with caplog.at_level(logging.WARNING, logger="miles.train.checkpoint"):
         assert load_checkpoint(ckpt_dir, fresh) == {"pos": 1}
     assert f"{ckpt_dir / ITER} has no checksums" in caplog.text and "unverified" in caplog.text
-    _assert_bitwise(_params(fresh), saved[1])
+    assert_bitwise(trainer_params(fresh), saved[1])
 
 
 def _garbage_item(path: Path) -> None:
@@ -342,15 +349,15 @@ def test_a_shard_item_that_runs_code_is_refused(ckpt_dir: Path, tmp_path: Path, 
     torch.load(weights_only=False): a pickled command among them ran on load."""
     marker = tmp_path / "pwned"
     iter_dir = ckpt_dir / ITER
-    writer = _trainer()
+    writer = checkpoint_trainer()
     msd, osd = get_state_dict(writer.model, writer.optimizer)
     osd["param_groups"][0]["lr"] = _RunsCommand(marker)
     shutil.rmtree(iter_dir / "dcp")
     with ckpt._quiet_single_process():
         dcp.save({"policy": {"model": msd, "optim": osd}}, checkpoint_id=iter_dir / "dcp", no_dist=True)
     _reseal(iter_dir) if sealed else _unverified(iter_dir)
-    target = _trainer(seed=7)
-    target.train_step(_batch(5))
+    target = checkpoint_trainer(seed=7)
+    target.train_step(checkpoint_batch(5))
     before = _snapshot(target)
     with pytest.raises(
         CheckpointError, match=rf"{ITER}/dcp/__0_0.distcp is corrupted.*: refused global posix.system$"
@@ -370,11 +377,11 @@ def test_a_shard_item_that_runs_code_is_refused(ckpt_dir: Path, tmp_path: Path, 
 def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """A full disk said `unexpected pos 704 vs 598`. Here the tracker's temporary file is
     /dev/full, whose writes fail with ENOSPC: the new iteration, already in place, is taken back."""
-    trainer = _trainer()
-    trainer.train_step(_batch(1))
+    trainer = checkpoint_trainer()
+    trainer.train_step(checkpoint_batch(1))
     save_checkpoint(tmp_path, trainer, 1, {"pos": 1})
-    want = _params(trainer)
-    trainer.train_step(_batch(2))
+    want = trainer_params(trainer)
+    trainer.train_step(checkpoint_batch(2))
     tracker_tmp = tmp_path / ".latest_checkpointed_iteration.txt.tmp"
     tracker_tmp.symlink_to("/dev/full")
     with pytest.raises(CheckpointError) as e:
@@ -384,34 +391,11 @@ def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path: Pa
     )
     assert latest_step(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
-    fresh = _trainer(seed=3)
+    fresh = checkpoint_trainer(seed=3)
     assert load_checkpoint(tmp_path, fresh) == {"pos": 1}
-    _assert_bitwise(_params(fresh), want)
+    assert_bitwise(trainer_params(fresh), want)
     save_checkpoint(tmp_path, trainer, 2, {"pos": 2})  # space again: the save goes through
     assert latest_step(tmp_path) == 2 and load_checkpoint(tmp_path, fresh) == {"pos": 2}
-
-
-def _full_disk_child(directory: str) -> None:
-    """In a mount namespace whose ``directory`` is a tmpfs with room for one checkpoint only."""
-    root = Path(directory)
-    trainer = _trainer()
-    trainer.train_step(_batch(1))
-    save_checkpoint(root, trainer, 1, {"pos": 1})
-    want = _params(trainer)
-    trainer.train_step(_batch(2))
-    try:
-        save_checkpoint(root, trainer, 2, {"pos": 2})
-    except CheckpointError as e:
-        shard = root / ".iter_0000002.tmp" / "dcp" / "__0_0.distcp"
-        assert str(e).startswith(f"no space left on device while writing {shard}; step 2"), str(e)
-    else:
-        raise AssertionError("the second save fitted: the tmpfs is too large for this test")
-    assert latest_step(root) == 1
-    assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
-    fresh = _trainer(seed=3)
-    assert load_checkpoint(root, fresh) == {"pos": 1}
-    _assert_bitwise(_params(fresh), want)
-    print("FULL-DISK-OK")
 
 
 def _namespace_mount(directory: Path, size_kb: int) -> list[str] | None:
@@ -437,7 +421,7 @@ def test_full_disk_while_writing_shards_on_a_small_tmpfs(tmp_path: Path) -> None
     prefix = _namespace_mount(directory, size_kb=size * 3 // 2)
     if prefix is None:
         pytest.skip("cannot mount a tmpfs here (no mount namespace)")
-    code = f"from tests.train.test_checkpoint_integrity import _full_disk_child; _full_disk_child({str(directory)!r})"
+    code = f"from tests.train.helpers import full_disk_child; full_disk_child({str(directory)!r})"
     repo = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [*prefix, sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300
@@ -447,8 +431,8 @@ def test_full_disk_while_writing_shards_on_a_small_tmpfs(tmp_path: Path) -> None
 
 def _checkpoint_files(tmp_path: Path) -> list[Path]:
     """The files of one checkpoint of the test trainer (to size the tmpfs)."""
-    trainer = _trainer()
-    trainer.train_step(_batch(1))
+    trainer = checkpoint_trainer()
+    trainer.train_step(checkpoint_batch(1))
     path = save_checkpoint(tmp_path / "sizing", trainer, 1)
     return [p for p in path.rglob("*") if p.is_file()]
 
@@ -463,8 +447,8 @@ def _two_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         root = Path(out_dir) / "ckpt"
-        trainer = Trainer(parallelize(_model()), *sections(**CONFIG))
-        trainer.train_step(shard_for_rank(_batch(1), rank, 2))
+        trainer = Trainer(parallelize(checkpoint_model()), *sections(**CHECKPOINT_CONFIG))
+        trainer.train_step(shard_for_rank(checkpoint_batch(1), rank, 2))
         save_checkpoint(root, trainer, 1, {"pos": 1})
         errors = {}
         if rank == 0:  # the tracker's temporary file is /dev/full: only rank 0 writes it

@@ -36,7 +36,7 @@ from tests.tolerance import (
     num_elements,
     step_terms,
 )
-from tests.train.test_trainer import make_batch, make_model, sections
+from tests.train.helpers import make_batch, make_model, sections
 
 WORLD = 2
 CASE = "qwen3_moe"  # 4 experts, top-2: two per EP rank

@@ -28,7 +28,7 @@ from tests.tolerance import (
     num_elements,
     step_terms,
 )
-from tests.train.test_trainer import make_batch, make_model, sections
+from tests.train.helpers import make_batch, make_model, sections
 
 WORLD = 2
 LENGTHS = (7, 12, 5, 9, 11, 6, 14)  # odd count and uneven lengths: the ranks' shards differ

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from miles.train.trainer import Trainer
-from tests.train.test_trainer import make_batch, make_model, sections
+from tests.train.helpers import make_batch, make_model, sections
 
 CONFIG = dict(
     lr=1e-2,

@@ -10,39 +10,13 @@ import torch
 from miles.train.oom_retry import BackwardOutOfMemoryError, run_with_oom_retry
 from miles.train.trainer import Trainer
 from tests.tolerance import assert_grads_close, assert_metrics_close, reduction_tol, step_terms
-from tests.train.test_trainer import LENGTHS, POLICY, grads, make_batch, make_model, sections
+from tests.train.helpers import LENGTHS, POLICY, grads, inject_oom, make_batch, make_model, sections
 
 CONFIG = dict(POLICY, use_tis=True, micro_batch_size=len(LENGTHS))  # one micro-batch of 50 tokens
 
 
 def _inputs() -> tuple[Any, torch.Tensor, torch.Tensor]:
     return make_batch(), make_batch(seed=1).rollout_logprobs * 0.5, make_batch(seed=2).rollout_logprobs
-
-
-def _inject_oom(trainer: Trainer, where: str, max_tokens: int, times: int = 1) -> list[int]:
-    """Raise OutOfMemoryError in the forward (or backward) of the first ``times`` micro-batches
-    with more than ``max_tokens`` tokens. Returns the list of micro-batch sizes seen."""
-    seen: list[int] = []
-    state = {"left": times, "tokens": 0}
-
-    def maybe_raise(tokens: int) -> None:
-        if tokens > max_tokens and state["left"] > 0:
-            state["left"] -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-    def forward_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        state["tokens"] = args[0].numel()
-        seen.append(state["tokens"])
-        if where == "forward":
-            maybe_raise(state["tokens"])
-
-    def backward_hook(module: torch.nn.Module, grad_output: Any) -> None:
-        maybe_raise(state["tokens"])
-
-    trainer.model.register_forward_pre_hook(forward_hook)
-    if where == "backward":
-        trainer.model.model.layers[0].register_full_backward_pre_hook(backward_hook)
-    return seen
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
@@ -54,7 +28,7 @@ def test_oom_split_retry_equals_step_without_oom(where: str) -> None:
 
     model = make_model()
     trainer = Trainer(model, *sections(**CONFIG))
-    seen = _inject_oom(trainer, where, max_tokens=40)
+    seen = inject_oom(trainer, where, max_tokens=40)
     got = trainer.accumulate_gradients(batch, old, ref)
     assert got["oom_retries"] == 1 and trainer.oom_retries == 1
     assert seen[0] == sum(LENGTHS) and sorted(seen[-2:]) == [24, 26]  # split in two by sequences
@@ -68,7 +42,7 @@ def test_oom_split_retry_equals_step_without_oom(where: str) -> None:
     metrics = Trainer(make_model(), *sections(**CONFIG)).train_step(batch, old, ref)
     assert metrics["train/oom_retries"] == 0 and metrics["train/skipped_steps"] == 0
     trainer.optimizer.zero_grad(set_to_none=True)
-    _inject_oom(trainer, where, max_tokens=40)
+    inject_oom(trainer, where, max_tokens=40)
     step = trainer.train_step(batch, old, ref)
     assert step["train/oom_retries"] == 1 and step["train/skipped_steps"] == 0
     loss = metrics["train/loss"]
@@ -78,7 +52,7 @@ def test_oom_split_retry_equals_step_without_oom(where: str) -> None:
 def test_oom_on_a_single_sequence_reraises_clearly() -> None:
     batch, old, ref = _inputs()
     trainer = Trainer(make_model(), *sections(**CONFIG))
-    _inject_oom(trainer, "forward", max_tokens=10, times=100)  # the 11- and 12-token sequences too
+    inject_oom(trainer, "forward", max_tokens=10, times=100)  # the 11- and 12-token sequences too
     with pytest.raises(torch.OutOfMemoryError, match="single sequence cannot be split"):
         trainer.train_step(batch, old, ref)
 
@@ -86,7 +60,7 @@ def test_oom_on_a_single_sequence_reraises_clearly() -> None:
 def test_oom_retries_are_bounded() -> None:
     batch, old, ref = _inputs()
     trainer = Trainer(make_model(), *sections(**CONFIG), max_oom_retries=1)  # 50 -> 24 + 26 -> gives up
-    _inject_oom(trainer, "forward", max_tokens=4, times=100)
+    inject_oom(trainer, "forward", max_tokens=4, times=100)
     with pytest.raises(torch.OutOfMemoryError, match=r"gave up after 1 micro-batch splits"):
         trainer.train_step(batch, old, ref)
 

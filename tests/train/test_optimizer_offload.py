@@ -27,8 +27,7 @@ from miles.train.trainer import Trainer
 from miles.types import TrainBatch
 from tests.models.conftest import COMMON
 from tests.spawn import exits_cleanly
-from tests.train.test_oom import _inject_oom
-from tests.train.test_trainer import make_batch, make_model, sections
+from tests.train.helpers import inject_oom, make_batch, make_model, sections
 
 CONFIG: dict[str, Any] = dict(
     lr=1e-2,
@@ -120,7 +119,7 @@ def test_oom_split_retry_with_offload() -> None:
     results = []
     for offload in (False, True):
         trainer = _trainer(offload)
-        _inject_oom(trainer, "backward", max_tokens=20)
+        inject_oom(trainer, "backward", max_tokens=20)
         metrics = trainer.train_step(_batch(1))
         assert metrics["train/oom_retries"] >= 1 and metrics["train/skipped_steps"] == 0
         results.append((metrics, _params(trainer)))

@@ -18,7 +18,7 @@ from miles.train.packing import (
     split_micro_batches,
     token_budget_bins,
 )
-from tests.train.test_trainer import make_batch
+from tests.train.helpers import make_batch
 
 
 def _flat(bins: list[list[int]]) -> list[int]:

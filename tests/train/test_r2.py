@@ -13,7 +13,7 @@ import torch
 import miles.models.moe as moe_module
 from miles.train.packing import select_sequences, select_tokens
 from miles.train.trainer import Trainer
-from tests.train.test_trainer import make_batch, make_model, sections
+from tests.train.helpers import make_batch, make_model, sections
 
 LENGTHS = (7, 12, 5, 9, 11, 6)
 FIRST, SECOND = [0, 1, 2], [3, 4, 5]  # two optimizer steps on halves of the batch, as the loop does

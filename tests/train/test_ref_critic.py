@@ -11,7 +11,7 @@ import torch
 from miles.train.critic import Critic, ValueModel
 from miles.train.trainer import Trainer
 from miles.types import TrainBatch
-from tests.train.test_trainer import POLICY, make_batch, make_model, sections
+from tests.train.helpers import POLICY, make_batch, make_model, sections
 
 
 def _with_returns(batch: TrainBatch) -> TrainBatch:

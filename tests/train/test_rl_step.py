@@ -17,7 +17,7 @@ from miles.buffer.batching import build_train_batch
 from miles.config import parse_train_args
 from miles.train.rl_step import gather_tokens, partition, token_index
 from miles.types import Group, Sample, SampleStatus
-from tests.orchestrate.test_loop import _argv
+from tests.orchestrate.helpers import train_argv
 from tests.spawn import exits_cleanly
 
 FLAGS = ("--use-kl-loss", "--kl-loss-coef", "0.5", "--use-tis", "--rollout-batch-size", "3",
@@ -47,7 +47,7 @@ def _run(rank: int, world: int, init_file: str, model: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    config = parse_train_args(_argv(Path(model).parent, Path(out) / "run", *FLAGS)[1:])
+    config = parse_train_args(train_argv(Path(model).parent, Path(out) / "run", *FLAGS)[1:])
     trainer = build_trainer(config, torch.device("cpu"), fsdp=True)
     groups = _groups(trainer.model.spec.vocab_size)
     metrics = rl_step(trainer, build_train_batch(groups), group_size=len(groups[0]), step=0)

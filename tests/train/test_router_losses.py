@@ -15,7 +15,7 @@ from miles.train.parallelize import parallelize
 from miles.train.steps import packed_logprobs
 from miles.train.trainer import Trainer
 from tests.tolerance import assert_grads_close, assert_metrics_close, assert_reduction_close, step_terms
-from tests.train.test_trainer import POLICY, grads, make_batch, make_model, sections
+from tests.train.helpers import POLICY, grads, make_batch, make_model, sections
 
 COEFS = dict(moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.05)  # large enough to move the gradient
 

@@ -21,7 +21,7 @@ from miles.train.routing import ReplayHook
 from miles.train.trainer import Trainer
 from miles.types import Group, Sample, SampleStatus, SamplingParams
 from tests.models.conftest import save_case
-from tests.train.test_trainer import sections
+from tests.train.helpers import sections
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from miles.models.attention import VarlenContext
 from miles.train.steps import aligned_bins, first_token_mask
-from tests.train.test_trainer import make_batch
+from tests.train.helpers import make_batch
 
 
 def test_first_token_mask_with_empty_sequences() -> None:

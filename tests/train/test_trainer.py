@@ -4,83 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Any
 
 import pytest
 import torch
 
 from miles.algo import POLICY_LOSSES, CorrectionParams, logprobs_from_logits
 from miles.config import AlgoConfig, TrainConfig
-from miles.models import CausalLM, ModelSpec
-from miles.models.loading import build_model
 from miles.train.optim import LRSchedule, critic_lr_schedule, policy_lr_schedule
 from miles.train.packing import select_sequences
 from miles.train.parallelize import parallelize
 from miles.train.trainer import Trainer, correction_params, critic_only_steps
-from miles.types import TrainBatch
-from tests.models.conftest import CASES
 from tests.tolerance import assert_grads_close, assert_metrics_close, assert_reduction_close, step_terms
-
-LENGTHS = (7, 12, 5, 9, 11, 6)
-
-
-def make_model(case: str = "llama", seed: int = 0) -> CausalLM:
-    """A tiny CausalLM from a tests/models case, with weights large enough to give real gradients."""
-    prefix, kwargs = CASES[case]
-    spec = ModelSpec.from_hf_config({"architectures": [f"{prefix}ForCausalLM"], **kwargs})
-    model = build_model(spec)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
-def make_batch(
-    lengths: Sequence[int] = LENGTHS, prompt_len: int = 3, vocab: int = 128, seed: int = 0
-) -> TrainBatch:
-    """Packed random sequences; the first ``prompt_len`` tokens of each are the prompt (mask 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    cu = torch.zeros(b + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    t = int(cu[-1])
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    loss_mask = (positions >= prompt_len).float()
-    adv_seq = torch.randn(b, generator=gen)
-    advantages = torch.repeat_interleave(adv_seq, torch.tensor(lengths)) * loss_mask
-    return TrainBatch(
-        input_ids=torch.randint(0, vocab, (t,), generator=gen),
-        positions=positions,
-        cu_seqlens=cu,
-        loss_mask=loss_mask,
-        rollout_logprobs=-torch.rand(t, generator=gen) * 3 * loss_mask,
-        advantages=advantages,
-        rewards=adv_seq.clone(),
-        response_lens=torch.tensor([n - prompt_len for n in lengths]),
-        sample_indices=tuple(range(b)),
-    )
-
-
-def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-_TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-
-
-def sections(**settings: Any) -> tuple[TrainConfig, AlgoConfig]:
-    """The ``TrainConfig`` and ``AlgoConfig`` of ``settings`` (each key goes to the section that has
-    that field), over the base these trainer tests use: AdamW without weight decay and the
-    token-mean loss (``--calculate-per-token-loss``)."""
-    merged = {"weight_decay": 0.0, "calculate_per_token_loss": True, **settings}
-    train = {k: v for k, v in merged.items() if k in _TRAIN_FIELDS}
-    algo = {k: v for k, v in merged.items() if k not in _TRAIN_FIELDS}
-    return TrainConfig(**train), AlgoConfig(**algo)
-
-
-POLICY = dict(lr=1e-2, clip_grad=0.0, eps_clip=0.2, use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01)
+from tests.train.helpers import LENGTHS, POLICY, grads, make_batch, make_model, sections
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])

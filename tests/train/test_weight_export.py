@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from miles.train.parallelize import parallelize
 from miles.train.weight_export import iter_weight_buckets, weight_names
 from tests.spawn import exits_cleanly
-from tests.train.test_trainer import make_model
+from tests.train.helpers import make_model
 
 
 def _expected(case: str) -> dict[str, torch.Tensor]:

@@ -4,14 +4,12 @@ each read back from what was written on disk."""
 from __future__ import annotations
 
 import io
-import json
-import struct
-import time
 from pathlib import Path
 
 import pytest
 
 from miles.utils.metrics import MetricsLogger, read_metrics, summary_line
+from tests.utils.helpers import settled_wandb_history, wandb_records
 
 STEPS = [{"rollout/raw_reward": 0.25, "train/loss": 1.5}, {"rollout/raw_reward": 0.75, "train/loss": 0.5}]
 
@@ -49,57 +47,6 @@ def test_tensorboard_events_hold_every_scalar(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(0, 1.5), (1, 0.5)]
 
 
-def _wandb_records(path: Path) -> list[bytes]:
-    """Records of a ``.wandb`` file: a 7-byte header, then LevelDB-log framing (32 KiB blocks,
-    each chunk ``crc32:u32 length:u16 type:u8``; types 1 full, 2 first, 3 middle, 4 last)."""
-    data, block, pos = path.read_bytes(), 32768, 7
-    assert data[:4] == b":W&B"
-    records, current = [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:
-            break
-        current += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            records.append(current)
-            current = b""
-    return records
-
-
-def wandb_history(run_dir: Path) -> list[dict]:
-    """The logged rows of the one offline W&B run under ``run_dir`` (``step`` = W&B's ``_step``)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    history = []
-    for raw in _wandb_records(run_file):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            # a key is written as ``key`` or as the one-element path ``nested_key``
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            history.append(
-                {k: v for k, v in items.items() if not k.startswith("_")} | {"step": items["_step"]}
-            )
-    return history
-
-
-def settled_wandb_history(run_dir: Path, rows: int, timeout_s: float = 30.0) -> list[dict]:
-    """:func:`wandb_history` once it holds ``rows`` rows: ``wandb.finish()`` can return before
-    wandb's writer process has flushed the history records to the offline file (seen about one
-    run in six on the 2-core CI machine, the rows arriving within a few seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        history = wandb_history(run_dir)
-        if len(history) >= rows or time.monotonic() > deadline:
-            return history
-        time.sleep(0.1)
-
-
 def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2 as pb
@@ -109,7 +56,7 @@ def test_wandb_offline_run_holds_the_history(tmp_path, monkeypatch):
     assert settled_wandb_history(tmp_path, len(STEPS)) == [{**m, "step": i} for i, m in enumerate(STEPS)]
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     groups = set()
-    for raw in _wandb_records(run_file):
+    for raw in wandb_records(run_file):
         record = pb.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "run":

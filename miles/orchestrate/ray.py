@@ -221,11 +221,9 @@ class RayPlacement:
         )
         admin_key = os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(32)
         keyed = {"runtime_env": {"env_vars": {ADMIN_KEY_ENV: admin_key}}}  # the weight senders read it
-        world = layout.trainer_ranks
+        world, worker_cls = layout.trainer_ranks, ray.remote(TrainerWorker)
         trainers = [
-            ray.remote(TrainerWorker)
-            .options(**on(layout.trainer_bundle(r)), **keyed)
-            .remote(config, r, world, master)
+            worker_cls.options(**on(layout.trainer_bundle(r)), **keyed).remote(config, r, world, master)
             for r in range(world)
         ]
         log_dir = str(Path(run_dir).resolve() / "engines")

@@ -389,8 +389,6 @@ def server_config_of(args: argparse.Namespace) -> Any:
     engine = engine_config_of(args)
     if args.port < 1:
         raise ConfigError(f"--port must be >= 1, got {args.port}")
-    if args.api_key is not None and not args.api_key:
-        raise ConfigError("--api-key must not be empty")
     if args.allow_remote_admin:
         raise ConfigError(
             "--allow-remote-admin was removed: admin endpoints answer other hosts only with an admin key "
@@ -399,19 +397,6 @@ def server_config_of(args: argparse.Namespace) -> Any:
     from miles.engine.client import ADMIN_KEY_ENV
 
     admin_key = args.admin_api_key if args.admin_api_key is not None else os.environ.get(ADMIN_KEY_ENV)
-    if admin_key is not None and not admin_key:
-        raise ConfigError(f"--admin-api-key (or ${ADMIN_KEY_ENV}) must not be empty")
-    if admin_key is not None and admin_key == args.api_key:
-        raise ConfigError(
-            "--admin-api-key must differ from --api-key (the API key must not open admin endpoints)"
-        )
-    for flag in ("max_request_bytes", "max_weight_update_bytes", "max_requests_per_call"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if not args.weight_update_group_timeout > 0:
-        raise ConfigError(
-            f"--weight-update-group-timeout must be > 0, got {args.weight_update_group_timeout}"
-        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     from miles.engine.server import ServerConfig
@@ -432,8 +417,18 @@ def server_config_of(args: argparse.Namespace) -> Any:
             max_requests_per_call=args.max_requests_per_call,
             weight_update_group_timeout_s=args.weight_update_group_timeout,
         )
-    except ValueError as e:  # the engine settings a server refuses (client's, not implemented)
-        raise ConfigError(str(e)) from None
+    except ValueError as e:  # ServerConfig's own checks, said with the flags' names
+        flags = {
+            "admin_api_key": f"--admin-api-key (or ${ADMIN_KEY_ENV})",
+            "api_key": "--api-key",
+            "weight_update_group_timeout_s": "--weight-update-group-timeout",
+            **{n: "--" + n.replace("_", "-") for n in ("max_request_bytes", "max_weight_update_bytes",
+                                                       "max_requests_per_call")},
+        }  # fmt: skip
+        message = str(e)
+        for field, flag in flags.items():
+            message = re.sub(rf"\b{field}\b", flag, message)
+        raise ConfigError(message) from None
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ Token alignment follows ``miles.types.TrainBatch``: row ``t`` of ``hidden`` / ``
 ``temperature`` divides the logits before the softmax, because the engine samples (and reports
 rollout log-probs) under the tempered distribution; the trainer must score tokens under the same one.
 
-The LM head of a 150k-vocabulary model over 16k packed tokens is 2.4 G logits, ~10 GB in fp32.
+The LM head of a 150k-vocabulary model over 16k packed tokens is 2.4 G logits, four bytes each in fp32.
 :func:`logprobs_from_hidden` never holds more than ``chunk_size x vocab_chunk_size`` logits: it
 walks over token chunks (and vocabulary chunks, with an online log-sum-exp) in the forward, keeps
 only the per-token log-sum-exp and entropy, and recomputes each chunk's logits in the backward.

@@ -124,7 +124,9 @@ class ServerConfig:
             if getattr(self, name) == "":
                 raise ValueError(f"{name} must not be empty")
         if self.api_key is not None and self.api_key == self.admin_api_key:
-            raise ValueError("the admin key must differ from the API key")
+            raise ValueError(
+                "admin_api_key must differ from api_key (the API key must not open admin endpoints)"
+            )
         client = [
             n for n in sorted(EngineConfig.client_fields()) if getattr(self.engine, n) != _ENGINE_DEFAULTS[n]
         ]

@@ -43,8 +43,8 @@ def default_kv_tokens(
     config: MilesConfig, spec: ModelSpec, dtype: torch.dtype, demand: tuple[int, int], device: torch.device
 ) -> int:
     """KV slots for :func:`kv_demand`, capped at ``--mem-fraction-static`` (default 0.4) of the
-    memory available now on ``device``: sizing from the model's context length instead asks 24 GB
-    for SmolLM2 on a laptop."""
+    memory available now on ``device``: sizing from the model's context length instead asks
+    more than a laptop has for SmolLM2 (docs/architecture.md, "sized from the rollout")."""
     per_token = kv_bytes_per_token(spec.num_hidden_layers, spec.num_key_value_heads, spec.head_dim, dtype)
     return kv_capacity_tokens(
         bytes_per_token=per_token,

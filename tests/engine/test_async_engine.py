@@ -34,21 +34,27 @@ def _hold(engine: AsyncEngine) -> tuple[threading.Event, threading.Event]:
     return held, release
 
 
+def _recording_prefills(llama, n: int, prefill_batches: list[int]):
+    """An engine for ``n`` running requests whose runner appends each prefill batch's size to
+    ``prefill_batches``."""
+    core = make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4, max_running_requests=n)
+    run = core.runner.run
+
+    def recording_run(batch, pending=None):
+        if any(item.num_tokens > 1 for item in batch):
+            prefill_batches.append(len(batch))
+        return run(batch, pending)
+
+    core.runner.run = recording_run  # type: ignore[method-assign]
+    return core
+
+
 def test_generate_calls_of_one_loop_pass_are_one_command_and_one_prefill(llama):
     n = 12
     prefill_batches: list[int] = []
 
     async def main() -> None:
-        core = make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4, max_running_requests=n)
-        run = core.runner.run
-
-        def recording_run(batch, pending=None):
-            if any(item.num_tokens > 1 for item in batch):
-                prefill_batches.append(len(batch))
-            return run(batch, pending)
-
-        core.runner.run = recording_run  # type: ignore[method-assign]
-        engine = AsyncEngine(core).start()
+        engine = AsyncEngine(_recording_prefills(llama, n, prefill_batches)).start()
         try:
             _, release = _hold(engine)
             params = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
@@ -82,16 +88,7 @@ def test_rollout_payloads_through_the_local_client_are_one_admission(llama):
     prefill_batches: list[int] = []
 
     async def main() -> None:
-        core = make_engine(llama, CharTokenizer(), num_blocks=128, page_size=4, max_running_requests=n)
-        run = core.runner.run
-
-        def recording_run(batch, pending=None):
-            if any(item.num_tokens > 1 for item in batch):
-                prefill_batches.append(len(batch))
-            return run(batch, pending)
-
-        core.runner.run = recording_run  # type: ignore[method-assign]
-        engine = AsyncEngine(core).start()
+        engine = AsyncEngine(_recording_prefills(llama, n, prefill_batches)).start()
         client = LocalEngineClient(engine)
         try:
             _, release = _hold(engine)

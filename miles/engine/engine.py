@@ -10,10 +10,13 @@ thread-safe: one caller drives it.
 RL hooks (all synchronous, from the driving thread), with SGLang's names: weight updates
 (in-process tensors, whole or in buckets; a checkpoint on disk; a torch.distributed broadcast from
 the trainer), each bumping ``weight_version`` and flushing the prefix cache;
-``pause_generation``/``continue_generation``; ``release_memory_occupation``/
-``resume_memory_occupation`` by tag (``weights``, ``kv_cache``); ``get_weights_by_name``. How
-tensors are checked and applied is ``miles.engine.weight_load``; where they come from (disk, a
-broadcast group), ``miles.engine.weight_sources``.
+``pause_generation`` (``abort``, ``retract``, ``in_place``)/``continue_generation``;
+``release_memory_occupation``/``resume_memory_occupation`` by tag (``weights``, ``kv_cache``);
+``get_weights_by_name``. Every output token carries the weight version that sampled it
+(``RequestOutput.output_weight_versions``), so a request that spans an update says at which
+token the weights changed. How tensors are checked and applied is
+``miles.engine.weight_load``; where they come from (disk, a broadcast group),
+``miles.engine.weight_sources``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class EngineStats:
 
 
 MEMORY_TAGS = ("weights", "kv_cache")
+PauseMode = Literal["abort", "retract", "in_place"]
+PAUSE_MODES: tuple[PauseMode, ...] = ("abort", "retract", "in_place")
 
 
 class Engine:
@@ -363,7 +368,7 @@ class Engine:
             for req, tok, lp, top in zip(reqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs):
                 if req.sampling_params.max_new_tokens == 0:  # only prompt logprobs were wanted
                     self._finish(req, FinishReason("length", matched=0))
-                elif (reason := self._append_token(req, tok, lp, top)) is not None:
+                elif (reason := self._append_token(req, tok, lp, top, self._version)) is not None:
                     self._finish(req, reason)
                 if req.stream or req.is_finished:
                     outputs.append(RequestOutput.of(req))
@@ -424,18 +429,37 @@ class Engine:
     def is_paused(self) -> bool:
         return self._paused
 
-    def pause_generation(self, mode: Literal["abort", "in_place"] = "abort") -> None:
-        """Stop scheduling. ``abort`` ends every request (reason ``abort``, partial outputs kept,
-        reported by the next ``step``); ``in_place`` keeps them and their KV for
-        ``continue_generation``. While paused ``step`` runs no forward."""
-        if mode not in ("abort", "in_place"):
-            raise ValueError(f"pause mode must be 'abort' or 'in_place', got {mode!r}")
+    def pause_generation(self, mode: PauseMode = "abort") -> None:
+        """Stop scheduling (SGLang's three modes). While paused ``step`` runs no forward.
+
+        - ``abort`` ends every request (reason ``abort``, partial outputs kept, reported by the
+          next ``step``);
+        - ``retract`` moves every running request back to ``waiting`` and frees its KV blocks,
+          as a preemption does: after ``continue_generation`` its prompt and the output sampled
+          so far are prefilled again, under whatever weights are loaded then, and it goes on to
+          finish normally (nothing sampled is lost, and every token keeps the version that
+          sampled it). A MoE request's routing record is taken again by that recompute;
+        - ``in_place`` keeps every request and its K/V for ``continue_generation`` (K/V
+          computed under the weights loaded before a later update stay in use).
+
+        The overlapped step in flight, if any, is read first: its tokens are appended (under
+        the version they were launched with) before any request is aborted or retracted."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(
+                f"pause mode must be one of {', '.join(map(repr, PAUSE_MODES))}, got {mode!r:.40}"
+            )
         self._paused = True
         self._drain()
         if mode == "abort":
             self.abort()
+        elif mode == "retract":
+            retracted = self.scheduler.retract()
+            if self.routing is not None:
+                self.routing.forget(retracted)
 
     def continue_generation(self) -> None:
+        """Schedule again: requests paused in place decode on from their K/V, retracted ones
+        are prefilled again first (under the weights loaded now)."""
         self._paused = False
 
     def release_memory_occupation(self, tags: Sequence[str] | None = MEMORY_TAGS) -> None:
@@ -759,7 +783,7 @@ class Engine:
         ):
             if req.status != RequestStatus.RUNNING:
                 continue
-            reason = self._append_token(req, tok, lp, top)
+            reason = self._append_token(req, tok, lp, top, inflight.version)
             self.allocator.mark_computed(req)  # only now is the block's last token id known
             if reason is not None:
                 self._finish(req, reason)
@@ -767,15 +791,22 @@ class Engine:
                 self._pending_outputs.append(RequestOutput.of(req))
 
     def _append_token(
-        self, req: Request, token: int, logprob: float, top: list[tuple[int, float]]
+        self,
+        req: Request,
+        token: int,
+        logprob: float,
+        top: list[tuple[int, float]],
+        version: WeightVersion,
     ) -> FinishReason | None:
-        """Append a sampled token; return why ``req`` must now finish (the caller finishes it)."""
+        """Append a token sampled under ``version``; return why ``req`` must now finish (the
+        caller finishes it)."""
         self.tokens_generated += 1
         reason = append_token(
             req,
             token,
             logprob,
             top,
+            weight_version=version.step,
             eos_token_ids=self.eos_token_ids,
             tokenizer=self.tokenizer,
             context_length=self.context_length,

@@ -5,9 +5,10 @@
     outs[0]["text"], outs[0]["output_ids"], outs[0]["meta_info"]["finish_reason"]
 
 Each result is a dict: ``text``, ``output_ids`` and ``meta_info`` (``id``, ``finish_reason``,
-``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``weight_version``, and
-``output_token_logprobs`` = ``[[logprob, token_id, text or None], ...]`` with
-``return_logprob=True``).
+``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``weight_version``, and with
+``return_logprob=True`` ``output_token_logprobs`` = ``[[logprob, token_id, text or None], ...]``
+and ``output_token_weight_versions`` = ``[int, ...]``, the weight version that sampled each
+output token), as the server's ``/generate``.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class LLM:
                 [lp, tok, decode([tok]) if decode else None]
                 for lp, tok in zip(out.output_logprobs, out.output_ids)
             ]
+            meta["output_token_weight_versions"] = list(out.output_weight_versions)
         return {"text": text, "output_ids": list(out.output_ids), "meta_info": meta}
 
     # ---- passthroughs to the engine ----------------------------------------------------------

@@ -40,11 +40,16 @@ class InflightStep:
     """A decode step queued on the device whose sampled tokens the host has not read yet.
 
     ``requests[i]`` sampled row ``i`` of ``sample``; ``rows`` maps ``id(request)`` to its row.
+    ``version``: the weights the step was launched under, which its tokens are reported with.
+    Every weight update reads the step in flight first, so today the weights cannot change
+    between launch and read; keeping the version with the step keeps the record right should
+    that ever change.
     """
 
     requests: list[Request]
     rows: dict[int, int]
     sample: PendingSample
+    version: WeightVersion
 
     def is_pending(self, req: Request) -> bool:
         """Whether ``req`` has a token in this step that is not appended yet."""
@@ -94,4 +99,4 @@ def launch_ahead(
     for req in reqs:
         req.num_computed_tokens += 1
         req.weight_version = version
-    return InflightStep(reqs, {id(r): i for i, r in enumerate(reqs)}, sample)
+    return InflightStep(reqs, {id(r): i for i, r in enumerate(reqs)}, sample, version)

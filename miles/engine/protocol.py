@@ -10,9 +10,13 @@ request  ``text`` | ``input_ids`` (one prompt or a list), ``sampling_params`` (d
 response ``{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
          "completion_tokens", "cached_tokens", "weight_version", "e2e_latency",
          "output_token_logprobs": [[logprob, token_id, text|None], ...],
-         "input_token_logprobs", "output_top_logprobs", "routed_experts"}}`` (a list for a batch
-         or ``n > 1``). ``routed_experts`` (MoE, when asked; final response only) is SGLang's:
-         base64 of little-endian int32 ``[prompt + output tokens - 1, moe_layers, top_k]``.
+         "output_token_weight_versions": [int, ...], "input_token_logprobs",
+         "output_top_logprobs", "routed_experts"}}`` (a list for a batch or ``n > 1``).
+         ``output_token_weight_versions`` (Miles's own, with ``return_logprob``, one per output
+         token like ``output_token_logprobs``) is the weight version that sampled each token;
+         ``weight_version`` stays SGLang's, the request's last forward. ``routed_experts`` (MoE,
+         when asked; final response only) is SGLang's: base64 of little-endian int32
+         ``[prompt + output tokens - 1, moe_layers, top_k]``.
 
 Every count a request controls is bounded (:class:`RequestLimits`): engine requests per call
 (prompts x ``n``, checked before any is built), ``top_logprobs_num``, ``rid`` lengths, and the
@@ -423,6 +427,7 @@ def generate_response(
         meta["output_token_logprobs"] = [
             [lp, tid, tok_text(tid)] for lp, tid in zip(out.output_logprobs, out.output_ids)
         ]
+        meta["output_token_weight_versions"] = list(out.output_weight_versions)
         inputs: list[list[Any]] = []
         if req.logprob_start_len >= 0 and out.prompt_logprobs is not None:
             ids = spec.prompt_ids

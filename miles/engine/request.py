@@ -3,7 +3,8 @@
 Lifecycle: ``WAITING`` (queued, no KV blocks) -> ``RUNNING`` (holds blocks for all its known
 tokens; prefill may span several steps) -> ``FINISHED``. Preemption moves a running request back
 to ``WAITING`` and drops its blocks; it is recomputed from scratch (its generated tokens become
-part of the prompt that is prefilled again, so nothing sampled is lost).
+part of the prompt that is prefilled again, so nothing sampled is lost). Retraction
+(``Engine.pause_generation("retract")``) does the same to every running request at once.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ class Request:
     of ``all_token_ids``; ``block_hashes[i]`` is the chained prefix hash of full block ``i``
     (registered blocks only). ``num_computed_tokens`` tokens have their K/V in the cache; the
     rest of ``all_token_ids`` is fed to the model in the next steps.
+
+    ``output_weight_versions[i]`` is the ``WeightVersion.step`` of the weights whose forward
+    gave the logits ``output_ids[i]`` was sampled from (an overlapped step's: the version it was
+    launched under). It grows with ``output_ids`` and, like them, survives preemption and
+    retraction: a token keeps the version that sampled it even when its K/V are recomputed later
+    under other weights.
     """
 
     request_id: str
@@ -70,6 +77,7 @@ class Request:
     arrival_index: int = 0
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    output_weight_versions: list[int] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # logprob of prompt token i + 1 given prompt tokens <= i (raw model distribution).
     prompt_logprobs: list[float] = field(default_factory=list)
@@ -130,6 +138,10 @@ class RequestOutput:
     decoded output (stop string trimmed unless ``no_stop_trim``) when the engine has a tokenizer.
     ``routed_experts`` (finished requests that asked for it): int32 ``[tokens - 1, moe_layers,
     top_k]``, the experts each fed token used (fewer rows if aborted before all were fed).
+    ``output_weight_versions[i]`` is the weight version (``WeightVersion.step``) that sampled
+    ``output_ids[i]`` (one per output token; non-decreasing as long as every weight update sets
+    a version no lower than the one before). ``weight_version`` is that of the request's last
+    forward.
     """
 
     request_id: str
@@ -144,6 +156,7 @@ class RequestOutput:
     prompt_logprobs: tuple[float, ...] | None = None
     output_top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
     routed_experts: np.ndarray | None = None
+    output_weight_versions: tuple[int, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -166,6 +179,7 @@ class RequestOutput:
                 tuple(tuple(t) for t in req.output_top_logprobs) if req.top_logprobs_num > 0 else None
             ),
             routed_experts=_routed_experts(req),
+            output_weight_versions=tuple(req.output_weight_versions),
         )
 
 

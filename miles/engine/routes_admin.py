@@ -20,7 +20,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from miles.engine.engine import Engine, EngineStateError
+from miles.engine.engine import Engine, EngineStateError, PauseMode
 from miles.engine.protocol import BadRequest, parse_request
 from miles.engine.server import same_host, state_of
 from miles.engine.tensor_wire import MAX_NAME_CHARS, WireError, decode_named_tensors
@@ -38,7 +38,10 @@ Version = str | int | None  # SGLang's weight_version: a decimal string (an inte
 
 @dataclass(frozen=True)
 class PauseGeneration:
-    mode: Literal["abort", "in_place"] = "abort"  # SGLang's "retract" is not implemented
+    """SGLang's three modes (``Engine.pause_generation`` says what each does to the requests);
+    any other value is a 400 naming ``mode``."""
+
+    mode: PauseMode = "abort"
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ cost a forward and could pick other experts than the cached K/V came from.
 
 Requests that asked for ``return_routed_experts`` copy their rows to a host buffer after each
 forward (so the record survives blocks being freed at finish or abort): the rows of the tokens
-just fed, plus the cached prefix on the first forward after (re)admission. A preempted request
-forgets its rows and takes them again when recomputed (its new blocks may be cache hits whose
-routing came from another forward). The record has ``num_tokens - 1`` rows at the end: the last
-sampled token is never fed to the model.
+just fed, plus the cached prefix on the first forward after (re)admission. A preempted or
+retracted request forgets its rows and takes them again when recomputed (its new blocks may be
+cache hits whose routing came from another forward, and after a weight update every row is the
+new weights'). The record has ``num_tokens - 1`` rows at the end: the last sampled token is
+never fed to the model.
 """
 
 from __future__ import annotations
@@ -62,11 +63,18 @@ class RoutingStore:
     def new_buffer(self, rows: int) -> torch.Tensor:
         return torch.full((max(rows, 1), *self.row_shape), -1, dtype=torch.int32)
 
+    @staticmethod
+    def forget(requests: Sequence[Request]) -> None:
+        """Drop the host rows of requests that lost their blocks (preempted or retracted): they
+        are taken again when the request is recomputed, maybe over other (cached) blocks, or
+        under other weights, whose experts are the ones that made the K/V it then attends to."""
+        for req in requests:
+            req.num_routed_rows = 0
+
     def after_forward(self, batch: Sequence[ScheduledRequest], preempted: Sequence[Request]) -> None:
         """Copy the new rows of the requests that record into their host buffers (one gather and
         one device-to-host copy for the batch). Call before ``num_computed_tokens`` advances."""
-        for req in preempted:
-            req.num_routed_rows = 0  # recomputed later, maybe over other (cached) blocks
+        self.forget(preempted)
         spans: list[tuple[Request, int, int]] = []
         slots: list[torch.Tensor] = []
         bs = self.block_size

@@ -15,6 +15,8 @@ Each step is either a *prefill* step or a *decode* step:
   needs a new block and finds none preempts the most recently admitted running request (by
   recompute: its blocks are freed and it returns to the front of ``waiting``); when it is the
   only one left and the cache is still full it cannot grow and is reported ``out_of_capacity``.
+
+:meth:`Scheduler.retract` does to every running request at once what preemption does to one.
 """
 
 from __future__ import annotations
@@ -156,6 +158,23 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    def retract(self) -> list[Request]:
+        """Move every running request back to ``waiting`` and free its blocks (SGLang's
+        ``retract``); returns them, in admission order.
+
+        Each is then what a preempted request is: its prompt and the output sampled so far are
+        prefilled again when it is admitted next (from the prefix cache where its blocks are
+        still cached and ready). They go to the front of ``waiting`` in their admission order,
+        ahead of the requests already waiting, so they are readmitted first and in the order
+        they ran. Not counted as preemptions: those measure KV pressure, and this is the
+        caller's choice."""
+        retracted, self.running = self.running, []
+        for req in reversed(retracted):
+            self.allocator.free(req)
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
+        return retracted
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """Remove ``req`` from the queues, return its blocks and mark it finished."""

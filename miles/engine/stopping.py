@@ -52,14 +52,17 @@ def append_token(
     logprob: float,
     top: list[tuple[int, float]],
     *,
+    weight_version: int,
     eos_token_ids: Sequence[int],
     tokenizer: Any,
     context_length: int,
 ) -> FinishReason | None:
-    """Append ``token`` to ``req``; return why the request is now finished, or ``None``."""
+    """Append ``token`` (sampled under weight version ``weight_version``, a
+    ``WeightVersion.step``) to ``req``; return why the request is now finished, or ``None``."""
     p = req.sampling_params
     req.output_ids.append(token)
     req.output_logprobs.append(logprob)
+    req.output_weight_versions.append(weight_version)
     if req.top_logprobs_num > 0:
         req.output_top_logprobs.append(top)
     reason: FinishReason | None = None

@@ -181,3 +181,19 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         make_hf_model(prefix, kwargs, seed=seed).save_pretrained(path)
         out[tag] = path
     return out
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Llama saved as an HF directory, one per test module."""
+    from tests.models.conftest import save_case
+
+    return str(save_case("llama", tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir: str) -> Any:
+    """That Llama loaded (tests that update its weights write the same values back)."""
+    from miles.models.loading import load_model
+
+    return load_model(llama_dir)

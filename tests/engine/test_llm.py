@@ -45,6 +45,23 @@ def test_tiny_generate_ids_and_meta(tiny):
         llm.generate(prompts, [{"max_new_tokens": 2}])
 
 
+def test_meta_info_carries_each_tokens_weight_version(tiny):
+    """With ``return_logprob``, one version per output token beside ``output_token_logprobs``."""
+    llm = LLM(str(tiny), skip_tokenizer_init=True, page_size=4, max_total_tokens=1024)
+    prompts = [[5, 6, 7], [8, 9]]
+    params = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
+    assert all("output_token_weight_versions" not in o["meta_info"] for o in llm.generate(prompts, params))
+    named = [(n, p.detach().clone()) for n, p in llm.engine.model.named_parameters()]
+    for version in (0, 4):
+        if version:
+            llm.update_weights_from_tensors(named, weight_version=str(version))
+        for out in llm.generate(prompts, params, return_logprob=True):
+            meta = out["meta_info"]
+            assert len(meta["output_token_logprobs"]) == 5
+            assert meta["output_token_weight_versions"] == [version] * 5
+            assert meta["weight_version"] == str(version)
+
+
 def test_smollm2_greedy_equals_generate_ids(smollm2):
     llm = LLM(smollm2, max_total_tokens=64 * 16)
     tok = llm.tokenizer

@@ -1,5 +1,6 @@
 """The engine records every fed token's experts (rollout routing replay), whatever the schedule:
-fresh, chunked prefill, prefix-cache hits, preemption; and returns them over /generate."""
+fresh, chunked prefill, prefix-cache hits, preemption, retraction; and returns them over
+/generate."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from miles.engine.server import ServerConfig, create_app
 from miles.models.loading import load_model
 from miles.types import SamplingParams
 from tests.engine.conftest import ThreadServer, make_engine
+from tests.engine.helpers import assert_same_expert_sets as assert_same_sets
+from tests.engine.helpers import routing_reference as reference
+from tests.engine.helpers import run_to_end
 from tests.models.conftest import save_case
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
@@ -32,33 +36,6 @@ def moe_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def moe(moe_dir):
     return load_model(moe_dir)
-
-
-class Observe:
-    """An observing ``RoutingHook``: keeps each layer's top-k ids."""
-
-    def __init__(self) -> None:
-        self.ids: dict[int, torch.Tensor] = {}
-
-    def route(self, layer_idx, router_logits, topk_ids):
-        self.ids[layer_idx] = topk_ids.clone()
-        return topk_ids
-
-
-def reference(model, tokens: list[int]) -> np.ndarray:
-    """``[len(tokens) - 1, moe_layers, k]``: a direct forward of all but the last token."""
-    hook = Observe()
-    ids = torch.tensor(tokens[:-1])
-    with torch.no_grad():
-        model.forward_packed(ids, torch.tensor([0, len(ids)], dtype=torch.int32), routing=hook)
-    layers = model.spec.moe_layer_indices
-    assert sorted(hook.ids) == list(layers)
-    return torch.stack([hook.ids[i] for i in layers], dim=1).to(torch.int32).numpy()
-
-
-def assert_same_sets(got: np.ndarray, want: np.ndarray) -> None:
-    assert got.shape == want.shape
-    np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
 
 
 def _prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
@@ -156,3 +133,38 @@ def test_generate_http_and_local_return_base64(moe, moe_dir):
     finally:
         server.stop()
         engine.close()
+
+
+def test_retract_takes_the_record_again_under_the_weights_loaded_then(moe_dir):
+    """A retracted request is recomputed as a preempted one is. Without an update its record is
+    a plain forward's; after one every row is the new weights' (they made the K/V it attends to
+    from then on), not the rows recorded before the pause."""
+    model = load_model(moe_dir)  # its own copy: the update below changes it
+    prompts = _prompts(9, 5, 12, seed=4)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    perturbed = [
+        (n, p.detach() + 0.3 * torch.randn(p.shape, generator=gen)) for n, p in model.named_parameters()
+    ]
+    for update in (False, True):
+        engine = make_engine(model, num_blocks=64, page_size=4)
+        rids = [engine.add_request(p, params, return_routed_experts=True) for p in prompts]
+        for _ in range(4):
+            engine.step()
+        engine.pause_generation("retract")
+        assert engine.stats().num_running == 0 and engine.allocator.num_used_blocks == 0
+        at_pause = [engine._requests[r].all_token_ids for r in rids]
+        assert all(len(t) > len(p) for t, p in zip(at_pause, prompts))  # every one had decoded
+        old = [reference(model, t) for t in at_pause]
+        if update:
+            engine.update_weights_from_tensors(perturbed)
+        engine.continue_generation()
+        done = run_to_end(engine)
+        final = [done[r] for r in rids]
+        assert all(o.finish_reason.type == "length" and o.completion_tokens == 8 for o in final)
+        _check(model, prompts, final)  # model holds the weights loaded now
+        stale = [
+            not np.array_equal(np.sort(o.routed_experts[: len(a) - 1], -1), np.sort(b, -1))
+            for o, a, b in zip(final, at_pause, old)
+        ]
+        assert any(stale) == update  # after the update the rows before the pause changed

@@ -705,7 +705,7 @@ def test_update_group_fields_are_validated(http, patch, field):
     ("path", "body", "field"),
     [
         ("/pause_generation", {"mode": 5}, "mode"),
-        ("/pause_generation", {"mode": "retract"}, "mode"),
+        ("/pause_generation", {"mode": "Retract"}, "mode"),
         ("/continue_generation", {"now": True}, "now"),
         ("/release_memory_occupation", {"tags": "kv_cache"}, "tags"),
         ("/resume_memory_occupation", {"tags": [1]}, "tags"),

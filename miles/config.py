@@ -247,8 +247,26 @@ class RolloutConfig(_Section):
     max_failed_rollouts: int = _f(
         3, "stop after this many consecutive rollout steps in which every sample failed", ge=1
     )
-    partial_rollout: bool = _f(False, "resume samples aborted at a weight update")
-    mask_offpolicy_in_partial_rollout: bool = _f(False, "mask tokens sampled by older weights")
+    async_mode: Literal["off", "one-step-off", "fully-async"] = _f(
+        "off",
+        "off: rollout, then training; one-step-off: step k+1's rollout runs while step k trains; "
+        "fully-async: a rollout worker keeps generating (docs/async.md)",
+    )
+    max_weight_staleness: int = _f(
+        1, "fully-async: trained tokens are at most N weight versions behind the trained policy", ge=0
+    )
+    stale_group_action: Literal["regenerate", "drop"] = _f(
+        "regenerate", "fully-async: a group past --max-weight-staleness is generated again, or dropped"
+    )
+    partial_rollout: bool = _f(
+        False, "fully-async: requests in flight at a weight update continue under the new weights"
+    )
+    pause_generation_mode: Literal["in_place", "retract"] = _f(
+        "in_place", "partial rollout: keep the KV of paused requests, or drop it and prefill again"
+    )
+    mask_offpolicy_in_partial_rollout: bool = _f(
+        False, "partial rollout: train only on the tokens of a sample's newest weight version"
+    )
     skip_bad_samples: bool = _f(False, "skip unusable dataset rows with a warning")
     eval_prompt_data: tuple[str, ...] = _f((), "evaluation sets as NAME PATH pairs")
     eval_interval: int | None = _f(None, "evaluate every N rollout steps", ge=1)

@@ -38,12 +38,14 @@ def resolve(c: MilesConfig, explicit: set[str]) -> MilesConfig:
     c = derive_algorithm(c)
     c = derive_placement(c)
     c = derive_modes(c, explicit)
+    c = derive_async(c)
     check_engine_options(c)
     check_placement(c)
     check_evaluation(c)
     check_algorithm(c)
     check_training(c)
     check_modes(c)
+    check_async(c)
     check_runs(c)
     check_rewards(c)
     check_sampling(c)
@@ -223,6 +225,35 @@ def derive_modes(c: MilesConfig, explicit: set[str]) -> MilesConfig:
         engine_deterministic = True
     engine = replace(e, random_seed=seed, enable_deterministic_inference=engine_deterministic)
     return replace(c, deterministic_mode=deterministic, engine=engine)
+
+
+def derive_async(c: MilesConfig) -> MilesConfig:
+    """Asynchronous modes train on samples of older weights: the policy loss is decoupled PPO,
+    whose importance weights against the engine's policy are TIS unless --use-mis is given
+    (docs/algorithms.md, "Decoupled PPO"). Settings of a mode that is not on are refused."""
+    r = c.rollout
+    fully = r.async_mode == "fully-async"
+    _first(
+        [
+            (
+                not fully and (r.max_weight_staleness != 1 or r.stale_group_action != "regenerate"),
+                "--max-weight-staleness and --stale-group-action bound the rollout worker of "
+                "--async-mode fully-async (one-step-off trains every sample exactly one version behind)",
+            ),
+            (
+                r.partial_rollout and not fully,
+                "--partial-rollout continues the requests in flight at a weight update, which only "
+                "--async-mode fully-async has (one-step-off and off update the weights between rollouts)",
+            ),
+            (
+                r.pause_generation_mode != "in_place" and not r.partial_rollout,
+                "--pause-generation-mode says how --partial-rollout pauses requests: give --partial-rollout",
+            ),
+        ]
+    )
+    if r.async_mode == "off" or c.algo.use_tis or c.algo.use_mis or c.algo.use_rollout_logprobs:
+        return c  # (--use-rollout-logprobs is refused with a mode by check_async)
+    return replace(c, algo=replace(c.algo, use_tis=True))
 
 
 # --------------------------------------------------------------------------- checks, by concept
@@ -436,6 +467,48 @@ def check_modes(c: MilesConfig) -> None:
     )
 
 
+def check_async(c: MilesConfig) -> None:
+    """Asynchronous modes: the engines generate while the trainer trains, so neither may sleep,
+    and the trainer must recompute the proximal policy's log-probs itself."""
+    r, p, a, lg = c.rollout, c.placement, c.algo, c.log
+    if r.async_mode == "off":
+        return
+    mode = f"--async-mode {r.async_mode}"
+    _first(
+        [
+            (
+                bool(p.offload_train or p.offload_rollout),
+                f"{mode} generates while the trainer trains: drop --colocate/--offload/--offload-train/"
+                "--offload-rollout (on one GPU, share it with --sglang-mem-fraction-static)",
+            ),
+            (
+                c.train.loss_type != "policy_loss",
+                f"{mode} overlaps generation with RL training; --loss-type {c.train.loss_type} generates nothing",
+            ),
+            (
+                lg.load_debug_rollout_data is not None or lg.debug_rollout_only,
+                f"{mode} overlaps generation with training: --load-debug-rollout-data and "
+                "--debug-rollout-only each do one of the two; use --async-mode off",
+            ),
+            (
+                a.use_rollout_logprobs,
+                f"{mode} trains with decoupled PPO, whose proximal policy is the trainer's recomputation: "
+                "drop --use-rollout-logprobs",
+            ),
+            (
+                p.update_weights_interval != 1,
+                f"{mode} bounds how old the weights may be with --max-weight-staleness; "
+                "drop --update-weights-interval",
+            ),
+            (
+                r.partial_rollout and p.rollout_backend == "sglang",
+                "--partial-rollout needs each token's weight version, which only the built-in engine reports "
+                "(meta_info.output_token_weight_versions); use --rollout-backend miles",
+            ),
+        ]
+    )
+
+
 def check_runs(c: MilesConfig) -> None:
     """Debugging runs (saved rollouts) and checkpoints."""
     lg, ck = c.log, c.checkpoint
@@ -540,7 +613,6 @@ def refuse_unbuilt(c: MilesConfig) -> None:
         (a.disable_rewards_normalization, "--disable-rewards-normalization"),
         (a.use_unbiased_kl, "--use-unbiased-kl"),
         (r.rollout_max_context_len is not None, "--rollout-max-context-len (use --rollout-max-response-len)"),
-        (r.partial_rollout, "--partial-rollout"),
         *[(True, flag) for flag in engine_unimplemented],
         (e.router_ip is not None or e.router_port is not None, "--sglang-router-ip/--sglang-router-port "
          "(an existing router; Miles starts its own)"),

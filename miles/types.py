@@ -286,6 +286,10 @@ class Sample:
         engine chose per token (rollout routing replay), or ``None``.
       - ``weight_versions``: the engine weight version(s) the response was generated under; more
         than one when a partial rollout spanned a weight update.
+      - ``response_versions``: the weight version (``WeightVersion.step``) that produced each
+        response token, length R, non-decreasing; ``None`` when the engine does not report it.
+        Read it through :meth:`token_versions`, which treats a list of another length (a hook
+        appended tokens without it) as unknown.
     """
 
     prompt: str | list[dict[str, Any]] = ""
@@ -298,6 +302,7 @@ class Sample:
     reward: float | None = None
     status: SampleStatus = SampleStatus.PENDING
     weight_versions: list[str] = field(default_factory=list)
+    response_versions: list[int] | None = None
     routed_experts: np.ndarray | None = None
     index: int = 0  # position of the sample within the rollout
     group_index: int = 0  # index of the prompt (group) it belongs to
@@ -311,6 +316,12 @@ class Sample:
     @property
     def total_len(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    def token_versions(self) -> list[int] | None:
+        """``response_versions`` when it has one entry per response token, else ``None`` (not
+        reported, or a slime-style hook appended tokens without extending it: unknown)."""
+        v = self.response_versions
+        return list(v) if v is not None and len(v) == self.response_len else None
 
     def effective_loss_mask(self) -> list[int]:
         return [1] * self.response_len if self.loss_mask is None else list(self.loss_mask)
@@ -367,6 +378,8 @@ class TrainBatch:
       - ``rewards`` float32 ``[B]``; ``response_lens`` int64 ``[B]``.
       - ``sample_indices``: the ``Sample.index`` of each sequence, for logging and dumps.
       - ``routed_experts``: int32 ``[T, num_moe_layers, top_k]`` for routing replay, or None.
+      - ``rollout_versions``: int64 ``[T]``, the weight version that produced each response
+        token (prompt tokens: the sequence's oldest), or None when a sample does not report it.
     """
 
     input_ids: torch.Tensor
@@ -381,6 +394,7 @@ class TrainBatch:
     returns: torch.Tensor | None = None
     routed_experts: torch.Tensor | None = None
     weight_versions: tuple[str, ...] = ()
+    rollout_versions: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -393,7 +407,10 @@ class TrainBatch:
     def check(self) -> None:
         """Raise ``ValueError`` naming the first tensor whose shape disagrees with the packing."""
         t, b = self.num_tokens, self.num_sequences
-        for name in ("positions", "loss_mask", "rollout_logprobs", "advantages"):
+        per_token = ("positions", "loss_mask", "rollout_logprobs", "advantages", "rollout_versions")
+        for name in per_token:
+            if getattr(self, name) is None:
+                continue
             n = int(getattr(self, name).numel())
             if n != t:
                 raise ValueError(f"TrainBatch.{name} has {n} entries, input_ids has {t}")

@@ -409,6 +409,30 @@ VALIDATION = [
     (["--rm-type", "remote_rm"], "--rm-type remote_rm needs --rm-url"),
     (["--group-rm"], "--group-rm needs --custom-rm-path (a function scoring a group)"),
     (["--mask-offpolicy-in-partial-rollout"], "--mask-offpolicy-in-partial-rollout needs --partial-rollout"),
+    # asynchronous RL
+    (["--max-weight-staleness", "2"], "--max-weight-staleness and --stale-group-action bound the rollout worker of "
+     "--async-mode fully-async"),
+    (["--async-mode", "one-step-off", "--stale-group-action", "drop"], "--max-weight-staleness and "
+     "--stale-group-action bound the rollout worker of --async-mode fully-async"),
+    (["--async-mode", "one-step-off", "--partial-rollout"], "--partial-rollout continues the requests in flight at a "
+     "weight update, which only --async-mode fully-async has"),
+    (["--async-mode", "fully-async", "--pause-generation-mode", "retract"], "--pause-generation-mode says how "
+     "--partial-rollout pauses requests: give --partial-rollout"),
+    (["--async-mode", "fully-async", "--colocate"], "--async-mode fully-async generates while the trainer trains: "
+     "drop --colocate/--offload/--offload-train/--offload-rollout"),
+    (["--async-mode", "one-step-off", "--offload-rollout"], "--async-mode one-step-off generates while the trainer "
+     "trains"),
+    (["--async-mode", "fully-async", "--loss-type", "sft_loss", "--label-key", "y"], "--async-mode fully-async overlaps generation with "
+     "RL training; --loss-type sft_loss generates nothing"),
+    (["--async-mode", "fully-async", "--debug-rollout-only"], "--async-mode fully-async overlaps generation with "
+     "training: --load-debug-rollout-data and --debug-rollout-only each do one of the two"),
+    (["--async-mode", "fully-async", "--use-rollout-logprobs"], "--async-mode fully-async trains with decoupled "
+     "PPO, whose proximal policy is the trainer's recomputation: drop --use-rollout-logprobs"),
+    (["--async-mode", "one-step-off", "--update-weights-interval", "2"], "--async-mode one-step-off bounds how old "
+     "the weights may be with --max-weight-staleness; drop --update-weights-interval"),
+    (["--async-mode", "fully-async", "--partial-rollout", "--rollout-backend", "sglang",
+      "--rollout-external-engine-addrs", "h:1"], "--partial-rollout needs each token's weight version"),
+    (["--async-mode", "async"], "argument --async-mode: invalid choice: 'async'"),
     (["--debug-rollout-only", "--debug-train-only"], "--debug-rollout-only and --debug-train-only exclude each "
      "other: one skips training, the other rollout"),
     (["--debug-rollout-only", "--load-debug-rollout-data", "d"], "--load-debug-rollout-data replays saved rollouts "
@@ -450,7 +474,6 @@ REFUSED = [
     (["--disable-rewards-normalization"], "not implemented yet: --disable-rewards-normalization; drop the flag(s)"),
     (["--rollout-max-context-len", "64"], "not implemented yet: --rollout-max-context-len (use "
      "--rollout-max-response-len); drop the flag(s)"),
-    (["--partial-rollout"], "not implemented yet: --partial-rollout; drop the flag(s)"),
     (["--sglang-chunked-prefill-size", "64"], "not implemented yet: --sglang-chunked-prefill-size"),
     (["--sglang-speculative-algorithm", "EAGLE"], "not implemented yet: --sglang-speculative-algorithm"),
     (["--sglang-router-port", "9000"], "not implemented yet: --sglang-router-ip/--sglang-router-port (an existing "
@@ -473,15 +496,15 @@ def test_flags_not_built_are_refused_when_parsed(extra: list[str], message: str)
 
 
 def test_a_wrong_config_hears_the_rule_before_the_refusal() -> None:
-    assert error_of(*BASE, "--partial-rollout", "--colocate", "--rollout-external-engine-addrs", "h:1") == (
+    assert error_of(*BASE, "--use-unbiased-kl", "--colocate", "--rollout-external-engine-addrs", "h:1") == (
         "--colocate cannot share GPUs with engines at --rollout-external-engine-addrs"
     )
 
 
 def test_refusals_can_be_deferred_but_not_skipped() -> None:
     """``refuse_unbuilt=False`` keeps such a config for tools; the run's preflight refuses it."""
-    c = parse_unbuilt("--partial-rollout", "--trust-remote-code")
-    assert c.rollout.partial_rollout and c.model.trust_remote_code
+    c = parse_unbuilt("--use-unbiased-kl", "--trust-remote-code")
+    assert c.algo.use_unbiased_kl and c.model.trust_remote_code
     with pytest.raises(ConfigError, match="--trust-remote-code: Miles runs its own model code"):
         refuse_unbuilt(c)
     assert parse().train.balance_data is True  # what Miles does, so the resolved config says so

@@ -77,8 +77,6 @@ REFUSED: dict[str, str | None] = {
     "disable_rewards_normalization": None,
     "use_unbiased_kl": None,
     "rollout_max_context_len": None,
-    "partial_rollout": None,
-    "mask_offpolicy_in_partial_rollout": None,  # needs --partial-rollout, which is refused
     "sglang_chunked_prefill_size": None,
     "sglang_speculative_algorithm": None,
     "sglang_speculative_draft_model_path": "--sglang-speculative-*",  # needs the algorithm, refused

@@ -1,7 +1,8 @@
 """RL algorithms as pure tensor functions, selected by name from registries (DESIGN.md §9).
 
 Registries: ``ADVANTAGE_ESTIMATORS`` (--advantage-estimator), ``POLICY_LOSSES``,
-``LOSS_REDUCTIONS``, ``KL_ESTIMATORS`` (--kl-loss-type), ``CORRECTIONS`` (TIS/MIS).
+``LOSS_REDUCTIONS``, ``KL_ESTIMATORS`` (--kl-loss-type), ``CORRECTIONS`` (TIS/MIS); decoupled PPO
+(asynchronous RL) composes a policy loss with a correction (:func:`decoupled_ppo_loss`).
 See docs/algorithms.md for formulas and flag mapping.
 """
 
@@ -22,6 +23,7 @@ from miles.algo.corrections import (
     apply_correction,
     mismatch_metrics,
 )
+from miles.algo.decoupled import decoupled_ppo_loss
 from miles.algo.logprobs import (
     entropy_from_logits,
     logprobs_and_entropy_from_hidden,
@@ -56,6 +58,7 @@ __all__ = [
     "apply_correction",
     "apply_kl_penalty",
     "compute_advantages",
+    "decoupled_ppo_loss",
     "entropy_from_logits",
     "entropy_loss",
     "kl_estimate",

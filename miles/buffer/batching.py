@@ -61,6 +61,7 @@ def build_train_batch(groups: Sequence[Group]) -> TrainBatch:
     response_lens: list[int] = []
     indices: list[int] = []
     versions: list[str] = []
+    token_versions: list[int] | None = []
     for group in groups:
         rewards += effective_rewards(group)
         for s in group.samples:
@@ -77,6 +78,11 @@ def build_train_batch(groups: Sequence[Group]) -> TrainBatch:
             response_lens.append(r)
             indices.append(s.index)
             versions.append(s.weight_versions[-1] if s.weight_versions else "")
+            known = s.token_versions()
+            if token_versions is not None and known is not None:
+                token_versions += [min(known, default=-1)] * p + known
+            else:
+                token_versions = None
     routed = _pack_routed_experts([s for g in groups for s in g.samples])
     cu_t = torch.tensor(cu, dtype=torch.int32)
     lengths = cu_t[1:] - cu_t[:-1]
@@ -94,6 +100,7 @@ def build_train_batch(groups: Sequence[Group]) -> TrainBatch:
         sample_indices=tuple(indices),
         weight_versions=tuple(versions),
         routed_experts=routed,
+        rollout_versions=None if token_versions is None else torch.tensor(token_versions, dtype=torch.long),
     )
     batch.check()
     return batch

@@ -102,14 +102,27 @@ class LocalPlacement:
 
     def push_weights(self, version: int) -> float:
         """Hand the engine the trainer's weights in ``--update-weight-buffer-size`` buckets,
-        applied at once as ``version``; returns the seconds it took."""
+        applied at once as ``version``; returns the seconds it took.
+
+        The update runs on the engine's thread between two steps, so requests in flight (a
+        ``--partial-rollout``) are paused around it as ``--pause-generation-mode`` says: in place
+        (their KV kept) or retracted (prefilled again under the new weights)."""
         start = time.perf_counter()
         dtype = self.engine.engine.model.dtype
         size = self.config.placement.update_weight_buffer_size
         buckets = list(iter_weight_buckets(self.trainer.model, dtype, size))
+        r = self.config.rollout
+        mode = r.pause_generation_mode if r.partial_rollout else None
 
         def apply(engine: Engine) -> None:
-            engine.update_weights_from_tensors(buckets, weight_version=str(version))
+            if mode is None:
+                engine.update_weights_from_tensors(buckets, weight_version=str(version))
+                return
+            engine.pause_generation(mode)
+            try:
+                engine.update_weights_from_tensors(buckets, weight_version=str(version))
+            finally:
+                engine.continue_generation()
 
         asyncio.run(self.engine.call(apply))
         return time.perf_counter() - start

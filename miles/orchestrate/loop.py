@@ -32,6 +32,7 @@ from miles.models.spec import ModelSpec
 from miles.orchestrate.build import kv_demand
 from miles.orchestrate.placement import Placement, start_placement
 from miles.orchestrate.preflight import preflight, start_run_dir
+from miles.rollout.async_worker import RolloutWorker, WorkerSettings
 from miles.rollout.dataset import PromptDataset, load_eval_datasets
 from miles.rollout.dump import load_rollout_dump, save_rollout_dump
 from miles.rollout.manager import RolloutManager
@@ -39,6 +40,10 @@ from miles.train.checkpoint import latest_step
 from miles.types import Group, SampleStatus
 from miles.utils.metrics import MetricsLogger
 from miles.utils.progress import announce
+
+# How long a weight update waits for the requests in flight to finish (asynchronous runs without
+# --partial-rollout): a generous bound on one request, so that a stuck engine stops the run.
+_HOLD_TIMEOUT_S = 3600.0
 
 
 class LoopError(RuntimeError):
@@ -143,43 +148,109 @@ def run_train(config: MilesConfig) -> int:
 
 
 def train_loop(run: Run, logger: MetricsLogger) -> None:
-    """Steps from the checkpoint ``--load`` names (or 0) to the last, then ``--save-hf``."""
+    """Steps from the checkpoint ``--load`` names (or 0) to the last, then ``--save-hf``.
+
+    With ``--async-mode`` other than ``off`` the rollout comes from a :class:`RolloutWorker`
+    generating in its own thread while the trainer trains (docs/async.md); the step is otherwise
+    the same."""
     config, placement = run.config, run.placement
     r, ck = config.rollout, config.checkpoint
-    start = _resume(run) if ck.load is not None and latest_step(ck.load) is not None else 0
+    worker = _worker(run) if r.async_mode != "off" else None
+    start = _resume(run, worker) if ck.load is not None and latest_step(ck.load) is not None else 0
     total = _num_rollout(config, len(run.data.dataset))
-    if run.data.eval_datasets and start == 0 and not r.skip_eval_before_train:
-        logger.log(0, _evaluate(run, 0))
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        groups, metrics = _rollout(run, step)
-        metrics["perf/rollout_time"] = time.perf_counter() - t0
-        if not config.log.debug_rollout_only:
-            metrics.update(_train(run, groups, step, total))
-        done = step + 1
-        if r.eval_interval and run.data.eval_datasets and (done % r.eval_interval == 0 or done == total):
-            metrics.update(_evaluate(run, done))
-        if ck.save is not None and ((ck.save_interval and done % ck.save_interval == 0) or done == total):
-            extra = {"next_step": done, "dataset": run.data.dataset.state_dict(), **run.manager.state_dict()}
-            placement.save_checkpoint(ck.save, done, extra)
-        metrics["perf/step_time"] = time.perf_counter() - t0
-        logger.log(step, metrics)
+    if worker is not None:
+        announce(
+            f"rollout worker: {r.async_mode}, weights at most {worker.settings.max_staleness} versions old"
+        )
+        worker.start(version=start)
+    try:
+        if run.data.eval_datasets and start == 0 and not r.skip_eval_before_train:
+            logger.log(0, _evaluate(run, 0, worker))
+        for step in range(start, total):
+            metrics = _step(run, worker, step, total)
+            logger.log(step, metrics)
+    finally:
+        if worker is not None:
+            worker.stop()
     if ck.save_hf is not None:
         placement.save_hf(ck.save_hf)
 
 
-def _resume(run: Run) -> int:
-    """Restore the trainer, the data's position and the sample numbering from ``--load``, and
-    give the engines the restored weights; the step to continue from."""
-    assert run.config.checkpoint.load is not None
-    extra = run.placement.load_checkpoint(run.config.checkpoint.load)
+def _step(run: Run, worker: RolloutWorker | None, step: int, total: int) -> dict[str, float]:
+    """One step: its rollout, training, weights to the engines, evaluation and checkpoint."""
+    config, r, ck = run.config, run.config.rollout, run.config.checkpoint
+    t0 = time.perf_counter()
+    busy0 = worker.gate.busy_seconds() if worker is not None else 0.0
+    if worker is None:
+        groups, metrics = _rollout(run, step)
+    else:
+        groups, metrics = worker.get_batch(step)
+        if not groups:
+            raise LoopError(
+                f"step {step}: the rollout worker has no group left to train on (the data ran out)"
+            )
+        _save_dump(run, groups, step)
+    metrics["perf/rollout_time"] = time.perf_counter() - t0
+    if not config.log.debug_rollout_only:
+        metrics.update(_train(run, groups, step, total, worker))
+    done = step + 1
+    if r.eval_interval and run.data.eval_datasets and (done % r.eval_interval == 0 or done == total):
+        metrics.update(_evaluate(run, done, worker))
+    if ck.save is not None and ((ck.save_interval and done % ck.save_interval == 0) or done == total):
+        extra = {"next_step": done, "dataset": run.data.dataset.state_dict(), **run.manager.state_dict()}
+        if worker is not None:  # it draws prompts meanwhile: its snapshot of the dataset goes with its own
+            extra["dataset"], extra["rollout_worker"] = worker.state_dict()
+        run.placement.save_checkpoint(ck.save, done, extra)
+    step_time = time.perf_counter() - t0
+    metrics["perf/step_time"] = step_time
+    # Idle fractions of the step: the trainer waits for the rollout; the engines are busy while
+    # requests are in flight (asynchronous) or during the rollout phase (synchronous).
+    waited = metrics.pop("async/wait_time", metrics["perf/rollout_time"])
+    busy = worker.gate.busy_seconds() - busy0 if worker is not None else metrics["perf/rollout_time"]
+    metrics["perf/trainer_idle_frac"] = min(1.0, waited / step_time) if step_time > 0 else 0.0
+    metrics["perf/engine_idle_frac"] = max(0.0, 1.0 - busy / step_time) if step_time > 0 else 0.0
+    metrics.pop("async/engine_busy_time", None)
+    return metrics
+
+
+def _worker(run: Run) -> RolloutWorker:
+    """The rollout worker of an asynchronous run (``one-step-off``: bound 1, batches in order)."""
+    r = run.config.rollout
+    assert r.rollout_batch_size is not None
+    one_step_off = r.async_mode == "one-step-off"
+    settings = WorkerSettings(
+        batch_groups=r.rollout_batch_size,
+        max_staleness=1 if one_step_off else r.max_weight_staleness,
+        total_groups=_num_rollout(run.config, len(run.data.dataset)) * r.rollout_batch_size,
+        ordered=one_step_off,
+        stale_action=r.stale_group_action,
+        mask_offpolicy=r.mask_offpolicy_in_partial_rollout,
+    )
+    return RolloutWorker(run.manager, settings, n_samples=r.n_samples_per_prompt)
+
+
+def _resume(run: Run, worker: RolloutWorker | None) -> int:
+    """Restore the trainer, the data's position, the sample numbering and the rollout worker's
+    pending prompts from ``--load``, and give the engines the restored weights; the step to
+    continue from. A malformed state raises :class:`LoopError` before anything changes."""
+    load = run.config.checkpoint.load
+    assert load is not None
+    extra = run.placement.load_checkpoint(load)
     try:
         start = int(extra["next_step"])
         dataset_state, index = extra["dataset"], {"sample_index": extra["sample_index"]}
+        worker_state = extra.get("rollout_worker")
+        if worker_state is not None and not isinstance(worker_state, dict):
+            raise ValueError(f"rollout_worker must be an object, got {type(worker_state).__name__}")
+        if worker is not None and worker_state is not None:
+            worker.load_state_dict(worker_state)
     except (KeyError, TypeError, ValueError) as e:
+        raise LoopError(f"--load {load}: malformed loop state in the checkpoint: {e}") from None
+    if worker is None and worker_state is not None and worker_state.get("pending_prompts"):
         raise LoopError(
-            f"--load {run.config.checkpoint.load}: malformed loop state in the checkpoint: {e}"
-        ) from None
+            f"--load {load} was saved by an asynchronous run with {len(worker_state['pending_prompts'])} prompts "
+            "drawn but not trained; resume it with the same --async-mode, which generates them first"
+        )
     run.data.dataset.load_state_dict(dataset_state)
     run.manager.load_state_dict(index)
     run.placement.push_weights(start)
@@ -198,16 +269,26 @@ def _rollout(run: Run, step: int) -> tuple[list[Group], dict[str, float]]:
         groups, metrics = result.groups, result.metrics
     else:
         groups = sft_groups(run.config, run.data, step)
-    if lg.save_debug_rollout_data is not None:
-        path = _dump_path(lg.save_debug_rollout_data, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_rollout_dump(groups, path)
+    _save_dump(run, groups, step)
     return groups, metrics
 
 
-def _train(run: Run, groups: list[Group], step: int, total: int) -> dict[str, float]:
+def _save_dump(run: Run, groups: list[Group], step: int) -> None:
+    """``--save-debug-rollout-data``: the groups step ``step`` trains on."""
+    template = run.config.log.save_debug_rollout_data
+    if template is not None:
+        path = _dump_path(template, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_rollout_dump(groups, path)
+
+
+def _train(
+    run: Run, groups: list[Group], step: int, total: int, worker: RolloutWorker | None
+) -> dict[str, float]:
     """The trainer's half of the step, with the device handed over around it (``--offload-*``),
-    then the weights to the engines."""
+    then the weights to the engines (asynchronous runs: every step; without ``--partial-rollout``
+    the rollout worker holds generation until the requests in flight finish, so that no sample
+    is cut in two by the update)."""
     placement = run.placement
     t0 = time.perf_counter()
     placement.sleep("engines")
@@ -218,17 +299,31 @@ def _train(run: Run, groups: list[Group], step: int, total: int) -> dict[str, fl
     placement.wake("engines")
     # --update-weights-interval k: the engines keep generating with weights up to k-1 steps old
     # (the samples' weight_versions say which); the last step always syncs.
-    if (step + 1) % run.config.placement.update_weights_interval == 0 or step + 1 == total:
+    if worker is not None:
+        t1 = time.perf_counter()
+        hold = not run.config.rollout.partial_rollout
+        if hold:
+            worker.hold(timeout_s=_HOLD_TIMEOUT_S)
+        try:
+            metrics["perf/update_weights_time"] = placement.push_weights(step + 1)
+        finally:
+            if hold:
+                worker.release()
+        worker.set_version(step + 1)
+        metrics["perf/hold_and_update_time"] = time.perf_counter() - t1
+    elif (step + 1) % run.config.placement.update_weights_interval == 0 or step + 1 == total:
         metrics["perf/update_weights_time"] = placement.push_weights(step + 1)
     placement.sleep("trainers")
     return metrics
 
 
-def _evaluate(run: Run, step: int) -> dict[str, float]:
+def _evaluate(run: Run, step: int, worker: RolloutWorker | None = None) -> dict[str, float]:
+    """Every evaluation set (in the rollout worker's loop when there is one: it owns the manager)."""
     out: dict[str, float] = {}
     n = run.config.rollout.n_samples_per_eval_prompt
     for name, dataset in run.data.eval_datasets.items():
-        out.update(asyncio.run(run.manager.evaluate(name, dataset, step, n)))
+        coro = run.manager.evaluate(name, dataset, step, n)
+        out.update(asyncio.run(coro) if worker is None else worker.run(coro))
     return out
 
 

@@ -78,14 +78,19 @@ class TrainerWorker:
         ``engines``: every engine URL, in engine-index order (colocated: engine i is on rank i)."""
         self.all_engines = list(engines)
         size = self.config.placement.update_weight_buffer_size
+        r = self.config.rollout
+        # A partial rollout's requests stay in flight across the update; otherwise none is.
+        pause = r.pause_generation_mode if r.partial_rollout else "abort"
         if transport == "distributed":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            self.sender = DistributedSender(self.rank, size, master_address=master_address, backend=backend)
+            self.sender = DistributedSender(
+                self.rank, size, master_address=master_address, backend=backend, pause_mode=pause
+            )
         elif transport == "disk":
             assert directory is not None
-            self.sender = DiskSender(self.rank, size, directory=directory)
+            self.sender = DiskSender(self.rank, size, directory=directory, pause_mode=pause)
         elif transport == "tensor":
-            self.sender = TensorSender(self.rank, size, own_engines=self._own_engines)
+            self.sender = TensorSender(self.rank, size, own_engines=self._own_engines, pause_mode=pause)
         else:
             raise ValueError(f"unknown weight transport {transport!r}")
 

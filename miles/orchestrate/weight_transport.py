@@ -94,12 +94,23 @@ def _on_all(urls: Sequence[str], call: Callable[[str], Any]) -> list[Any]:
 class WeightSender(abc.ABC):
     """One transport. ``send`` is called on every trainer rank with the same arguments.
 
-    ``admin_key``: the engines' admin key (default: ``$MILES_ADMIN_API_KEY``, unset: none)."""
+    ``admin_key``: the engines' admin key (default: ``$MILES_ADMIN_API_KEY``, unset: none).
+    ``pause_mode``: how generation is paused around an update (``/pause_generation``'s mode):
+    ``abort`` when nothing may be in flight, ``in_place`` or ``retract`` for a partial rollout,
+    whose requests in flight continue under the new weights (with ``retract`` the disk transport
+    pauses too; otherwise it loads between two engine steps, which is ``in_place``)."""
 
-    def __init__(self, rank: int, bucket_bytes: int, *, admin_key: str | None = None) -> None:
+    def __init__(
+        self, rank: int, bucket_bytes: int, *, admin_key: str | None = None, pause_mode: str = "abort"
+    ) -> None:
         self.rank = rank
         self.bucket_bytes = bucket_bytes
         self.admin_key = admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None
+        self.pause_mode = pause_mode
+
+    @property
+    def _pause(self) -> dict[str, Any]:
+        return {"mode": self.pause_mode}
 
     def _post(self, url: str, path: str, payload: dict[str, Any], timeout_s: float = 600.0) -> dict[str, Any]:
         return _post(url, path, payload, timeout_s, key=self.admin_key)
@@ -130,8 +141,9 @@ class DistributedSender(WeightSender):
         backend: str,
         group_timeout_s: float = 120.0,
         admin_key: str | None = None,
+        pause_mode: str = "abort",
     ) -> None:
-        super().__init__(rank, bucket_bytes, admin_key=admin_key)
+        super().__init__(rank, bucket_bytes, admin_key=admin_key, pause_mode=pause_mode)
         self.master_address = master_address
         self.backend = backend
         self.group_timeout_s = group_timeout_s
@@ -195,7 +207,7 @@ class DistributedSender(WeightSender):
         if lead:
             try:
                 group = self._ensure_group(engines)
-                _on_all(engines, lambda u: self._post(u, "/pause_generation", {}))
+                _on_all(engines, lambda u: self._post(u, "/pause_generation", self._pause))
             except Exception as e:
                 failure = e
         for bucket in iter_weight_buckets(model, dtype, self.bucket_bytes):
@@ -238,9 +250,15 @@ class DiskSender(WeightSender):
     """Rank 0 writes an HF directory under ``directory`` and the engines load it."""
 
     def __init__(
-        self, rank: int, bucket_bytes: int, *, directory: str | os.PathLike[str], admin_key: str | None = None
+        self,
+        rank: int,
+        bucket_bytes: int,
+        *,
+        directory: str | os.PathLike[str],
+        admin_key: str | None = None,
+        pause_mode: str = "abort",
     ) -> None:
-        super().__init__(rank, bucket_bytes, admin_key=admin_key)
+        super().__init__(rank, bucket_bytes, admin_key=admin_key, pause_mode=pause_mode)
         self.directory = Path(directory)
         self.latest: Path | None = None
 
@@ -286,7 +304,15 @@ class DiskSender(WeightSender):
             raise WeightSyncError("no weights written yet")
         path = str(self.latest)
         payload = {"model_path": path, "weight_version": str(version), "flush_cache": True}
-        _on_all(engines, lambda u: self._post(u, "/update_weights_from_disk", payload))
+        if self.pause_mode != "retract":
+            _on_all(engines, lambda u: self._post(u, "/update_weights_from_disk", payload))
+            return
+        _on_all(engines, lambda u: self._post(u, "/pause_generation", self._pause))
+        try:
+            _on_all(engines, lambda u: self._post(u, "/update_weights_from_disk", payload))
+        finally:
+            with contextlib.suppress(WeightSyncError):
+                _on_all(engines, lambda u: self._post(u, "/continue_generation", {}))
 
 
 class TensorSender(WeightSender):
@@ -299,8 +325,9 @@ class TensorSender(WeightSender):
         *,
         own_engines: Callable[[Sequence[str]], Sequence[str]],
         admin_key: str | None = None,
+        pause_mode: str = "abort",
     ) -> None:
-        super().__init__(rank, bucket_bytes, admin_key=admin_key)
+        super().__init__(rank, bucket_bytes, admin_key=admin_key, pause_mode=pause_mode)
         self.own_engines = own_engines
 
     def send(self, model: nn.Module, dtype: torch.dtype, version: int, engines: Sequence[str]) -> None:
@@ -308,7 +335,7 @@ class TensorSender(WeightSender):
         failure: BaseException | None = None
         if mine:
             try:
-                _on_all(mine, lambda u: self._post(u, "/pause_generation", {}))
+                _on_all(mine, lambda u: self._post(u, "/pause_generation", self._pause))
             except Exception as e:
                 failure = e
         for bucket in iter_weight_buckets(model, dtype, self.bucket_bytes):

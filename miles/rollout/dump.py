@@ -211,6 +211,8 @@ def _groups(path: Path, doc: Any, arrays: _Arrays) -> list[Group]:
 
 
 def _sample(doc: Any, arrays: _Arrays, where: str) -> Sample:
+    if isinstance(doc, dict) and "response_versions" not in doc:
+        doc = {**doc, "response_versions": None}  # dumps written before samples carried it
     if not isinstance(doc, dict) or set(doc) != set(_FIELDS):
         have = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise RolloutDumpError(f"{where} must be an object with the fields {', '.join(_FIELDS)}; got {have}")
@@ -261,6 +263,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
         f"one of {', '.join(s.value for s in SampleStatus)}",
     ),
     "weight_versions": (_list_of(lambda v: isinstance(v, str)), "a list of strings"),
+    "response_versions": (_optional(_list_of(lambda v: _is_int(v) and v >= 0)), "null or a list of versions"),
     "routed_experts": (lambda x: x is None or isinstance(x, dict), "null or a tensor reference"),
     "index": (_is_int, "an integer"),
     "group_index": (_is_int, "an integer"),

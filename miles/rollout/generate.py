@@ -68,9 +68,14 @@ def apply_response(
             f"{'no' if token_logprobs is None else len(token_logprobs)} output_token_logprobs"
         )
     logprobs = [float(t[0]) for t in token_logprobs]
+    versions = _token_versions(meta, len(ids))
+    if sample.response_ids and versions is not None:
+        earlier = sample.token_versions()  # None: unknown, or a hook appended tokens (a tool's)
+        versions = None if earlier is None else [*earlier, *versions]
     sample.response_ids = list(sample.response_ids) + [int(t) for t in ids]
     sample.response = sample.response + str(response.get("text", ""))
     sample.rollout_logprobs = list(sample.rollout_logprobs or []) + logprobs
+    sample.response_versions = versions
     routed = meta.get("routed_experts")
     if routed_experts_top_k is not None and routed is not None:
         sample.routed_experts = decode_routed_experts(routed, sample.total_len, routed_experts_top_k)
@@ -78,10 +83,37 @@ def apply_response(
         sample.loss_mask = list(sample.loss_mask) + [1] * len(ids)
     reason = (meta.get("finish_reason") or {}).get("type", "stop")
     sample.status = _STATUS.get(reason, SampleStatus.COMPLETED)
-    version = meta.get("weight_version")
-    if version is not None and (not sample.weight_versions or sample.weight_versions[-1] != str(version)):
-        sample.weight_versions.append(str(version))
+    seen = [str(v) for v in versions[len(versions) - len(ids) :]] if versions is not None else []
+    if not seen and meta.get("weight_version") is not None:
+        seen = [str(meta["weight_version"])]
+    for version in seen:  # the versions the response went through, each once, in order
+        if not sample.weight_versions or sample.weight_versions[-1] != version:
+            sample.weight_versions.append(version)
     return sample
+
+
+def _token_versions(meta: Mapping[str, Any], n: int) -> list[int] | None:
+    """Each output token's weight version: ``meta_info.output_token_weight_versions`` (the
+    built-in engine), else ``n`` copies of ``meta_info.weight_version`` (SGLang reports the
+    request's; exact unless a weight update came mid-request), else ``None``."""
+    per_token = meta.get("output_token_weight_versions")
+    if per_token is not None:
+        if not isinstance(per_token, list) or len(per_token) != n:
+            raise ValueError(
+                f"engine response has {n} output ids but output_token_weight_versions is "
+                f"{'not a list' if not isinstance(per_token, list) else f'{len(per_token)} long'}"
+            )
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in per_token):
+            raise ValueError("output_token_weight_versions must be non-negative integers")
+        return list(per_token)
+    version = meta.get("weight_version")
+    if version is None:
+        return None
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+        return [version] * n
+    if isinstance(version, str) and version.isdecimal() and len(version) < 20:
+        return [int(version)] * n
+    return None  # SGLang's default version is "default": not a step count
 
 
 async def generate_sample(

@@ -17,6 +17,7 @@ regenerates exactly the rollout an uninterrupted run would have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import statistics
 from collections import Counter
@@ -29,6 +30,7 @@ from miles.rewards.registry import load_function
 from miles.rewards.scoring import FailureLog, RewardSpec, RewardWatch, resolve_reward, score_samples
 from miles.rollout.dataset import PromptDataset
 from miles.rollout.filters import apply_sample_filter, call_dynamic_filter, load_filter
+from miles.rollout.gate import GenerationGate
 from miles.rollout.generate import GenerateClient, generate_sample, sample_seed
 from miles.types import Group, Sample, SampleStatus, SamplingParams
 from miles.utils.progress import Progress
@@ -97,6 +99,9 @@ class RolloutManager:
         self._next_index = 0
         # Rollout routing replay: ask the engine for every token's experts (the model's top-k).
         self.routed_experts_top_k = routed_experts_top_k
+        # The asynchronous rollout worker's gate (miles.rollout.async_worker): generation waits
+        # while it is closed, and it counts the requests in flight.
+        self.gate: GenerationGate | None = None
 
     def state_dict(self) -> dict[str, int]:
         """Where sample numbering stands (JSON-serialisable; the prompts' own is the dataset's)."""
@@ -127,7 +132,7 @@ class RolloutManager:
     async def _generate_one(
         self, sample: Sample, params: SamplingParams, routed: bool = False
     ) -> list[Sample]:
-        async with self.semaphore:
+        async with self.semaphore, self.gate.slot() if self.gate is not None else contextlib.nullcontext():
             try:
                 if self.generate_fn is not None:
                     out = await self.generate_fn(self.args, sample, params)
@@ -144,7 +149,8 @@ class RolloutManager:
                 self.failures.fail(sample, e)
                 return [sample]
 
-    def _expand(self, prompts: list[Sample], n: int) -> list[list[Sample]]:
+    def expand(self, prompts: list[Sample], n: int) -> list[list[Sample]]:
+        """``n`` samples of each prompt, numbered on from :meth:`state_dict`'s ``sample_index``."""
         groups = []
         for prompt in prompts:
             group = []
@@ -162,37 +168,50 @@ class RolloutManager:
             groups.append(group)
         return groups
 
+    async def run_group(
+        self,
+        group: list[Sample],
+        seed_step: int,
+        *,
+        eval_mode: bool = False,
+        progress: Progress | None = None,
+    ) -> list[Sample]:
+        """Generate and score one group's samples; each sample's seed is derived from
+        (``--rollout-seed``, ``seed_step``, its index). Failures are marked on the samples."""
+        seed_base = self.config.rollout_seed + (1_000_000 if eval_mode else 0)
+        outs = await asyncio.gather(
+            *(
+                self._generate_one(
+                    s,
+                    self.sampling_params(sample_seed(seed_base, seed_step, s.index), eval_mode=eval_mode),
+                    routed=not eval_mode,  # evaluation does not train: no routing record
+                )
+                for s in group
+            )
+        )
+        samples = [x for out in outs for x in out]
+        await score_samples(
+            samples,
+            self.reward,
+            self.config.group_rm,
+            self.args,
+            self.failures,
+            timeout_s=self.config.reward_timeout,
+            watch=self.reward_watch,
+        )
+        if progress is not None:
+            progress.advance(len(group))
+        return samples
+
     async def _run_groups(
         self, groups: list[list[Sample]], step: int, eval_mode: bool, progress: Progress
     ) -> list[list[Sample]]:
-        seed_base = self.config.rollout_seed + (1_000_000 if eval_mode else 0)
-
-        async def one_group(group: list[Sample]) -> list[Sample]:
-            outs = await asyncio.gather(
-                *(
-                    self._generate_one(
-                        s,
-                        self.sampling_params(sample_seed(seed_base, step, s.index), eval_mode=eval_mode),
-                        routed=not eval_mode,  # evaluation does not train: no routing record
-                    )
-                    for s in group
+        async with self.reward_watch.watching():  # one stall line for all groups, not one each
+            return list(
+                await asyncio.gather(
+                    *(self.run_group(g, step, eval_mode=eval_mode, progress=progress) for g in groups)
                 )
             )
-            samples = [x for out in outs for x in out]
-            await score_samples(
-                samples,
-                self.reward,
-                self.config.group_rm,
-                self.args,
-                self.failures,
-                timeout_s=self.config.reward_timeout,
-                watch=self.reward_watch,
-            )
-            progress.advance(len(group))
-            return samples
-
-        async with self.reward_watch.watching():  # one stall line for all groups, not one each
-            return list(await asyncio.gather(*(one_group(g) for g in groups)))
 
     async def generate_rollout(self, step: int) -> RolloutResult:
         """Groups for one RL step (``rollout_batch_size`` of them unless the data runs out).
@@ -217,7 +236,7 @@ class RolloutManager:
                 # Over-sampling draws more than the first estimate: the total grows with it.
                 progress.total = max(progress.total, drawn * c.n_samples_per_prompt)
                 groups = await self._run_groups(
-                    self._expand(prompts, c.n_samples_per_prompt), step, False, progress
+                    self.expand(prompts, c.n_samples_per_prompt), step, False, progress
                 )
                 for samples in groups:
                     produced += samples
@@ -228,7 +247,7 @@ class RolloutManager:
                     if len(kept) < want:
                         kept.append(Group(index=samples[0].group_index, samples=tuple(samples)))
         failed = self.failures.total - failed_before
-        self._count_failed_step(step, produced)
+        self.count_failed_step(step, produced)
         if not kept:
             raise RolloutError(
                 f"rollout step {step}: no group survived (drew {drawn} prompts; dropped {dict(drops)}; "
@@ -243,7 +262,7 @@ class RolloutManager:
             metrics[f"rollout/dynamic_filter/drop_{reason}"] = float(count)
         return RolloutResult(kept, metrics)
 
-    def _count_failed_step(self, step: int, samples: list[Sample]) -> None:
+    def count_failed_step(self, step: int, samples: list[Sample]) -> None:
         """Count a step in which every sample failed; raise once ``max_failed_rollouts`` came in a row."""
         if not samples or any(s.status != SampleStatus.FAILED for s in samples):
             self.failed_steps = 0
@@ -276,7 +295,7 @@ class RolloutManager:
     ) -> dict[str, float]:
         """Mean reward over every prompt of ``dataset`` (``eval/<name>``), plus response lengths.
         Failed samples are reported, never counted towards ``--max-failed-rollouts``."""
-        groups = self._expand(dataset.samples(), n_samples)
+        groups = self.expand(dataset.samples(), n_samples)
         with Progress(f"eval {name}", sum(len(g) for g in groups), "samples") as progress:
             done = await self._run_groups(groups, step, True, progress)
         return rollout_metrics([Group(g[0].group_index, tuple(g)) for g in done], prefix=f"eval/{name}")

@@ -177,7 +177,8 @@ def select_sequences(batch: TrainBatch, seq_indices: Sequence[int]) -> TrainBatc
         sample_indices=tuple(batch.sample_indices[i] for i in idx),
         returns=opt(batch.returns),
         routed_experts=opt(batch.routed_experts),
-        weight_versions=batch.weight_versions,
+        weight_versions=tuple(batch.weight_versions[i] for i in idx) if batch.weight_versions else (),
+        rollout_versions=opt(batch.rollout_versions),
     )
 
 

@@ -227,7 +227,7 @@ def test_update_weights_interval_and_offload(arith_world, tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "named"),
-    [(["--partial-rollout"], "--partial-rollout"), (["--no-save-optim"], "--no-save-optim"),
+    [(["--no-save-optim"], "--no-save-optim"),
      (["--sglang-speculative-algorithm", "EAGLE"], "speculative"), (["--use-unbiased-kl"], "--use-unbiased-kl"),
      (["--rollout-backend", "sglang"], "--rollout-backend sglang")],
 )  # fmt: skip

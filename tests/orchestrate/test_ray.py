@@ -4,9 +4,11 @@ recovery and independently deployed engines."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,24 +171,35 @@ def test_disk_transport_one_rank_one_engine(arith_world, tmp_path, ray_cluster):
     assert [p.name for p in written] == ["version_2"]  # older versions are removed
 
 
+@contextlib.contextmanager
+def _killer() -> Iterator[tuple[Any, list[int | None]]]:
+    """``(during, fired)``: ``during(placement)`` starts a thread that SIGKILLs engine 0 once the
+    weights are at version 1 and it has requests in flight; ``fired`` gets the version it was
+    killed at (``None``: never). Leaving the block stops a watcher that never fired."""
+    done = threading.Event()
+    fired: list[int | None] = []
+
+    def watch(placement: Any) -> None:
+        def kill() -> None:
+            fired.append(placement.kill_engine_when_busy(0, 1, done))
+
+        threading.Thread(target=kill, daemon=True).start()
+
+    try:
+        yield watch, fired
+    finally:
+        done.set()
+
+
 def test_engine_killed_mid_rollout_is_restarted_and_nothing_is_lost(arith_world, tmp_path, ray_cluster):
     dump = tmp_path / "dump"
     flags = ("--placement-backend", "ray", "--rollout-num-gpus", "2", "--num-rollout", "3",
              "--rollout-batch-size", "8", "--rollout-max-response-len", "64",
              "--use-fault-tolerance", "--rollout-health-check-interval", "0.5", "--rollout-health-check-timeout", "2",
              "--save-debug-rollout-data", str(dump))  # fmt: skip
-    done = threading.Event()
-    fired: list[int | None] = []
-
-    def watch(placement: Any) -> None:
-        # Engine 0 is SIGKILLed during step 1's rollout, while it has requests in flight.
-        def kill() -> None:
-            fired.append(placement.kill_engine_when_busy(0, 1, done))
-
-        threading.Thread(target=kill, daemon=True).start()
-
-    rows, placement = _run(arith_world, tmp_path / "run", *flags, during=watch)
-    done.set()  # stops the watcher if it never fired
+    # Engine 0 is SIGKILLed during step 1's rollout, while it has requests in flight.
+    with _killer() as (watch, fired):
+        rows, placement = _run(arith_world, tmp_path / "run", *flags, during=watch)
     assert fired == [1], "engine 0 was never killed mid-rollout"
     assert placement.version == 3 and placement.monitor.recoveries >= 1
     assert not placement.monitor.errors
@@ -238,3 +251,31 @@ def test_weight_sync_right_after_an_engine_died_goes_to_the_others(arith_world, 
         assert_engines_hold(placement)
     finally:
         placement.stop()
+
+
+def test_engine_killed_during_a_fully_async_run_loses_and_duplicates_nothing(
+    arith_world, tmp_path, ray_cluster
+):
+    """The kill above, while a rollout worker keeps generating through weight updates (partial
+    rollout, retracted at each update): every prompt is trained once, every sample index once."""
+    dump = tmp_path / "dump"
+    flags = ("--placement-backend", "ray", "--rollout-num-gpus", "2", "--num-rollout", "4",
+             "--rollout-batch-size", "8", "--rollout-max-response-len", "64",
+             "--async-mode", "fully-async", "--max-weight-staleness", "1", "--partial-rollout",
+             "--pause-generation-mode", "retract",
+             "--use-fault-tolerance", "--rollout-health-check-interval", "0.5", "--rollout-health-check-timeout", "2",
+             "--save-debug-rollout-data", str(dump))  # fmt: skip
+    with _killer() as (watch, fired):
+        rows, placement = _run(arith_world, tmp_path / "run", *flags, during=watch)
+    assert fired == [1], "engine 0 was never killed while the worker generated"
+    assert placement.version == 4 and placement.monitor.recoveries >= 1
+    rows = [r for r in rows if "perf/step_time" in r]
+    assert all(r["rollout/failed_samples"] == 0 and r["rollout/num_samples"] == 32 for r in rows)
+    assert sum(r["async/dropped_groups"] + r["async/filtered_groups"] for r in rows) == 0
+    samples = [
+        s for step in range(4) for g in load_rollout_dump(dump / f"rollout_{step}.pt") for s in g.samples
+    ]
+    groups = [s.group_index for s in samples[::4]]
+    assert sorted(groups) == list(range(32))  # every prompt once, none lost
+    assert len({s.index for s in samples}) == len(samples) == 128  # no sample twice
+    assert all(s.status.trainable for s in samples)

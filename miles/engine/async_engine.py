@@ -37,6 +37,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from miles.engine.engine import Engine, EngineStats
 from miles.engine.request import RequestOutput
 from miles.types import SamplingParams
@@ -125,10 +127,16 @@ class RequestStream:
 class AsyncEngine:
     """Asyncio front of an ``Engine`` driven by its own thread (see the module docstring)."""
 
-    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.5) -> None:
+    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.5, own_stream: bool = False) -> None:
         """At most ``engine.config.max_queued_requests`` requests wait beyond those the engine
-        runs together (``max_running_requests``)."""
+        runs together (``max_running_requests``).
+
+        ``own_stream`` (CUDA only): the engine thread queues its kernels on a CUDA stream of its
+        own, so that they can run beside another thread's on the same GPU (an asynchronous RL
+        run's trainer). Tensors that cross between the threads must then be synchronized by the
+        caller (``call`` runs on the engine's stream)."""
         self.engine = engine
+        self._own_stream = own_stream
         self.max_unfinished = engine.config.max_running_requests + engine.config.max_queued_requests
         # Requests admitted and not finished (submitted, queued for the engine thread, or in the
         # engine); changed under the lock by the loop (admission) and the engine thread (ends).
@@ -350,6 +358,14 @@ class AsyncEngine:
         return bool(getattr(self.engine, "is_paused", False))
 
     def _run(self) -> None:
+        if self._own_stream and self.engine.model.device.type == "cuda":
+            # Current for this thread only: the caller's threads keep theirs.
+            with torch.cuda.stream(torch.cuda.Stream(self.engine.model.device)):
+                self._serve()
+        else:
+            self._serve()
+
+    def _serve(self) -> None:
         stopping = False
         while not stopping:
             busy = self.engine.has_unfinished() and not self._paused()

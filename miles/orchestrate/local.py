@@ -92,7 +92,10 @@ class LocalPlacement:
         )
         logging.getLogger("miles.engine").setLevel(e.log_level.upper())  # the engine's own log level
         engine = Engine(engine_model, tokenizer, dataclasses.replace(e, max_total_tokens=max_tokens))
-        return cls(config, trainer, AsyncEngine(engine).start(), device)
+        # Asynchronous modes generate while the trainer trains: on a GPU the engine then queues
+        # its kernels on a stream of its own, beside the trainer's (push_weights synchronizes).
+        own_stream = config.rollout.async_mode != "off"
+        return cls(config, trainer, AsyncEngine(engine, own_stream=own_stream).start(), device)
 
     def engine_client(self) -> EngineClient:
         return LocalEngineClient(self.engine)
@@ -113,16 +116,23 @@ class LocalPlacement:
         buckets = list(iter_weight_buckets(self.trainer.model, dtype, size))
         r = self.config.rollout
         mode = r.pause_generation_mode if r.partial_rollout else None
+        cuda = self.device.type == "cuda"
+        if cuda:  # the engine may read them on its own stream (asynchronous modes)
+            torch.cuda.current_stream(self.device).synchronize()
 
         def apply(engine: Engine) -> None:
-            if mode is None:
-                engine.update_weights_from_tensors(buckets, weight_version=str(version))
-                return
-            engine.pause_generation(mode)
             try:
-                engine.update_weights_from_tensors(buckets, weight_version=str(version))
+                if mode is None:
+                    engine.update_weights_from_tensors(buckets, weight_version=str(version))
+                    return
+                engine.pause_generation(mode)
+                try:
+                    engine.update_weights_from_tensors(buckets, weight_version=str(version))
+                finally:
+                    engine.continue_generation()
             finally:
-                engine.continue_generation()
+                if cuda:  # its copies are done before this thread frees the buckets
+                    torch.cuda.current_stream(self.device).synchronize()
 
         asyncio.run(self.engine.call(apply))
         return time.perf_counter() - start

@@ -48,7 +48,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from miles.rollout.filters import call_dynamic_filter
+from miles.rollout.filters import apply_sample_filter, call_dynamic_filter
 from miles.rollout.gate import GenerationGate
 from miles.rollout.manager import RolloutManager, rollout_metrics
 from miles.types import Group, Sample
@@ -85,10 +85,13 @@ class WorkerSettings:
 
 @dataclass
 class _Prompt:
-    """A prompt to generate a group for; ``attempt`` counts its regenerations (seeds differ)."""
+    """A prompt to generate a group for; ``attempt`` counts its regenerations (seeds differ);
+    ``admitted_at``: the engines' weight version when it was last admitted, a lower bound on
+    the version of every token it gets (used where the engine reports no versions)."""
 
     sample: Sample
     attempt: int = 0
+    admitted_at: int = 0
 
 
 @dataclass(order=True)
@@ -125,7 +128,6 @@ class RolloutWorker:
             target=self._loop.run_forever, name="miles-rollout-worker", daemon=True
         )
         self._producer: concurrent.futures.Future[None] | None = None
-        self._started = time.perf_counter()
 
     # ---- driver side ---------------------------------------------------------------------------
 
@@ -136,7 +138,6 @@ class RolloutWorker:
         self._consumed = version * self.settings.batch_groups
         self._thread.start()
         self._producer = asyncio.run_coroutine_threadsafe(self._produce(), self._loop)
-        self._started = time.perf_counter()
         return self
 
     def stop(self) -> None:
@@ -217,12 +218,18 @@ class RolloutWorker:
                 _mask_older_versions(g.samples)
         samples = [x for g in groups for x in g.samples]
         self.manager.count_failed_step(step, samples)
+        removed = apply_sample_filter(self.manager.sample_filter, self.manager.args, samples)
         metrics = rollout_metrics(groups, prefix="rollout")
-        metrics.update(staleness_metrics(samples, step, s.max_staleness))
+        metrics["rollout/removed_samples"] = float(removed)
+        admitted = [r.prompt.admitted_at for r in chosen for _ in r.samples]
+        metrics.update(staleness_metrics(samples, step, s.max_staleness, admitted))
         metrics["rollout/failed_samples"] = float(sum(not x.status.trainable for x in samples))
         metrics["async/wait_time"] = wait_s
         for key in ("dropped", "regenerated", "filtered"):
             metrics[f"async/{key}_groups"] = float(counts[key])
+        for key, n in counts.items():  # the dynamic filter's reasons, as the synchronous rollout names them
+            if key.startswith("filtered_"):
+                metrics[f"rollout/dynamic_filter/drop_{key.removeprefix('filtered_')}"] = float(n)
         with self._cond:
             metrics["async/ready_groups"] = float(len(self._ready))
             metrics["async/in_flight_groups"] = float(len(self._in_flight))
@@ -324,6 +331,7 @@ class RolloutWorker:
                 self._cond.notify_all()
                 return None
             item = _Prompt(drawn[0])
+        item.admitted_at = self._version
         seq = next(self._seq)
         self._in_flight[seq] = item
         return seq, item
@@ -355,7 +363,7 @@ class RolloutWorker:
     # ---- batches (under the lock) --------------------------------------------------------------
 
     def _stale(self, r: _Ready, step: int) -> bool:
-        oldest = min((_oldest_version(x) for x in r.samples), default=step)
+        oldest = min((_oldest_version(x, r.prompt.admitted_at) for x in r.samples), default=step)
         return step - oldest > self.settings.max_staleness
 
     def _settle_stale(self, step: int) -> None:
@@ -381,12 +389,15 @@ class RolloutWorker:
         return [r for r in self._ready if first_in_flight is None or r.seq < first_in_flight]
 
 
-def _oldest_version(sample: Sample) -> int:
-    """The weight version of the sample's oldest token (0 when it reports none)."""
+def _oldest_version(sample: Sample, admitted_at: int) -> int:
+    """The weight version of the sample's oldest token: reported per token, else the oldest of
+    its ``weight_versions``, else (no decimal version reported, as SGLang's ``"default"``) the
+    version its group was admitted at, which no token of it can be older than."""
     known = sample.token_versions()
     if known:
         return min(known)
-    return min((int(v) for v in sample.weight_versions if v.isdecimal() and len(v) < 20), default=0)
+    reported = [int(v) for v in sample.weight_versions if v.isdecimal() and len(v) < 20]
+    return max(min(reported), admitted_at) if reported else admitted_at
 
 
 def _mask_older_versions(samples: Sequence[Sample]) -> None:
@@ -400,14 +411,18 @@ def _mask_older_versions(samples: Sequence[Sample]) -> None:
         s.loss_mask = [m if v == newest else 0 for m, v in zip(s.effective_loss_mask(), known)]
 
 
-def staleness_metrics(samples: Sequence[Sample], step: int, bound: int) -> dict[str, float]:
+def staleness_metrics(
+    samples: Sequence[Sample], step: int, bound: int, admitted_at: Sequence[int] | None = None
+) -> dict[str, float]:
     """Per trained token: ``step - version`` (``async/staleness/mean``, ``/max``, and the fraction
     at each value ``async/staleness/frac_<k>`` for ``k`` in ``0..bound``), and the fraction of
-    samples whose tokens span several versions (``async/mixed_version_frac``)."""
+    samples whose tokens span several versions (``async/mixed_version_frac``). A sample that
+    reports no versions counts as its group's admission version (``admitted_at``, per sample)."""
     hist: Counter[int] = Counter()
     mixed = 0
-    for s in samples:
-        versions = s.token_versions() or [_oldest_version(s)] * s.response_len
+    floors = admitted_at if admitted_at is not None else [0] * len(samples)
+    for s, floor in zip(samples, floors, strict=True):
+        versions = s.token_versions() or [_oldest_version(s, floor)] * s.response_len
         mask = s.effective_loss_mask()
         hist.update(step - v for v, m in zip(versions, mask) if m)
         mixed += len(set(versions)) > 1

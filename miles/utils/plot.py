@@ -19,6 +19,9 @@ FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
         ("perf/rollout_time", "perf/train_time", "perf/update_weights_time"),
     ),
     "loss": ("Loss", ("train/loss",)),
+    # Asynchronous runs: how old the trained tokens are, and who waits for whom.
+    "staleness": ("Staleness of trained tokens (versions)", ("async/staleness/mean", "async/staleness/max")),
+    "idle": ("Idle fraction of the step", ("perf/trainer_idle_frac", "perf/engine_idle_frac")),
     # MoE: averages over layers, then per layer (train/expert_load_*/layer_{i})
     "expert_load": (
         "Expert load (max/mean, CV)",

@@ -15,6 +15,7 @@ import pytest
 from miles.cli import main
 from miles.rollout.dump import load_rollout_dump
 from miles.types import Sample
+from miles.utils.plot import plot_run
 from tests.orchestrate.helpers import train_argv
 
 
@@ -95,6 +96,8 @@ def test_one_step_off_trains_step_k_on_what_weights_k_minus_1_generated(arith_wo
     groups = _groups_once(rows, trained, 4)
     assert groups == list(range(16))  # in admission order, nothing dropped
     assert [r["async/staleness/max"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    drawn = {p.name for p in plot_run(tmp_path / "run")}
+    assert {"staleness.png", "idle.png"} <= drawn
 
 
 def test_true_on_policy_holds_for_the_tokens_of_the_trained_version(arith_world, tmp_path):

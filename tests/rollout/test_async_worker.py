@@ -30,18 +30,18 @@ def engine(arith_world):
     engine.close()
 
 
-def _worker(arith_world, engine, **settings) -> RolloutWorker:
+def _worker(arith_world, engine, *flags: str, **settings) -> RolloutWorker:
     cfg = parse_train_args(
         ["--hf-checkpoint", str(arith_world / "model"), "--prompt-data", str(arith_world / "train.jsonl"),
          "--input-key", "prompt", "--label-key", "label", "--apply-chat-template", "--rm-type", "exact",
          "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--num-rollout", "4",
-         "--rollout-max-response-len", "4"]
+         "--rollout-max-response-len", "4", *flags]
     ).rollout  # fmt: skip
     tok = load_tokenizer(arith_world / "model")
     manager = RolloutManager(cfg, PromptDataset.from_config(cfg, tok), LocalEngineClient(engine),
                              stop_token_ids=[tok.eos_token_id])  # fmt: skip
     s = WorkerSettings(**{"batch_groups": 2, "max_staleness": 1, "total_groups": 8, **settings})
-    return RolloutWorker(manager, s, n_samples=2)
+    return RolloutWorker(manager, s, n_samples=cfg.n_samples_per_prompt)
 
 
 def _set_engine_version(engine, version: int) -> None:
@@ -158,3 +158,20 @@ def test_staleness_metrics_count_trained_tokens_only():
     assert m["async/staleness/mean"] == 0.25 and m["async/staleness/max"] == 1.0
     assert m["async/staleness/frac_0"] == 0.75 and m["async/staleness/frac_1"] == 0.25
     assert m["async/staleness/frac_2"] == 0.0 and m["async/mixed_version_frac"] == 0.5
+
+
+def test_the_dynamic_filter_drops_groups_which_are_counted_and_replaced(arith_world, engine):
+    _set_engine_version(engine, 0)
+    worker = _worker(arith_world, engine, "--dynamic-sampling-filter-path", "check_reward_nonzero_std",
+                     "--n-samples-per-prompt", "4", total_groups=64)  # fmt: skip
+    worker.start(version=0)
+    try:
+        groups, metrics = worker.get_batch(0, timeout_s=120)
+    finally:
+        worker.stop()
+    # A random model rarely gets sums right: the groups kept have a reward spread; those dropped
+    # are counted under the filter's reason and listed, and new prompts took their place.
+    assert all(len({s.reward for s in g.samples}) > 1 for g in groups)
+    by_reason = sum(v for k, v in metrics.items() if k.startswith("rollout/dynamic_filter/drop_"))
+    assert metrics["async/filtered_groups"] == by_reason == len(worker.dropped_prompts)
+    assert not {g.index for g in groups} & set(worker.dropped_prompts)

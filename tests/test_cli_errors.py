@@ -51,7 +51,8 @@ PREFLIGHT = [
      "--rollout-sample-filter-path: cannot load filter 'no_such_module_xyz.keep'"),
     (["--debug-train-only", "--load-debug-rollout-data", "{tmp}/dumps"],
      "--load-debug-rollout-data {tmp}/dumps: no such directory"),
-    (["--partial-rollout"], "not implemented yet: --partial-rollout; drop the flag(s)"),
+    (["--partial-rollout"], "--partial-rollout continues the requests in flight at a weight update, which only "
+     "--async-mode fully-async has"),
     (["--no-save-optim"], "not implemented yet: --no-save-optim; drop the flag(s)"),
 ]  # fmt: skip
 

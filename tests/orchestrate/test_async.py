@@ -63,8 +63,14 @@ def _groups_once(rows: list[dict[str, Any]], trained: list[list[Sample]], n: int
             ("--max-weight-staleness", "2", "--partial-rollout", "--pause-generation-mode", "retract"),
             2,
         ),
+        # The engine's experts replayed by the trainer (R3) across weight updates in place.
+        (
+            "fully-async",
+            ("--max-weight-staleness", "1", "--partial-rollout", "--use-rollout-routing-replay"),
+            1,
+        ),
     ],
-    ids=["bound1", "bound0-partial-drop", "bound2-partial-retract"],
+    ids=["bound1", "bound0-partial-drop", "bound2-partial-retract", "bound1-partial-r3"],
 )
 def test_fully_async_trains_every_prompt_once_within_the_bound(arith_world, tmp_path, mode, extra, bound):
     steps = 6

@@ -280,6 +280,12 @@ class RolloutConfig(_Section):
     eval_max_response_len: int | None = _f(None, "default: --rollout-max-response-len", ge=1)
 
     @property
+    def update_pause_mode(self) -> Literal["abort", "in_place", "retract"]:
+        """How engines pause around a weight update: a partial rollout's requests stay in flight
+        (``--pause-generation-mode``); otherwise none is in flight and ``abort`` is SGLang's default."""
+        return self.pause_generation_mode if self.partial_rollout else "abort"
+
+    @property
     def eval_datasets(self) -> list[tuple[str, str]]:
         """``--eval-prompt-data`` as (name, path) pairs."""
         return list(zip(self.eval_prompt_data[0::2], self.eval_prompt_data[1::2]))

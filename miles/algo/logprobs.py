@@ -237,7 +237,7 @@ def logprobs_and_entropy_from_hidden(
     """Target log-probs and entropy of ``softmax(hidden @ weight.T / temperature)``, chunked.
 
     Shapes: ``hidden [T, H]`` (final hidden states, after the last norm), ``weight [V, H]`` (the LM
-    head), ``target_ids [T]`` int -> ``(logp [T], entropy [T])`` float32. Equal (fp32: to ~1e-6)
+    head), ``target_ids [T]`` int -> ``(logp [T], entropy [T])`` float32. Equal (up to fp32 summation order)
     to :func:`logprobs_from_logits` / :func:`entropy_from_logits` on the full logits, in value and
     gradient, but peak extra memory is ``chunk_size x vocab_chunk_size`` fp32 logits
     (``vocab_chunk_size=None``: the whole vocabulary). The weight gradient is accumulated in fp32.

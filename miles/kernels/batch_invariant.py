@@ -56,7 +56,7 @@ _BLOCKS = {"cpu": (16, 16, 64), "cuda": (256, 64, 128)}  # (ROW_BLOCK, Q_BLOCK, 
 ROW_BLOCK, Q_BLOCK, KV_CHUNK = _BLOCKS["cpu"]
 # On CUDA a row-wise op's block is sized by the row width instead (a function of the op, never of
 # the batch): about 4M elements, 256 to 8192 rows. The trainer's q/k-norms see T x heads rows of
-# 128 (32768 for 2048 tokens): 256-row blocks meant 128 blocks of ~6 kernels each per norm, the
+# 128 (32768 for 2048 tokens): 256-row blocks meant 128 blocks of several kernels each per norm, the
 # largest part of the trainer's cost in this mode (the slowdown against the default kernels, then
 # and now: docs/performance.md).
 _CUDA_ROWWISE_ELEMENTS, _CUDA_ROWWISE_MAX = 1 << 22, 8192

@@ -114,15 +114,14 @@ class LocalPlacement:
         dtype = self.engine.engine.model.dtype
         size = self.config.placement.update_weight_buffer_size
         buckets = list(iter_weight_buckets(self.trainer.model, dtype, size))
-        r = self.config.rollout
-        mode = r.pause_generation_mode if r.partial_rollout else None
+        mode = self.config.rollout.update_pause_mode
         cuda = self.device.type == "cuda"
         if cuda:  # the engine may read them on its own stream (asynchronous modes)
             torch.cuda.current_stream(self.device).synchronize()
 
         def apply(engine: Engine) -> None:
             try:
-                if mode is None:
+                if mode == "abort":  # nothing is in flight: nothing to pause
                     engine.update_weights_from_tensors(buckets, weight_version=str(version))
                     return
                 engine.pause_generation(mode)

@@ -78,9 +78,7 @@ class TrainerWorker:
         ``engines``: every engine URL, in engine-index order (colocated: engine i is on rank i)."""
         self.all_engines = list(engines)
         size = self.config.placement.update_weight_buffer_size
-        r = self.config.rollout
-        # A partial rollout's requests stay in flight across the update; otherwise none is.
-        pause = r.pause_generation_mode if r.partial_rollout else "abort"
+        pause = self.config.rollout.update_pause_mode
         if transport == "distributed":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             self.sender = DistributedSender(

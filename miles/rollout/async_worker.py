@@ -50,6 +50,7 @@ from typing import Any, Literal, TypeVar
 
 from miles.rollout.filters import apply_sample_filter, call_dynamic_filter
 from miles.rollout.gate import GenerationGate
+from miles.rollout.generate import version_step
 from miles.rollout.manager import RolloutManager, rollout_metrics
 from miles.types import Group, Sample
 
@@ -396,7 +397,7 @@ def _oldest_version(sample: Sample, admitted_at: int) -> int:
     known = sample.token_versions()
     if known:
         return min(known)
-    reported = [int(v) for v in sample.weight_versions if v.isdecimal() and len(v) < 20]
+    reported = [step for v in sample.weight_versions if (step := version_step(v)) is not None]
     return max(min(reported), admitted_at) if reported else admitted_at
 
 

@@ -106,14 +106,18 @@ def _token_versions(meta: Mapping[str, Any], n: int) -> list[int] | None:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in per_token):
             raise ValueError("output_token_weight_versions must be non-negative integers")
         return list(per_token)
-    version = meta.get("weight_version")
-    if version is None:
-        return None
+    step = version_step(meta.get("weight_version"))
+    return None if step is None else [step] * n
+
+
+def version_step(version: Any) -> int | None:
+    """A reported weight version as the step count it names: a non-negative int or decimal
+    string; ``None`` for anything else (SGLang's default version is ``"default"``)."""
     if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
-        return [version] * n
+        return version
     if isinstance(version, str) and version.isdecimal() and len(version) < 20:
-        return [int(version)] * n
-    return None  # SGLang's default version is "default": not a step count
+        return int(version)
+    return None
 
 
 async def generate_sample(

@@ -2,8 +2,8 @@
 
 The trainer's chunked log-probs need, per row of ``x = z / temperature`` (``z`` a ``[C, V]``
 block of logits): ``max m``, ``sum exp(x - m)`` and ``sum exp(x - m) * x`` (the entropy). As one
-compiled reduction per row, inductor gave each of the ~1,000 rows one program walking 150k
-columns, a large part of a Qwen3-0.6B step on an H100 (docs/performance.md, "Trainer"). Here
+compiled reduction per row, inductor gave each row one program walking the whole vocabulary,
+a large part of a Qwen3-0.6B step on an H100 (docs/performance.md, "Trainer"). Here
 every row is split over column blocks, each program keeps an online (rescaled) max and sums over
 its block, and a few ``[C, blocks]`` torch ops merge the partials: one read of ``z``, the whole GPU busy.
 
